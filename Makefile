@@ -1,0 +1,29 @@
+# `make demo` and `make test` set themselves up on a fresh machine: venv, requirements, assets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: setup
+	$(PY) -m experiments.demo
+
+bench: setup
+	$(PY) -m experiments.bench_wkv
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,236 @@
+"""RWKV-4 as Flax NNX modules (paper Section 3; eqs. 11-18).
+
+One set of parameters runs two ways with the same code:
+  logits, state = model(tokens [b, t], state)   # parallel over t: training, prefill
+  logits, state = model.step(token [b], state)   # one token: generation
+Both take and return the recurrent state, so any split of a sequence gives the same logits.
+
+Parameter names follow the official checkpoints (`blocks.N.att.time_decay`, ...) so that the
+mapping in `weights.py` is a renaming plus the [out, in] -> [in, out] transpose of nnx.Linear.
+
+Shapes: b = batch, t = time, c = n_embd, a = dim_att, f = dim_ffn, v = vocab, l = n_layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rwkv_jax import wkv as wkv_lib
+from rwkv_jax.config import RWKVConfig
+
+Array = jax.Array
+
+INIT_SCHEMES = ("official", "paper")
+
+
+class RWKVState(NamedTuple):
+  """The recurrent state, float32. Per layer [b, c] (or [b, a]); for the model, [l, b, ...].
+
+  The same five vectors per layer as the rwkv package (att_xx, aa, bb, pp, ffn_xx).
+  """
+
+  att_x_prev: Array  # last ln1 output seen by time mixing (token shift)
+  num: Array  # WKV numerator / e^max_exp
+  den: Array  # WKV denominator / e^max_exp
+  max_exp: Array  # running max exponent
+  ffn_x_prev: Array  # last ln2 output seen by channel mixing
+
+  @property
+  def wkv(self) -> wkv_lib.WKVState:
+    return wkv_lib.WKVState(self.num, self.den, self.max_exp)
+
+
+def empty_state(config: RWKVConfig, batch: int) -> RWKVState:
+  """The state before any token: zeros, and max_exp "minus infinity"."""
+  l, c, a = config.n_layer, config.n_embd, config.dim_att
+  zeros = lambda *s: jnp.zeros(s, jnp.float32)
+  return RWKVState(zeros(l, batch, c), zeros(l, batch, a), zeros(l, batch, a),
+                   jnp.full((l, batch, a), wkv_lib.EMPTY_MAX_EXP, jnp.float32),
+                   zeros(l, batch, c))
+
+
+def _token_shift(x_btc: Array, x_prev_bc: Array) -> Array:
+  """x shifted one step back in time, with the previous chunk's last token in front."""
+  return jnp.concatenate([x_prev_bc[:, None, :].astype(x_btc.dtype), x_btc[:, :-1]], axis=1)
+
+
+def _mix(x, xx, mu):
+  return x * mu + xx * (1 - mu)
+
+
+def _channel_ramp(c: int) -> np.ndarray:
+  return np.arange(c, dtype=np.float64) / c  # i / C, as in the official trainer and App. E
+
+
+class _Dense(nnx.Linear):
+  """nnx.Linear without bias; kernel [in, out] (the official weight is [out, in])."""
+
+  def __init__(self, d_in, d_out, cfg: RWKVConfig, *, scale: float, rngs: nnx.Rngs):
+    if scale == 0:
+      init = nnx.initializers.zeros_init()
+    else:
+      # Official: torch orthogonal_ on [out, in] with gain sqrt(out / in) when out > in.
+      gain = math.sqrt(d_out / d_in) if d_out > d_in else 1.0
+      init = nnx.initializers.orthogonal(scale=gain * scale)
+    super().__init__(d_in, d_out, use_bias=False, kernel_init=init, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.storage_dtype, rngs=rngs)
+
+
+def _layer_norm(c: int, cfg: RWKVConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # torch's eps and two-pass variance, for bit-level parity with the reference implementations.
+  return nnx.LayerNorm(c, epsilon=1e-5, use_fast_variance=False, dtype=cfg.compute_dtype,
+                       param_dtype=cfg.storage_dtype, rngs=rngs)
+
+
+class TimeMix(nnx.Module):
+  """Time mixing (eqs. 11-17): receptance-gated WKV over token-shifted projections."""
+
+  def __init__(self, cfg: RWKVConfig, layer_id: int, *, init: str, rngs: nnx.Rngs):
+    c, a, l = cfg.n_embd, cfg.dim_att, cfg.n_layer
+    ratio_0_to_1 = layer_id / max(l - 1, 1)
+    ratio_1_to_0 = 1.0 - layer_id / l
+    ramp = _channel_ramp(c)
+    h = np.arange(a, dtype=np.float64) / max(a - 1, 1)
+    param = lambda x: nnx.Param(jnp.asarray(x, cfg.storage_dtype))
+    self.time_decay = param(-5 + 8 * h ** (0.7 + 1.3 * ratio_0_to_1))
+    self.time_first = param(math.log(0.3) + 0.5 * ((np.arange(a) + 1) % 3 - 1))
+    self.time_mix_k = param(ramp ** ratio_1_to_0)
+    self.time_mix_v = param(ramp ** ratio_1_to_0 + 0.3 * ratio_0_to_1)
+    if init == "official":
+      self.time_mix_r = param(ramp ** (0.5 * ratio_1_to_0))
+    else:  # Appendix E writes mu_r = 0.5 (i/C)^(1 - l/L).
+      self.time_mix_r = param(0.5 * ramp ** ratio_1_to_0)
+    self.key = _Dense(c, a, cfg, scale=0, rngs=rngs)
+    self.value = _Dense(c, a, cfg, scale=1, rngs=rngs)
+    self.receptance = _Dense(c, a, cfg, scale=0, rngs=rngs)
+    self.output = _Dense(a, c, cfg, scale=0, rngs=rngs)
+
+  def __call__(self, x_btc, x_prev_bc, state: wkv_lib.WKVState, impl: str):
+    xx = _token_shift(x_btc, x_prev_bc)
+    k = self.key(_mix(x_btc, xx, self.time_mix_k.value.astype(x_btc.dtype)))
+    v = self.value(_mix(x_btc, xx, self.time_mix_v.value.astype(x_btc.dtype)))
+    r = self.receptance(_mix(x_btc, xx, self.time_mix_r.value.astype(x_btc.dtype)))
+    w = jnp.exp(self.time_decay.value.astype(jnp.float32))
+    y, state = wkv_lib.wkv(w, self.time_first.value.astype(jnp.float32), k, v, state, impl=impl)
+    out = self.output(jax.nn.sigmoid(r) * y.astype(r.dtype))
+    return out, x_btc[:, -1].astype(jnp.float32), state
+
+
+class ChannelMix(nnx.Module):
+  """Channel mixing (eq. 18): a receptance-gated squared-ReLU MLP over token-shifted inputs."""
+
+  def __init__(self, cfg: RWKVConfig, layer_id: int, *, init: str, rngs: nnx.Rngs):
+    del init  # identical in both schemes
+    c, f = cfg.n_embd, cfg.dim_ffn
+    ratio_1_to_0 = 1.0 - layer_id / cfg.n_layer
+    ramp = _channel_ramp(c)
+    self.time_mix_k = nnx.Param(jnp.asarray(ramp ** ratio_1_to_0, cfg.storage_dtype))
+    self.time_mix_r = nnx.Param(jnp.asarray(ramp ** ratio_1_to_0, cfg.storage_dtype))
+    self.key = _Dense(c, f, cfg, scale=1, rngs=rngs)
+    self.receptance = _Dense(c, c, cfg, scale=0, rngs=rngs)
+    self.value = _Dense(f, c, cfg, scale=0, rngs=rngs)
+
+  def __call__(self, x_btc, x_prev_bc):
+    xx = _token_shift(x_btc, x_prev_bc)
+    k = self.key(_mix(x_btc, xx, self.time_mix_k.value.astype(x_btc.dtype)))
+    r = self.receptance(_mix(x_btc, xx, self.time_mix_r.value.astype(x_btc.dtype)))
+    out = jax.nn.sigmoid(r) * self.value(jnp.square(jax.nn.relu(k)))
+    return out, x_btc[:, -1].astype(jnp.float32)
+
+
+class Block(nnx.Module):
+  """Pre-LN residual block: x += att(ln1(x)); x += ffn(ln2(x))."""
+
+  def __init__(self, cfg: RWKVConfig, layer_id: int, *, init: str, rngs: nnx.Rngs):
+    self.ln1 = _layer_norm(cfg.n_embd, cfg, rngs)
+    self.ln2 = _layer_norm(cfg.n_embd, cfg, rngs)
+    self.att = TimeMix(cfg, layer_id, init=init, rngs=rngs)
+    self.ffn = ChannelMix(cfg, layer_id, init=init, rngs=rngs)
+
+  def __call__(self, x_btc, state: RWKVState, impl: str):
+    h, att_x, wkv_state = self.att(self.ln1(x_btc), state.att_x_prev, state.wkv, impl)
+    x_btc = x_btc + h
+    h, ffn_x = self.ffn(self.ln2(x_btc), state.ffn_x_prev)
+    return x_btc + h, RWKVState(att_x, *wkv_state, ffn_x)
+
+
+class RWKV(nnx.Module):
+  """The RWKV-4 language model.
+
+  Args:
+    config: model shape and dtypes.
+    rngs: random streams for initialization.
+    init: "official" (BlinkDL's v4neo trainer) or "paper" (Appendix E as written). They differ
+      in the embedding scale (U(+-emb_scale) with the trainer's lr_init vs U(+-1e-4)) and in the
+      receptance token-shift mix mu_r ((i/C)^(0.5 (1 - l/L)) vs 0.5 (i/C)^(1 - l/L)).
+    emb_scale: half-width of the uniform embedding init for init="official"; the trainer uses its
+      initial learning rate.
+    remat: rematerialize each block in the backward pass (saves activation memory).
+  """
+
+  def __init__(self, config: RWKVConfig, *, rngs: nnx.Rngs, init: str = "official",
+               emb_scale: float = 6e-4, remat: bool = False):
+    if init not in INIT_SCHEMES:
+      raise ValueError(f"init={init!r} is not one of {INIT_SCHEMES}.")
+    cfg = config
+    self.config = config
+    self.remat = remat
+    scale = emb_scale if init == "official" else 1e-4
+    self.emb = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.compute_dtype,
+                         param_dtype=cfg.storage_dtype,
+                         embedding_init=nnx.initializers.uniform(2 * scale), rngs=rngs)
+    # nnx's uniform init samples [0, 2*scale); centre it like torch's uniform_(-scale, scale).
+    self.emb.embedding.value = self.emb.embedding.value - jnp.asarray(scale, cfg.storage_dtype)
+    self.ln0 = _layer_norm(cfg.n_embd, cfg, rngs)
+    self.blocks = nnx.List([Block(cfg, i, init=init, rngs=rngs) for i in range(cfg.n_layer)])
+    self.ln_out = _layer_norm(cfg.n_embd, cfg, rngs)
+    self.head = _Dense(cfg.n_embd, cfg.vocab_size, cfg, scale=0.5, rngs=rngs)
+
+  def __call__(self, tokens_bt: Array, state: RWKVState | None = None, *, impl: str = "auto"
+               ) -> tuple[Array, RWKVState]:
+    """Logits [b, t, v] (float32) for every position, and the state after the last token."""
+    check_tokens(tokens_bt, self.config.vocab_size)
+    b = tokens_bt.shape[0]
+    if state is None:
+      state = empty_state(self.config, b)
+    x = self.ln0(self.emb(tokens_bt))
+    new_states = []
+    for i, block in enumerate(self.blocks):
+      layer_state = RWKVState(*(s[i] for s in state))
+      if self.remat:
+        x, layer_state = nnx.remat(lambda blk, x, s: blk(x, s, impl))(block, x, layer_state)
+      else:
+        x, layer_state = block(x, layer_state, impl)
+      new_states.append(layer_state)
+    logits = self.head(self.ln_out(x)).astype(jnp.float32)
+    return logits, RWKVState(*(jnp.stack(s) for s in zip(*new_states)))
+
+  def step(self, token_b: Array, state: RWKVState | None = None) -> tuple[Array, RWKVState]:
+    """One token per sequence: logits [b, v] and the next state (the RNN form)."""
+    logits, state = self(token_b[:, None], state, impl="scan")
+    return logits[:, 0], state
+
+
+def check_tokens(tokens, vocab_size: int) -> None:
+  """Raises ValueError for a malformed token array; checks values when they are concrete."""
+  shape = getattr(tokens, "shape", None)
+  if shape is None or len(shape) != 2:
+    raise ValueError(f"tokens must be a [batch, time] integer array; got shape {shape}.")
+  if shape[0] == 0 or shape[1] == 0:
+    raise ValueError(f"tokens is empty (shape {tuple(shape)}); give at least one token.")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be integers; got dtype {tokens.dtype}.")
+  if isinstance(tokens, jax.core.Tracer):
+    return
+  tokens = np.asarray(tokens)
+  lo, hi = tokens.min(), tokens.max()
+  if lo < 0 or hi >= vocab_size:
+    bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
+    raise ValueError(f"token ids must be in [0, {vocab_size}); found {bad[:5].tolist()} "
+                     f"outside the vocabulary of this model.")

@@ -1,0 +1,199 @@
+"""The WKV operator of RWKV-4 (paper eq. 16, numerically stable form of Appendix D).
+
+For one channel, with per-step decay w > 0 and bonus u:
+
+    wkv_t = (sum_{i<t} e^{-(t-1-i)w + k_i} v_i + e^{u + k_t} v_t)
+          / (sum_{i<t} e^{-(t-1-i)w + k_i}     + e^{u + k_t})
+
+The running sums are kept as a state (num, den, max_exp): the true numerator is
+num * e^{max_exp} and the true denominator den * e^{max_exp}, so nothing overflows for any
+k or any length. Every implementation takes and returns this state, which lets a sequence be
+cut anywhere (chunked prefill, truncated BPTT, token-by-token generation) with identical
+results.
+
+All implementations here share one piece of arithmetic, `_merge`, which adds two scaled sums in
+log space. The sequential scan applies it once per token; the associative scan uses it as the
+monoid combine of segments; kernels in `kernels/` use the same formulas.
+
+Shapes: b = batch, t = time, c = channels.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# "Nothing seen yet" for max_exp. Finite, unlike -inf, so that exp(max_exp - max_exp) stays 1
+# and gradients stay finite; the rwkv package uses -1e30, the official CUDA kernel -1e38.
+EMPTY_MAX_EXP = -1e38
+
+
+class WKVState(NamedTuple):
+  """Running WKV sums for one layer; all float32 [b, c]."""
+
+  num: Array
+  den: Array
+  max_exp: Array
+
+  @classmethod
+  def empty(cls, batch: int, channels: int) -> "WKVState":
+    zeros = jnp.zeros((batch, channels), jnp.float32)
+    return cls(zeros, zeros, jnp.full((batch, channels), EMPTY_MAX_EXP, jnp.float32))
+
+
+def _merge(a1, b1, p1, a2, b2, p2):
+  """Returns (a, b, p) with e^p (a, b) = e^p1 (a1, b1) + e^p2 (a2, b2) and p = max(p1, p2)."""
+  p = jnp.maximum(p1, p2)
+  e1 = jnp.exp(p1 - p)
+  e2 = jnp.exp(p2 - p)
+  return e1 * a1 + e2 * a2, e1 * b1 + e2 * b2, p
+
+
+def _readout(num, den, max_exp, u, k, v):
+  """Eq. 16: the state plus the current token weighted by its bonus e^{u + k}."""
+  a, b, _ = _merge(num, den, max_exp, v, jnp.ones_like(v), u + k)
+  return a / b
+
+
+def _prepare(w, u, k, v, state):
+  if k.ndim != 3 or v.shape != k.shape:
+    raise ValueError(f"k and v must both be [batch, time, channels]; got {k.shape=}, {v.shape=}.")
+  b, _, c = k.shape
+  if w.shape != (c,) or u.shape != (c,):
+    raise ValueError(f"w and u must be [{c}] to match k's channels; got {w.shape=}, {u.shape=}.")
+  if state is None:
+    state = WKVState.empty(b, c)
+  else:
+    state = WKVState(*(jnp.asarray(s, jnp.float32) for s in state))
+    if any(s.shape != (b, c) for s in state):
+      raise ValueError(
+          f"state tensors must be [{b}, {c}]; got {[tuple(s.shape) for s in state]}.")
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  return f32(w), f32(u), f32(k), f32(v), state
+
+
+def wkv_step(w: Array, u: Array, k: Array, v: Array, state: WKVState) -> tuple[Array, WKVState]:
+  """One token: k, v [b, c] -> (y [b, c] float32, new state). The recurrent (RNN) form."""
+  y = _readout(*state, u, k, v)
+  num, den, max_exp = _merge(*state[:2], state.max_exp - w, v, jnp.ones_like(v), k)
+  return y, WKVState(num, den, max_exp)
+
+
+def wkv_scan(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None
+             ) -> tuple[Array, WKVState]:
+  """Sequential WKV with `lax.scan` over time: the reference, O(t) depth.
+
+  Args:
+    w: [c] per-step decay rate, exp(time_decay) > 0.
+    u: [c] bonus of the current token (time_first).
+    k, v: [b, t, c] keys and values, float32 or bfloat16.
+    state: incoming WKVState or None for an empty one.
+
+  Returns:
+    y [b, t, c] in k's dtype, and the state after the last token.
+  """
+  out_dtype = k.dtype
+  w, u, k, v, state = _prepare(w, u, k, v, state)
+
+  def step(carry, kv):
+    y, carry = wkv_step(w, u, kv[0], kv[1], carry)
+    return carry, y
+
+  state, y_tbc = jax.lax.scan(step, state, (jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)))
+  return jnp.swapaxes(y_tbc, 0, 1).astype(out_dtype), state
+
+
+def _combine(left, right):
+  """Monoid combine of two consecutive segments (num, den, max_exp, log_decay)."""
+  a1, b1, p1, d1 = left
+  a2, b2, p2, d2 = right
+  # The left segment's sums decay across the whole right segment before they are added.
+  a, b, p = _merge(a1, b1, p1 + d2, a2, b2, p2)
+  return a, b, p, d1 + d2
+
+
+def wkv_associative(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None
+                    ) -> tuple[Array, WKVState]:
+  """Parallel WKV with `jax.lax.associative_scan`: O(log t) depth, same contract as wkv_scan.
+
+  Token i is the segment (num=v_i, den=1, max_exp=k_i, log_decay=-w); the inclusive scan gives
+  the state after each token, the incoming state is folded in with the accumulated decay, and
+  the output reads the state one token back plus the current token's bonus.
+  """
+  out_dtype = k.dtype
+  w, u, k, v, state = _prepare(w, u, k, v, state)
+  log_decay = jnp.broadcast_to(-w, k.shape)
+  num, den, max_exp, decay = jax.lax.associative_scan(
+      _combine, (v, jnp.ones_like(v), k, log_decay), axis=1)
+  s0 = [s[:, None, :] for s in state]
+  num, den, max_exp = _merge(s0[0], s0[1], s0[2] + decay, num, den, max_exp)
+  prev = [jnp.concatenate([s, x[:, :-1]], axis=1) for s, x in zip(s0, (num, den, max_exp))]
+  y = _readout(*prev, u, k, v)
+  final = WKVState(num[:, -1], den[:, -1], max_exp[:, -1])
+  return y.astype(out_dtype), final
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatcher. Kernel backends live in `kernels/` (importable as `rwkv_jax_kernels`) and register
+# themselves on import; they are imported lazily because some need a GPU build of jax.
+
+WKVFn = Callable[..., tuple[Array, WKVState]]
+
+_REGISTRY: dict[str, WKVFn] = {"scan": wkv_scan, "associative": wkv_associative}
+_PLUGINS = {"pallas": "rwkv_jax_kernels.wkv_pallas", "triton": "rwkv_jax_kernels.wkv_triton"}
+# Fastest first; the first one that is registered (or importable) wins.
+_AUTO_ORDER = {"gpu": ("pallas", "triton", "associative"), "cuda": ("pallas", "triton", "associative")}
+_DEFAULT_AUTO = ("associative",)
+
+_log = logging.getLogger(__name__)
+
+
+def register(name: str, fn: WKVFn) -> None:
+  """Makes `fn` selectable as wkv(..., impl=name). It must honour the wkv_scan contract."""
+  _REGISTRY[name] = fn
+
+
+def _load(name: str) -> WKVFn | None:
+  if name not in _REGISTRY and name in _PLUGINS:
+    try:
+      importlib.import_module(_PLUGINS[name])
+    except ImportError as e:
+      _log.info("WKV backend %r unavailable: %s", name, e)
+  return _REGISTRY.get(name)
+
+
+def implementations() -> list[str]:
+  """Names accepted by `impl`, besides "auto"."""
+  return sorted(set(_REGISTRY) | set(_PLUGINS))
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(impl: str = "auto", platform: str | None = None) -> str:
+  """Maps "auto" to the fastest implementation for `platform` (default: jax's backend)."""
+  if impl != "auto":
+    if impl not in _REGISTRY and impl not in _PLUGINS:
+      raise ValueError(f"Unknown WKV implementation {impl!r}; choose from "
+                       f"{['auto'] + implementations()}.")
+    if _load(impl) is None:
+      raise ValueError(f"WKV implementation {impl!r} cannot be loaded on this machine "
+                       f"(see the log for the import error); try impl='associative'.")
+    return impl
+  platform = platform or jax.default_backend()
+  for name in _AUTO_ORDER.get(platform, _DEFAULT_AUTO):
+    if _load(name) is not None:
+      _log.info("WKV impl='auto' on %s resolved to %r.", platform, name)
+      return name
+  raise RuntimeError("No WKV implementation is available.")  # unreachable: associative exists
+
+
+def wkv(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None,
+        impl: str = "auto") -> tuple[Array, WKVState]:
+  """WKV by the implementation named `impl` (see `implementations()`); contract of wkv_scan."""
+  return _REGISTRY[resolve(impl)](w, u, k, v, state)
