@@ -1,0 +1,367 @@
+"""Chunked WKV (paper eq. 16, Appendix D) as Pallas kernels, parallel over batch, channels and time.
+
+The sequential recurrence is cut into chunks of `block_t` tokens. Within a chunk every output is
+an explicit sum over at most `block_t` earlier tokens of the same chunk plus the state carried in,
+so each chunk is independent once its incoming state is known:
+
+  1. `_summary_kernel`: for every chunk in parallel, the state the chunk alone leaves behind
+     (started empty), as (num, den, max_exp) with the max-exponent trick.
+  2. The chunk summaries are chained with the shared monoid `rwkv_jax.wkv._combine` by a
+     `lax.associative_scan` over the chunk axis (in plain JAX; it touches 1/block_t of the data),
+     giving the state entering each chunk and the final state.
+  3. `_output_kernel`: for every chunk in parallel, y_t = (state term + sum over earlier tokens of
+     the chunk + bonus term) / (same with ones), each row shifted by its own maximum exponent.
+
+The grid is (batch, channel blocks, chunks), so even one long sequence fills the GPU; the cost is
+O(block_t) exponentials per token instead of one, which is cheap next to the memory traffic this
+op is bound by. The backward pass is two more kernels with the hand-derived gradients of steps 3
+and 1 (`_output_bwd_kernel`, `_summary_bwd_kernel`), with step 2 differentiated by JAX.
+
+Backend choice: the kernels use only refs, `BlockSpec`s and jnp arithmetic (broadcasts, exp,
+max/sum reductions), the subset that Pallas lowers through Triton on GPU (selected explicitly by
+`pallas.triton.CompilerParams`, with jax 0.10 and 0.11) and that runs anywhere with
+`interpret=True`, which is how CI checks the kernel logic on CPU. Pallas's Triton lowering is
+deprecated since JAX 0.11 in favour of Mosaic GPU; a Mosaic GPU port would keep the same
+three-step structure. Hand-written Triton lives in `wkv_triton.py`.
+
+Shapes: b = batch, t = time, c = channels, n = chunks, l = block_t (tokens of one chunk),
+cb = block_c.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from rwkv_jax import wkv as wkv_lib
+from rwkv_jax.wkv import WKVState
+
+Array = jax.Array
+
+# Exponent of masked terms: exp(_MASKED - anything finite) == 0 without inf - inf.
+_MASKED = wkv_lib.EMPTY_MAX_EXP
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes; both must be powers of two (Triton's block shapes)."""
+
+  block_t: int = 16  # Tokens per chunk: each token costs O(block_t) exps.
+  block_c: int = 32  # Channels per program (clipped to C rounded up to a power of two).
+  num_warps: int = 4
+  num_stages: int = 1
+
+  def __post_init__(self):
+    for name in ("block_t", "block_c"):
+      size = getattr(self, name)
+      if size < 1 or size & (size - 1):
+        raise ValueError(f"BlockSizes.{name}={size} must be a power of two.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry.
+
+
+def wkv_pallas(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None, *,
+               block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None
+               ) -> tuple[Array, WKVState]:
+  """WKV with the chunked Pallas kernels; the contract of `rwkv_jax.wkv.wkv_scan`.
+
+  Args:
+    w: [c] per-step decay rate, exp(time_decay) > 0.
+    u: [c] bonus of the current token (time_first).
+    k, v: [b, t, c] keys and values, float32 or bfloat16.
+    state: incoming WKVState (float32 [b, c] each) or None for an empty one.
+    block_sizes: tile sizes.
+    interpret: run the kernels in the Pallas interpreter; None means "unless on a GPU".
+
+  Returns:
+    y [b, t, c] in k's dtype, and the float32 state after the last token.
+  """
+  if interpret is None:
+    interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
+  return _wkv_pallas_jit(w, u, k, v, state, block_sizes=block_sizes, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def _wkv_pallas_jit(w, u, k, v, state, *, block_sizes, interpret):
+  if k.ndim != 3 or v.shape != k.shape or v.dtype != k.dtype:
+    raise ValueError(f"k and v must be [batch, time, channels] of one dtype; got "
+                     f"{k.shape=} {k.dtype=}, {v.shape=} {v.dtype=}.")
+  b, t, c = k.shape
+  if w.shape != (c,) or u.shape != (c,):
+    raise ValueError(f"w and u must be [{c}] to match k's channels; got {w.shape=}, {u.shape=}.")
+  state = WKVState.empty(b, c) if state is None else WKVState(
+      *(jnp.asarray(s, jnp.float32) for s in state))
+  if any(s.shape != (b, c) for s in state):
+    raise ValueError(f"state tensors must be [{b}, {c}]; got {[tuple(s.shape) for s in state]}.")
+  if t == 0:
+    return k, state
+
+  block_t = block_sizes.block_t
+  block_c = min(block_sizes.block_c, pl.next_power_of_2(c))
+  blocks = dataclasses.replace(block_sizes, block_c=block_c)
+  n = pl.cdiv(t, block_t)
+  pad_t, pad_c = n * block_t - t, pl.cdiv(c, block_c) * block_c - c
+  # Padded channels get a harmless w = 1, u = 0, k = v = 0 and an empty state; padded tokens are
+  # masked out of the summaries and their outputs are dropped.
+  pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, pad_t), (0, pad_c)))
+  pad_vec = lambda x, value: jnp.pad(jnp.asarray(x, jnp.float32), (0, pad_c),
+                                     constant_values=value)
+  pad_bc = lambda x, value: jnp.pad(x, ((0, 0), (0, pad_c)), constant_values=value)
+  y, num, den, max_exp = _wkv_padded(
+      pad_vec(w, 1.0), pad_vec(u, 0.0), pad_kv(k), pad_kv(v), pad_bc(state.num, 0.0),
+      pad_bc(state.den, 0.0), pad_bc(state.max_exp, wkv_lib.EMPTY_MAX_EXP),
+      t, blocks, interpret)
+  return y[:, :t, :c], WKVState(num[:, :c], den[:, :c], max_exp[:, :c])
+
+
+# ----------------------------------------------------------------------------------------------
+# custom_vjp over padded inputs: t_bc = [b, n * l, c], state [b, c], c a multiple of block_c.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _wkv_padded(w, u, k, v, num, den, max_exp, seq_len, blocks, interpret):
+  y, final, _ = _wkv_padded_fwd_impl(w, u, k, v, num, den, max_exp, seq_len, blocks, interpret)
+  return (y, *final)
+
+
+def _wkv_padded_fwd_impl(w, u, k, v, num, den, max_exp, seq_len, blocks, interpret):
+  summary = _summary_call(k, v, w, seq_len, blocks, interpret)
+  incoming, final = _chain_chunks(summary, (num, den, max_exp), w, seq_len, blocks.block_t)
+  y = _output_call(*incoming, k, v, w, u, blocks, interpret)
+  return y, final, (summary, incoming)
+
+
+def _wkv_padded_fwd(w, u, k, v, num, den, max_exp, seq_len, blocks, interpret):
+  y, final, (summary, incoming) = _wkv_padded_fwd_impl(
+      w, u, k, v, num, den, max_exp, seq_len, blocks, interpret)
+  return (y, *final), (w, u, k, v, (num, den, max_exp), summary, incoming)
+
+
+def _wkv_padded_bwd(seq_len, blocks, interpret, residuals, cotangents):
+  w, u, k, v, state, summary, incoming = residuals
+  dy, *dfinal = cotangents
+  # Step 3 backward: gradients of the outputs, including those w.r.t. each chunk's incoming state.
+  dk_out, dv_out, dincoming, dw_out, du_out = _output_bwd_call(
+      *incoming, k, v, w, u, dy, blocks, interpret)
+  # Step 2 backward: through the chaining, by JAX.
+  _, chain_vjp = jax.vjp(
+      lambda s, s0, w_: _chain_chunks(s, s0, w_, seq_len, blocks.block_t), summary, state, w)
+  dsummary, dstate, dw_chain = chain_vjp((dincoming, tuple(dfinal)))
+  # Step 1 backward, adding the step-3 gradients of k and v in the same pass.
+  dk, dv, dw_summary = _summary_bwd_call(
+      k, v, w, *dsummary, dk_out, dv_out, seq_len, blocks, interpret)
+  dw = dw_chain + dw_out.sum((0, 1)) + dw_summary.sum((0, 1))
+  return (dw, du_out.sum((0, 1)), dk, dv, *dstate)
+
+
+_wkv_padded.defvjp(_wkv_padded_fwd, _wkv_padded_bwd)
+
+
+def _chain_chunks(summary, state, w, seq_len, block_t):
+  """Step 2: the states entering each chunk ([b, n, c] x 3) and the final state ([b, c] x 3)."""
+  num, den, max_exp = summary
+  n = num.shape[1]
+  chunk_len = jnp.minimum(block_t, seq_len - block_t * jnp.arange(n)).astype(jnp.float32)
+  log_decay = jnp.broadcast_to(-chunk_len[None, :, None] * w, num.shape)
+  num, den, max_exp, decay = jax.lax.associative_scan(
+      wkv_lib._combine, (num, den, max_exp, log_decay), axis=1)  # pylint: disable=protected-access
+  s0 = [s[:, None, :] for s in state]
+  after = wkv_lib._merge(s0[0], s0[1], s0[2] + decay, num, den, max_exp)  # pylint: disable=protected-access
+  incoming = tuple(jnp.concatenate([s, x[:, :-1]], axis=1) for s, x in zip(s0, after))
+  final = tuple(x[:, -1] for x in after)
+  return incoming, final
+
+
+# ----------------------------------------------------------------------------------------------
+# pallas_call wrappers. Grid (b, channel block, chunk); every program owns one [l, cb] tile.
+
+
+def _specs(blocks: BlockSizes):
+  l, cb = blocks.block_t, blocks.block_c
+  tile = pl.BlockSpec((None, l, cb), lambda b, c, n: (b, n, c))      # [b, t, c] -> [l, cb]
+  chunk = pl.BlockSpec((None, None, cb), lambda b, c, n: (b, n, c))  # [b, n, c] -> [cb]
+  channel = pl.BlockSpec((cb,), lambda b, c, n: (c,))                # [c] -> [cb]
+  return tile, chunk, channel
+
+
+def _grid(k, blocks):
+  b, t, c = k.shape
+  return (b, c // blocks.block_c, t // blocks.block_t)
+
+
+def _params(blocks):
+  return pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+def _summary_call(k, v, w, seq_len, blocks, interpret):
+  tile, chunk, channel = _specs(blocks)
+  b, t, c = k.shape
+  per_chunk = jax.ShapeDtypeStruct((b, t // blocks.block_t, c), jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_summary_kernel, seq_len=seq_len, block_t=blocks.block_t),
+      out_shape=(per_chunk,) * 3, grid=_grid(k, blocks), in_specs=[tile, tile, channel],
+      out_specs=(chunk,) * 3, interpret=interpret, compiler_params=_params(blocks),
+      name="wkv_summary")(k, v, w)
+
+
+def _output_call(num, den, max_exp, k, v, w, u, blocks, interpret):
+  tile, chunk, channel = _specs(blocks)
+  return pl.pallas_call(
+      functools.partial(_output_kernel, block_t=blocks.block_t),
+      out_shape=jax.ShapeDtypeStruct(k.shape, k.dtype), grid=_grid(k, blocks),
+      in_specs=[chunk, chunk, chunk, tile, tile, channel, channel], out_specs=tile,
+      interpret=interpret, compiler_params=_params(blocks), name="wkv_output",
+  )(num, den, max_exp, k, v, w, u)
+
+
+def _output_bwd_call(num, den, max_exp, k, v, w, u, dy, blocks, interpret):
+  tile, chunk, channel = _specs(blocks)
+  b, t, c = k.shape
+  per_token = jax.ShapeDtypeStruct(k.shape, jnp.float32)
+  per_chunk = jax.ShapeDtypeStruct((b, t // blocks.block_t, c), jnp.float32)
+  dk, dv, dnum, dden, dmax, dw, du = pl.pallas_call(
+      functools.partial(_output_bwd_kernel, block_t=blocks.block_t),
+      out_shape=(per_token, per_token) + (per_chunk,) * 5, grid=_grid(k, blocks),
+      in_specs=[chunk, chunk, chunk, tile, tile, channel, channel, tile],
+      out_specs=(tile, tile) + (chunk,) * 5, interpret=interpret,
+      compiler_params=_params(blocks), name="wkv_output_bwd",
+  )(num, den, max_exp, k, v, w, u, dy)
+  return dk, dv, (dnum, dden, dmax), dw, du
+
+
+def _summary_bwd_call(k, v, w, dnum, dden, dmax, dk_in, dv_in, seq_len, blocks, interpret):
+  tile, chunk, channel = _specs(blocks)
+  b, t, c = k.shape
+  per_chunk = jax.ShapeDtypeStruct((b, t // blocks.block_t, c), jnp.float32)
+  per_token = jax.ShapeDtypeStruct(k.shape, k.dtype)
+  return pl.pallas_call(
+      functools.partial(_summary_bwd_kernel, seq_len=seq_len, block_t=blocks.block_t),
+      out_shape=(per_token, per_token, per_chunk), grid=_grid(k, blocks),
+      in_specs=[tile, tile, channel, chunk, chunk, chunk, tile, tile],
+      out_specs=(tile, tile, chunk), interpret=interpret, compiler_params=_params(blocks),
+      name="wkv_summary_bwd",
+  )(k, v, w, dnum, dden, dmax, dk_in, dv_in)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel bodies. Inside a chunk: s = token index in [0, l), i = an earlier token of the chunk.
+
+
+def _iota(shape, dim):
+  return jax.lax.broadcasted_iota(jnp.int32, shape, dim).astype(jnp.float32)
+
+
+def _summary_terms(k, w, chunk_len, block_t):
+  """Exponents k_i - (len - 1 - i) w of each token in the chunk's end state, masked past len."""
+  i = _iota((block_t, 1), 0)
+  dist = chunk_len - 1.0 - i                              # [l, 1] decay steps to the chunk's end
+  valid = i < chunk_len
+  e = jnp.where(valid, k - dist * w[None, :], _MASKED)    # [l, cb]
+  max_exp = jnp.max(e, axis=0)                            # [cb]
+  weight = jnp.exp(e - max_exp[None, :])                  # [l, cb], 0 where masked
+  return e, valid, dist, max_exp, weight
+
+
+def _chunk_len(seq_len, block_t):
+  start = pl.program_id(2) * block_t
+  return jnp.minimum(block_t, seq_len - start).astype(jnp.float32)
+
+
+def _summary_kernel(k_ref, v_ref, w_ref, num_ref, den_ref, max_ref, *, seq_len, block_t):
+  k = k_ref[...].astype(jnp.float32)
+  v = v_ref[...].astype(jnp.float32)
+  _, _, _, max_exp, weight = _summary_terms(k, w_ref[...], _chunk_len(seq_len, block_t), block_t)
+  num_ref[...] = jnp.sum(weight * v, axis=0)
+  den_ref[...] = jnp.sum(weight, axis=0)
+  max_ref[...] = max_exp
+
+
+def _summary_bwd_kernel(k_ref, v_ref, w_ref, dnum_ref, dden_ref, dmax_ref, dk_in_ref, dv_in_ref,
+                        dk_ref, dv_ref, dw_ref, *, seq_len, block_t):
+  k = k_ref[...].astype(jnp.float32)
+  v = v_ref[...].astype(jnp.float32)
+  dnum, dden = dnum_ref[...][None, :], dden_ref[...][None, :]
+  e, valid, dist, max_exp, weight = _summary_terms(
+      k, w_ref[...], _chunk_len(seq_len, block_t), block_t)
+  de = weight * (dnum * v + dden)                          # through weight = exp(e - max_exp)
+  # max_exp is both an output and the shift inside weight; it depends on the argmax exponent.
+  dmax = dmax_ref[...] - jnp.sum(de, axis=0)
+  is_max = jnp.where(valid & (e == max_exp[None, :]), 1.0, 0.0)
+  de = de + is_max * (dmax / jnp.sum(is_max, axis=0))[None, :]
+  dk_ref[...] = (dk_in_ref[...] + de).astype(dk_ref.dtype)
+  dv_ref[...] = (dv_in_ref[...] + weight * dnum).astype(dv_ref.dtype)
+  dw_ref[...] = -jnp.sum(de * dist, axis=0)
+
+
+def _output_terms(num0, den0, max0, k, v, w, u, block_t):
+  """Eq. 16 inside one chunk, each row shifted by its largest exponent.
+
+  Returns the weights of the incoming state [l, cb], of earlier tokens [l, l, cb] and of the
+  current token [l, cb], the step counts they were decayed by, and numerator and denominator.
+  """
+  s = _iota((block_t, 1), 0)                                 # [l, 1]
+  lag = _iota((block_t, block_t, 1), 0) - 1.0 - _iota((block_t, block_t, 1), 1)  # s - 1 - i
+  e_state = max0[None, :] - s * w[None, :]                   # [l, cb]
+  e_pair = jnp.where(lag >= 0.0, k[None, :, :] - lag * w[None, None, :], _MASKED)  # [l, l, cb]
+  e_bonus = u[None, :] + k                                   # [l, cb]
+  shift = jnp.maximum(jnp.maximum(e_state, e_bonus), jnp.max(e_pair, axis=1))
+  w_state = jnp.exp(e_state - shift)
+  w_pair = jnp.exp(e_pair - shift[:, None, :])
+  w_bonus = jnp.exp(e_bonus - shift)
+  num = w_state * num0[None, :] + jnp.sum(w_pair * v[None, :, :], axis=1) + w_bonus * v
+  den = w_state * den0[None, :] + jnp.sum(w_pair, axis=1) + w_bonus
+  return s, lag, w_state, w_pair, w_bonus, num, den
+
+
+def _output_kernel(num_ref, den_ref, max_ref, k_ref, v_ref, w_ref, u_ref, y_ref, *, block_t):
+  *_, num, den = _output_terms(
+      num_ref[...], den_ref[...], max_ref[...], k_ref[...].astype(jnp.float32),
+      v_ref[...].astype(jnp.float32), w_ref[...], u_ref[...], block_t)
+  y_ref[...] = (num / den).astype(y_ref.dtype)
+
+
+def _output_bwd_kernel(num_ref, den_ref, max_ref, k_ref, v_ref, w_ref, u_ref, dy_ref,
+                       dk_ref, dv_ref, dnum_ref, dden_ref, dmax_ref, dw_ref, du_ref, *, block_t):
+  num0, den0 = num_ref[...], den_ref[...]
+  k = k_ref[...].astype(jnp.float32)
+  v = v_ref[...].astype(jnp.float32)
+  s, lag, w_state, w_pair, w_bonus, num, den = _output_terms(
+      num0, den0, max_ref[...], k, v, w_ref[...], u_ref[...], block_t)
+  # y = num / den and the shift cancels, so each term with weight W, exponent e and coefficients
+  # (c_num, c_den) gets dL/dW = g (c_num - y c_den) with g = dy / den, and dL/de = W dL/dW.
+  y = num / den
+  g = dy_ref[...].astype(jnp.float32) / den                  # [l, cb]
+  g_pair = w_pair * g[:, None, :]                            # [l, l, cb]: dL/d(v_i) per row
+  de_pair = g_pair * (v[None, :, :] - y[:, None, :])
+  g_bonus = w_bonus * g
+  de_bonus = g_bonus * (v - y)
+  g_state = w_state * g
+  de_state = g_state * (num0[None, :] - y * den0[None, :])
+  dk_ref[...] = jnp.sum(de_pair, axis=0) + de_bonus
+  dv_ref[...] = jnp.sum(g_pair, axis=0) + g_bonus
+  dnum_ref[...] = jnp.sum(g_state, axis=0)
+  dden_ref[...] = -jnp.sum(g_state * y, axis=0)
+  dmax_ref[...] = jnp.sum(de_state, axis=0)
+  dw_ref[...] = -(jnp.sum(jnp.sum(de_pair * lag, axis=1), axis=0) + jnp.sum(de_state * s, axis=0))
+  du_ref[...] = jnp.sum(de_bonus, axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def wkv_pallas_reference(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None,
+                         *, block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None
+                         ) -> tuple[Array, WKVState]:
+  """The sequential scan the kernels must match; same signature as `wkv_pallas`."""
+  del block_sizes, interpret
+  return wkv_lib.wkv_scan(w, u, k, v, state)
+
+
+wkv_lib.register("pallas", wkv_pallas)
