@@ -1,0 +1,189 @@
+"""The WKV kernels against the sequential scan and a float64 evaluation of eq. 16.
+
+One base class holds the checks; subclasses pick the kernel and how it runs: the Pallas kernels in
+the interpreter (CPU, CI), compiled on a GPU, and the jax-triton kernel (GPU only).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rwkv_jax import wkv as wkv_lib
+from rwkv_jax.wkv import WKVState
+from rwkv_jax_kernels import wkv_pallas
+
+_ON_GPU = jax.default_backend() in ("gpu", "cuda")
+
+# Errors are measured relative to the largest magnitude of the reference tensor.
+_TOL = {  # dtype -> (forward, gradients)
+    jnp.float32: (5e-5, 2e-4),
+    jnp.bfloat16: (1e-2, 3e-2),
+}
+
+
+def _inputs(seed, b, t, c, dtype, time_decay=(-3.0, 1.0), k_max=3.0):
+  """Random w, u, k, v and a realistic incoming state (the scan of a random prefix)."""
+  rng = np.random.default_rng(seed)
+  w = jnp.asarray(np.exp(rng.uniform(*time_decay, c)), jnp.float32)
+  u = jnp.asarray(rng.normal(size=c), jnp.float32)
+  k = jnp.asarray(rng.uniform(-k_max, k_max, (b, t, c)), dtype)
+  v = jnp.asarray(rng.normal(size=(b, t, c)), dtype)
+  prefix_k = jnp.asarray(rng.uniform(-k_max, k_max, (b, 3, c)), jnp.float32)
+  _, state = wkv_lib.wkv_scan(w, u, prefix_k, jnp.asarray(rng.normal(size=(b, 3, c))))
+  return w, u, k, v, state
+
+
+def _loss_grad(fn):
+  """Gradients of a loss that reads y, the final state, and a second call continued from it."""
+
+  def loss(w, u, k, v, state):
+    y, out = fn(w, u, k, v, state)
+    y2, _ = fn(w, u, k[:, ::-1], v, out)
+    f32 = lambda x: x.astype(jnp.float32)
+    weights = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+    return (jnp.sum(f32(y) * weights) + jnp.sum(f32(y2) * f32(v)) + jnp.sum(out.num / out.den)
+            + jnp.sum(jnp.log(out.den) + out.max_exp) * 0.1 + jnp.sum(jnp.sin(out.max_exp)))
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def _rel_err(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return float(np.max(np.abs(x - ref)) / (np.max(np.abs(ref)) + 1e-30))
+
+
+def _naive_eq16(w, u, k, v, state):
+  """Eq. 16 with the incoming state, in float64, each sum shifted by its own maximum exponent."""
+  w, u, k, v = (np.asarray(x, np.float64) for x in (w, u, k, v))
+  num0, den0, max0 = (np.asarray(s, np.float64) for s in state)
+  t = k.shape[1]
+
+  def weighted(exps, coefs_num, coefs_den):  # exps, coefs: [terms, b, c]
+    shift = exps.max(0)
+    e = np.exp(exps - shift)
+    return (e * coefs_num).sum(0), (e * coefs_den).sum(0), shift
+
+  ys = []
+  for s in range(t + 1):
+    lag = (s - 1 - np.arange(s))[:, None, None]
+    exps = [max0[None] - s * w, k[:, :s].transpose(1, 0, 2) - lag * w]
+    nums = [num0[None], v[:, :s].transpose(1, 0, 2)]
+    dens = [den0[None], np.ones_like(nums[1])]
+    if s < t:  # output at token s: also the bonus term
+      exps.append((u + k[:, s])[None]); nums.append(v[:, s][None]); dens.append(np.ones_like(nums[-1]))
+    a, b, p = weighted(np.concatenate(exps), np.concatenate(nums), np.concatenate(dens))
+    if s < t:
+      ys.append(a / b)
+  return np.stack(ys, 1), (a, b, p)
+
+
+class _WKVKernelChecks:
+  """Checks shared by every kernel; a subclass names the kernel through `wkv`."""
+
+  def wkv(self, w, u, k, v, state=None, block_sizes=None):
+    raise NotImplementedError
+
+  @pytest.mark.parametrize("b,t,c,dtype,time_decay,k_max,blocks", [
+      pytest.param(2, 37, 48, jnp.float32, (-3.0, 1.0), 3.0, None, id="t_and_c_not_multiples"),
+      pytest.param(1, 1, 5, jnp.float32, (-3.0, 1.0), 3.0, None, id="single_token"),
+      pytest.param(3, 19, 12, jnp.float32, (-3.0, 1.0), 3.0, (4, 8), id="many_chunks_and_blocks"),
+      pytest.param(2, 20, 24, jnp.float32, (-9.0, 4.0), 60.0, None, id="extreme_values"),
+      pytest.param(2, 24, 40, jnp.bfloat16, (-3.0, 1.0), 3.0, None, id="bfloat16"),
+  ])
+  def test_forward_and_gradients_match_scan(self, b, t, c, dtype, time_decay, k_max, blocks):
+    w, u, k, v, state = _inputs(0, b, t, c, dtype, time_decay, k_max)
+    kernel = functools.partial(self.wkv, block_sizes=blocks)
+    y, out = kernel(w, u, k, v, state)
+    y_ref, out_ref = wkv_lib.wkv_scan(w, u, k, v, state)
+    tol_fwd, tol_grad = _TOL[dtype]
+    assert y.dtype == k.dtype and y.shape == k.shape
+    assert all(s.dtype == jnp.float32 and s.shape == (b, c) for s in out)
+    for name, x, ref in zip(("y", "num", "den", "max_exp"), (y, *out), (y_ref, *out_ref)):
+      assert _rel_err(x, ref) < tol_fwd, (name, _rel_err(x, ref))
+    grads = _loss_grad(kernel)(w, u, k, v, state)
+    grads_ref = _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)
+    names = ("w", "u", "k", "v", "state.num", "state.den", "state.max_exp")
+    for name, g, g_ref in zip(names, jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+      assert g.dtype == g_ref.dtype and np.all(np.isfinite(np.asarray(g, np.float32))), name
+      assert _rel_err(g, g_ref) < tol_grad, (name, _rel_err(g, g_ref))
+
+  @pytest.mark.parametrize("time_decay,k_max", [((-3.0, 1.0), 3.0), ((-9.0, 4.0), 60.0)])
+  def test_matches_float64_eq16(self, time_decay, k_max):
+    w, u, k, v, state = _inputs(1, 2, 21, 16, jnp.float32, time_decay, k_max)
+    y, out = self.wkv(w, u, k, v, state, block_sizes=wkv_pallas.BlockSizes(block_t=8))
+    y64, (num64, den64, max64) = _naive_eq16(w, u, k, v, state)
+    assert _rel_err(y, y64) < 2e-5
+    # The state's split into mantissa and exponent is the same by construction (a max).
+    np.testing.assert_allclose(out.max_exp, max64, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(out.num / out.den, num64 / den64, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.den, den64, rtol=1e-4)
+
+  def test_chunked_calls_equal_one_call(self):
+    w, u, k, v, state = _inputs(2, 2, 45, 24, jnp.float32)
+    y_full, out_full = self.wkv(w, u, k, v, state)
+    ys, out = [], state
+    for start, stop in ((0, 7), (7, 23), (23, 24), (24, 45)):
+      y, out = self.wkv(w, u, k[:, start:stop], v[:, start:stop], out)
+      ys.append(y)
+    np.testing.assert_allclose(jnp.concatenate(ys, axis=1), y_full, rtol=1e-5, atol=1e-5)
+    for s, s_full in zip(out, out_full):
+      np.testing.assert_allclose(s, s_full, rtol=1e-5, atol=1e-5)
+
+  def test_no_state_means_empty_state(self):
+    w, u, k, v, _ = _inputs(3, 1, 9, 8, jnp.float32)
+    y, out = self.wkv(w, u, k, v)
+    y_ref, out_ref = wkv_lib.wkv_scan(w, u, k, v)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.max_exp, out_ref.max_exp, rtol=1e-6)
+
+
+class TestWKVPallasInterpret(_WKVKernelChecks):
+  INTERPRET = True
+
+  def wkv(self, w, u, k, v, state=None, block_sizes=None):
+    blocks = (wkv_pallas.BlockSizes(*block_sizes) if isinstance(block_sizes, tuple)
+              else block_sizes or wkv_pallas.BlockSizes())
+    return wkv_pallas.wkv_pallas(w, u, k, v, state, block_sizes=blocks,
+                                 interpret=self.INTERPRET)
+
+  def test_dispatcher_runs_it_by_name(self):
+    w, u, k, v, state = _inputs(4, 2, 5, 6, jnp.float32)
+    y, _ = wkv_lib.wkv(w, u, k, v, state, impl="pallas")
+    np.testing.assert_allclose(y, wkv_lib.wkv_scan(w, u, k, v, state)[0], rtol=1e-5, atol=1e-6)
+
+  def test_rejects_block_sizes_that_are_not_powers_of_two(self):
+    with pytest.raises(ValueError, match="block_t=12 must be a power of two"):
+      wkv_pallas.BlockSizes(block_t=12)
+
+  def test_rejects_mismatched_shapes(self):
+    w, u, k, v, state = _inputs(5, 2, 5, 6, jnp.float32)
+    with pytest.raises(ValueError, match="w and u must be"):
+      self.wkv(w[:4], u, k, v, state)
+    with pytest.raises(ValueError, match="state tensors must be"):
+      self.wkv(w, u, k, v, WKVState(*(s[:1] for s in state)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="compiled Pallas kernels need a GPU; CPU runs the "
+                    "same checks in the interpreter (TestWKVPallasInterpret)")
+class TestWKVPallasCompiled(TestWKVPallasInterpret):
+  INTERPRET = False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="the jax-triton kernel needs a GPU build of jax")
+class TestWKVTriton(_WKVKernelChecks):
+
+  def wkv(self, w, u, k, v, state=None, block_sizes=None):
+    from rwkv_jax_kernels import wkv_triton  # pylint: disable=g-import-not-at-top
+    return wkv_triton.wkv_triton(w, u, k, v, state)
+
+  def test_dispatcher_runs_it_by_name(self):
+    w, u, k, v, state = _inputs(4, 2, 5, 6, jnp.float32)
+    y, _ = wkv_lib.wkv(w, u, k, v, state, impl="triton")
+    np.testing.assert_allclose(y, wkv_lib.wkv_scan(w, u, k, v, state)[0], rtol=1e-5, atol=1e-6)
