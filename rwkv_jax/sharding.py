@@ -1,0 +1,259 @@
+"""Where every array lives: the device mesh, the partition rules, batches and multi-host set-up.
+
+The mesh has three axes:
+  data    pure data parallelism (parameters replicated),
+  fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style),
+  tensor  tensor parallelism inside a layer (Megatron style).
+The batch is split over ("data", "fsdp"), so data * fsdp must divide the global batch.
+
+Tensor parallelism follows the WKV's structure. Time mixing projects C -> A with key, value and
+receptance, whose outputs are split along A over "tensor"; the WKV treats every channel
+independently (time_decay and time_first [A] are split the same way), so it runs with no
+communication; the output projection A -> C is split along its input and ends in one all-reduce.
+Channel mixing does the same with its C -> F -> C MLP; its receptance [C, C] gates the reduced,
+replicated output, so its output dimension stays whole. Embedding and head are split along the
+vocabulary. LayerNorms and time_mix vectors are small and replicated.
+
+Rules match the '/'-joined key path of a leaf (e.g. 'blocks/3/att/key/kernel') with `re.search`,
+so they also place optimizer state whose leaves mirror the parameters (Adam's mu and nu sit under
+paths like '0/mu/blocks/3/att/key/kernel'). A dimension is only split over mesh axes whose size
+divides it; otherwise that dimension is replicated, so any model size runs on any mesh.
+
+Shapes: b = batch, t = time, c = n_embd, a = dim_att, f = dim_ffn, v = vocab, l = n_layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+_log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
+
+# (regex on the '/'-joined path, spec); first match wins. nnx.Linear kernels are [in, out].
+PARAM_RULES: tuple[tuple[str, P], ...] = (
+    (r"(^|/)att/(key|value|receptance)/kernel$", P("fsdp", "tensor")),  # [c, a]
+    (r"(^|/)att/output/kernel$", P("tensor", "fsdp")),  # [a, c]
+    (r"(^|/)att/time_(decay|first)$", P("tensor")),  # [a], per WKV channel
+    (r"(^|/)ffn/key/kernel$", P("fsdp", "tensor")),  # [c, f]
+    (r"(^|/)ffn/value/kernel$", P("tensor", "fsdp")),  # [f, c]
+    (r"(^|/)ffn/receptance/kernel$", P("fsdp", None)),  # [c, c]
+    (r"(^|/)emb/embedding$", P("tensor", "fsdp")),  # [v, c]
+    (r"(^|/)head/kernel$", P("fsdp", "tensor")),  # [c, v]
+    # Everything else (LayerNorms, time_mix [c], optimizer counters) is replicated.
+)
+
+# Activations, for sharding constraints and for jit in/out shardings of the recurrent state.
+ACTIVATION_SPECS: dict[str, P] = {
+    "tokens_bt": P(BATCH_AXES, None),
+    "act_btc": P(BATCH_AXES, None, None),  # residual stream
+    "act_bta": P(BATCH_AXES, None, "tensor"),  # k, v, r and the WKV output
+    "act_btf": P(BATCH_AXES, None, "tensor"),  # channel-mixing hidden layer
+    "logits_btv": P(BATCH_AXES, None, "tensor"),
+    "state_lbc": P(None, BATCH_AXES, None),  # att_x_prev, ffn_x_prev
+    "state_lba": P(None, BATCH_AXES, "tensor"),  # num, den, max_exp
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh over all devices of all processes.
+
+  Args:
+    data: data-parallel size; -1 means "whatever devices remain".
+    fsdp: parameter-sharding data-parallel size (-1 allowed likewise).
+    tensor: tensor-parallel size (-1 allowed likewise). Keep it within one host: the default
+      device order puts it innermost.
+    devices: devices to use; defaults to `jax.devices()` (global across processes).
+
+  Returns:
+    The mesh, with Auto axis types (jit propagates shardings from the in/out shardings).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  flags = "--mesh.data/--mesh.fsdp/--mesh.tensor"
+  for name, size in sizes.items():
+    if not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
+      raise ValueError(f"mesh {name}={size!r} must be a positive integer or -1 ({flags}).")
+  fill = [name for name, size in sizes.items() if size == -1]
+  if len(fill) > 1:
+    raise ValueError(f"Only one mesh axis may be -1; got {sizes} ({flags}).")
+  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+  if fill:
+    if n % fixed:
+      raise ValueError(f"Mesh sizes {sizes}: the fixed axes multiply to {fixed}, which does not "
+                       f"divide the {n} devices; change {flags}.")
+    sizes[fill[0]] = n // fixed
+  elif fixed != n:
+    raise ValueError(f"Mesh sizes {sizes} multiply to {fixed} but there are {n} devices; "
+                     f"make {flags} multiply to {n} (or set one of them to -1).")
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def path_name(key_path: Sequence[Any]) -> str:
+  """'blocks/3/att/key/kernel' for a jax key path; drops nnx.Variable's trailing '.value'."""
+  keys = list(key_path)
+  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+    keys = keys[:-1]  # nnx.State leaves are Variable(value=...)
+  parts = []
+  for k in keys:
+    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def spec_for(name: str, shape: Sequence[int], mesh: Mesh,
+             rules: Sequence[tuple[str, P]] = PARAM_RULES) -> P:
+  """The PartitionSpec of the array `name` with `shape`: the first matching rule, fitted.
+
+  A rule whose spec has more entries than the array has dimensions does not apply (e.g. a
+  factored optimizer statistic) and the array is replicated; a dimension whose size is not a
+  multiple of its mesh axes' size is replicated.
+  """
+  for pattern, spec in rules:
+    if re.search(pattern, name):
+      break
+  else:
+    return P()
+  if len(spec) > len(shape):
+    return P()
+  fitted = []
+  for dim, axes in zip(shape, spec):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = int(np.prod([mesh.shape[a] for a in names]))
+    fitted.append(axes if names and dim % size == 0 else None)
+  return P(*fitted)
+
+
+def tree_shardings(mesh: Mesh, tree: Any, rules: Sequence[tuple[str, P]] = PARAM_RULES) -> Any:
+  """A NamedSharding for every leaf of `tree`, by key path (see the module docstring).
+
+  Works on an nnx.State (concrete or from nnx.eval_shape), a pure dict of arrays, and optimizer
+  states whose leaves mirror the parameters (their path ends with the parameter's path).
+
+  Args:
+    mesh: from `make_mesh`.
+    tree: pytree of arrays or ShapeDtypeStructs.
+    rules: (regex, PartitionSpec) pairs; defaults to PARAM_RULES.
+
+  Returns:
+    A pytree of the same structure with NamedSharding leaves.
+  """
+  def one(path, leaf):
+    return NamedSharding(mesh, spec_for(path_name(path), np.shape(leaf), mesh, rules))
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def param_shardings(mesh: Mesh, state: Any) -> Any:
+  """NamedShardings for an nnx.State of parameters (or any tree with parameter paths)."""
+  return tree_shardings(mesh, state)
+
+
+def shard_tree(mesh: Mesh, tree: Any, rules: Sequence[tuple[str, P]] = PARAM_RULES) -> Any:
+  """Places `tree` (parameters or optimizer state) on `mesh` according to the rules."""
+  return jax.device_put(tree, tree_shardings(mesh, tree, rules))
+
+
+def activation_sharding(mesh: Mesh, name: str) -> NamedSharding:
+  """The NamedSharding of a named activation (a key of ACTIVATION_SPECS)."""
+  if name not in ACTIVATION_SPECS:
+    raise KeyError(f"No activation named {name!r}; known: {sorted(ACTIVATION_SPECS)}.")
+  return NamedSharding(mesh, ACTIVATION_SPECS[name])
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over ("data", "fsdp"); the rest replicated. Any rank >= 1."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def _check_batch(mesh: Mesh, global_batch: int) -> None:
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch % ways:
+    raise ValueError(f"The global batch size {global_batch} must be a multiple of "
+                     f"mesh data * fsdp = {ways}; change the batch size or the mesh.")
+
+
+def shard_batch(mesh: Mesh, batch: Any) -> Any:
+  """Puts a batch (an array or pytree of [b, ...] arrays, whole on this process) on `mesh`."""
+  for leaf in jax.tree.leaves(batch):
+    _check_batch(mesh, np.shape(leaf)[0])
+  return jax.device_put(batch, batch_sharding(mesh))
+
+
+def make_global_batch(mesh: Mesh, local_batch: Any) -> Any:
+  """Assembles each process's part of the batch into global arrays split over ("data", "fsdp").
+
+  Each process passes its own [b_local, ...] slice (a numpy array or pytree of them), in process
+  order; the global batch is b_local * process_count. With one process this equals
+  `shard_batch`.
+
+  Args:
+    mesh: from `make_mesh`.
+    local_batch: numpy array(s) [b_local, ...].
+
+  Returns:
+    jax.Array(s) [b_local * jax.process_count(), ...] with `batch_sharding(mesh)`.
+  """
+  sharding = batch_sharding(mesh)
+  for leaf in jax.tree.leaves(local_batch):
+    _check_batch(mesh, np.shape(leaf)[0] * jax.process_count())
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Starts jax.distributed for multi-process runs; a no-op for a single process.
+
+  Call it first, before anything touches a device. Arguments left as None are read from the
+  environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; when none
+  are set, a SLURM or Open MPI job of more than one task is detected by jax itself.
+
+  Args:
+    coordinator_address: "host:port" of process 0.
+    num_processes: total number of processes.
+    process_id: this process's index in [0, num_processes).
+
+  Returns:
+    True if jax.distributed is initialized (now or before), False for a single-process run.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+    num_processes = int(env["JAX_NUM_PROCESSES"])
+  if process_id is None and env.get("JAX_PROCESS_ID"):
+    process_id = int(env["JAX_PROCESS_ID"])
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"num_processes={num_processes} must be >= 1.")
+  if num_processes == 1:
+    return False
+  if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id={process_id} must be in [0, {num_processes}).")
+  explicit = coordinator_address is not None or num_processes is not None
+  cluster = any(int(env.get(v, "1") or "1") > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+  if not (explicit or cluster):
+    return False
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  _log.info("jax.distributed: process %d of %d, %d local / %d global devices.",
+            jax.process_index(), jax.process_count(), jax.local_device_count(),
+            jax.device_count())
+  return True
