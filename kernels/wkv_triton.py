@@ -1,0 +1,184 @@
+"""WKV forward as a hand-written Triton kernel called through jax-triton (GPU only).
+
+One program per (batch row, block of `block_c` channels) walks the sequence in order, keeping the
+float32 state (num, den, max_exp) in registers and applying the same two log-space merges as
+`rwkv_jax.wkv.wkv_step` per token: the readout with the bonus e^{u + k_t}, then the decay by
+e^{-w} and the addition of the token. This is the official CUDA kernel's schedule (sequential in
+time, parallel over batch and channels) without its T_MAX limit and with the state passed in and
+out, so any T works and calls can be chained. It is latency-bound for long single sequences; the
+chunked Pallas kernels (`wkv_pallas.py`) are parallel in time as well.
+
+The backward pass is not a Triton kernel: it is the vjp of `rwkv_jax.wkv.wkv_associative` (pure
+JAX, O(log t) depth), recomputed from the saved inputs.
+
+Importing this module needs `triton` and a GPU build of jax with `jax_triton`; the dispatcher
+imports it only when impl="triton" (or "auto" on a GPU) is asked for, and treats an ImportError as
+"backend unavailable".
+
+Shapes: b = batch, t = time, c = channels, cb = block_c.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import jax_triton as jt
+import triton
+import triton.language as tl
+
+from rwkv_jax import wkv as wkv_lib
+from rwkv_jax.wkv import WKVState
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Channels per program (a power of two) and warps per program."""
+
+  block_c: int = 32
+  num_warps: int = 1
+
+  def __post_init__(self):
+    if self.block_c < 1 or self.block_c & (self.block_c - 1):
+      raise ValueError(f"BlockSizes.block_c={self.block_c} must be a power of two.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry.
+
+
+def wkv_triton(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None, *,
+               block_sizes: BlockSizes = BlockSizes()) -> tuple[Array, WKVState]:
+  """WKV with the Triton forward kernel; the contract of `rwkv_jax.wkv.wkv_scan`.
+
+  Args:
+    w: [c] per-step decay rate, exp(time_decay) > 0.
+    u: [c] bonus of the current token (time_first).
+    k, v: [b, t, c] keys and values, float32 or bfloat16.
+    state: incoming WKVState (float32 [b, c] each) or None for an empty one.
+    block_sizes: channels and warps per program.
+
+  Returns:
+    y [b, t, c] in k's dtype, and the float32 state after the last token.
+  """
+  return _wkv_triton_jit(w, u, k, v, state, block_sizes=block_sizes)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes",))
+def _wkv_triton_jit(w, u, k, v, state, *, block_sizes):
+  if k.ndim != 3 or v.shape != k.shape or v.dtype != k.dtype:
+    raise ValueError(f"k and v must be [batch, time, channels] of one dtype; got "
+                     f"{k.shape=} {k.dtype=}, {v.shape=} {v.dtype=}.")
+  b, t, c = k.shape
+  if w.shape != (c,) or u.shape != (c,):
+    raise ValueError(f"w and u must be [{c}] to match k's channels; got {w.shape=}, {u.shape=}.")
+  state = WKVState.empty(b, c) if state is None else WKVState(
+      *(jnp.asarray(s, jnp.float32) for s in state))
+  if any(s.shape != (b, c) for s in state):
+    raise ValueError(f"state tensors must be [{b}, {c}]; got {[tuple(s.shape) for s in state]}.")
+  if t == 0:
+    return k, state
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  y, num, den, max_exp = _wkv(f32(w), f32(u), k, v, *state, block_sizes)
+  return y, WKVState(num, den, max_exp)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom_vjp: Triton forward, associative-scan backward.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _wkv(w, u, k, v, num, den, max_exp, block_sizes):
+  return _forward_call(w, u, k, v, num, den, max_exp, block_sizes)
+
+
+def _wkv_fwd(w, u, k, v, num, den, max_exp, block_sizes):
+  out = _forward_call(w, u, k, v, num, den, max_exp, block_sizes)
+  return out, (w, u, k, v, num, den, max_exp)
+
+
+def _wkv_bwd(block_sizes, residuals, cotangents):
+  del block_sizes
+
+  def associative(w, u, k, v, num, den, max_exp):
+    y, out = wkv_lib.wkv_associative(w, u, k, v, WKVState(num, den, max_exp))
+    return (y, *out)
+
+  _, vjp = jax.vjp(associative, *residuals)
+  return vjp(tuple(cotangents))
+
+
+_wkv.defvjp(_wkv_fwd, _wkv_bwd)
+
+
+def _forward_call(w, u, k, v, num, den, max_exp, block_sizes):
+  b, t, c = k.shape
+  block_c = min(block_sizes.block_c, triton.next_power_of_2(c))
+  state_shape = jax.ShapeDtypeStruct((b, c), jnp.float32)
+  return jt.triton_call(
+      w, u, k, v, num, den, max_exp, t, c,
+      kernel=_forward_kernel,
+      out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), state_shape, state_shape, state_shape),
+      grid=(b, triton.cdiv(c, block_c)),
+      num_warps=block_sizes.num_warps,
+      num_stages=1,
+      block_c=block_c,
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel body. Arrays are row-major: k[b, t, c] at (b * t_len + t) * channels + c.
+
+
+@triton.jit
+def _forward_kernel(w_ptr, u_ptr, k_ptr, v_ptr, num_ptr, den_ptr, max_ptr, seq_len, channels,
+                    y_ptr, num_out_ptr, den_out_ptr, max_out_ptr,
+                    block_c: tl.constexpr):
+  row = tl.program_id(0).to(tl.int64)
+  c = tl.program_id(1) * block_c + tl.arange(0, block_c)
+  in_range = c < channels
+  w = tl.load(w_ptr + c, mask=in_range, other=1.0)
+  u = tl.load(u_ptr + c, mask=in_range, other=0.0)
+  at_state = row * channels + c
+  num = tl.load(num_ptr + at_state, mask=in_range, other=0.0)
+  den = tl.load(den_ptr + at_state, mask=in_range, other=0.0)
+  max_exp = tl.load(max_ptr + at_state, mask=in_range, other=-1e38)  # EMPTY_MAX_EXP
+  at_token = row * seq_len * channels + c
+  for _ in range(seq_len):
+    k = tl.load(k_ptr + at_token, mask=in_range, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + at_token, mask=in_range, other=0.0).to(tl.float32)
+    # Readout (eq. 16): the state plus the current token with its bonus.
+    bonus = u + k
+    shift = tl.maximum(max_exp, bonus)
+    e_state = tl.exp(max_exp - shift)
+    e_token = tl.exp(bonus - shift)
+    y = (e_state * num + e_token * v) / (e_state * den + e_token)
+    tl.store(y_ptr + at_token, y.to(y_ptr.dtype.element_ty), mask=in_range)
+    # Update: decay the state by e^{-w}, then add the token with weight e^{k}.
+    decayed = max_exp - w
+    max_exp = tl.maximum(decayed, k)
+    e_state = tl.exp(decayed - max_exp)
+    e_token = tl.exp(k - max_exp)
+    num = e_state * num + e_token * v
+    den = e_state * den + e_token
+    at_token += channels
+  tl.store(num_out_ptr + at_state, num, mask=in_range)
+  tl.store(den_out_ptr + at_state, den, mask=in_range)
+  tl.store(max_out_ptr + at_state, max_exp, mask=in_range)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def wkv_triton_reference(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None,
+                         *, block_sizes: BlockSizes = BlockSizes()) -> tuple[Array, WKVState]:
+  """The sequential scan the kernel must match; same signature as `wkv_triton`."""
+  del block_sizes
+  return wkv_lib.wkv_scan(w, u, k, v, state)
+
+
+wkv_lib.register("triton", wkv_triton)
