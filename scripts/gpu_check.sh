@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every GPU check of rwkv_jax in one run (well under 8 minutes): the GPU tests (`pytest -m gpu`:
+# compiled Pallas and jax-triton WKV kernels, ...) and the WKV benchmark, results into one folder.
+#
+# Usage: scripts/gpu_check.sh [RESULTS_DIR]     (default: $OUT, else experiments/results/gpu)
+#
+# The GPU machine has no network. Packages missing there (jax-triton, grain and those of grain's
+# dependencies it lacks) travel as wheels in $WHEELS (default: wheels/), fetched beforehand here:
+#   pip download --no-deps -d wheels jax-triton==0.3.1        # pure Python
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 -d wheels grain==0.2.18
+# Keep one version of each package; they are installed with --no-deps into a private folder.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RES="${1:-${OUT:-experiments/results/gpu}}"
+WHEELS="${WHEELS:-wheels}"
+PY="${PYTHON:-python3}"
+SITE=/tmp/rwkv_jax_site
+mkdir -p "$RES" "$SITE"
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" \
+    "$WHEELS"/*.whl || exit 1
+fi
+# kernels/ is the package rwkv_jax_kernels (pyproject.toml's package-dir): link it, no install.
+ln -sfn "$PWD/kernels" "$SITE/rwkv_jax_kernels"
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  "$PY" -c "import jax, jaxlib, triton; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__,
+'triton', triton.__version__, jax.devices())"
+  "$PY" -c "import jax_triton; print('jax_triton', jax_triton.__version__)"
+} >"$RES/env.txt" 2>&1
+
+status=0
+timeout 270 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+  --junitxml="$RES/junit.xml" tests 2>&1 | tee "$RES/pytest.log" || status=1
+timeout 150 "$PY" -m experiments.bench_wkv --impls=scan,associative,pallas,triton \
+  --out="$RES/bench" 2>&1 | tee "$RES/bench.log" || status=1
+exit $status
