@@ -11,13 +11,16 @@ import os
 os.environ.setdefault("RWKV_JIT_ON", "0")  # read by rwkv.model at import time
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from rwkv.model import RWKV as RefRWKV  # pylint: disable=g-import-not-at-top
 import transformers
+from flax import nnx
 
+from rwkv_jax import model as model_lib
 from rwkv_jax import weights
 
 # Both references assume dim_att == n_embd (their WKV state is sized by n_embd), so A = C here;
@@ -67,12 +70,37 @@ def checkpoint(tmp_path_factory):
   return path, sd
 
 
+class Jitted:
+  """The loaded model's __call__ and step under jax.jit (eager dispatch is slow per token)."""
+
+  def __init__(self, model):
+    self.config = model.config
+    graphdef, params = nnx.split(model)
+    self._params = params
+    self._call = jax.jit(lambda p, t, s: nnx.merge(graphdef, p)(t, s))
+    self._step = jax.jit(lambda p, t, s: nnx.merge(graphdef, p).step(t, s))
+
+  def _state(self, state, batch):
+    return model_lib.empty_state(self.config, batch) if state is None else state
+
+  def __call__(self, tokens_bt, state=None):
+    return self._call(self._params, tokens_bt, self._state(state, tokens_bt.shape[0]))
+
+  def step(self, token_b, state=None):
+    return self._step(self._params, token_b, self._state(state, token_b.shape[0]))
+
+
 @pytest.fixture(scope="module")
-def ours(checkpoint):
+def loaded(checkpoint):
   model, config = weights.load_pth(checkpoint[0])
   assert (config.n_layer, config.n_embd, config.dim_att, config.dim_ffn, config.vocab_size) == (
       L, C, A, F, V)
   return model
+
+
+@pytest.fixture(scope="module")
+def ours(loaded):
+  return Jitted(loaded)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +176,7 @@ def test_rnn_mode_matches_rwkv_package(ours, ref, tokens):
 
 
 def test_chunked_mode_matches_rwkv_package(ours, ref, tokens):
-  cuts = [0, 7, 8, 20, T]  # uneven chunks, one of a single token
+  cuts = [0, 14, 15, T]  # a single-token chunk in the middle; few shapes, few compilations
   ref_state, state, expected, got = None, None, [], []
   for lo, hi in zip(cuts[:-1], cuts[1:]):
     out, ref_state = ref.forward(tokens[lo:hi], ref_state, full_output=True)
@@ -162,7 +190,7 @@ def test_chunked_mode_matches_rwkv_package(ours, ref, tokens):
 
 
 def test_state_from_rwkv_package_continues_generation_identically(ours, ref, tokens):
-  prompt, rest = tokens[:17], tokens[17:]
+  prompt, rest = tokens[:14], tokens[14:28]
   _, ref_state = ref.forward(prompt, None)
   state = weights.state_from_rwkv_package(ref_clone(ref_state))
   expected, _ = ref.forward(rest, ref_clone(ref_state), full_output=True)
@@ -214,20 +242,27 @@ def hf_model(checkpoint):
   return model
 
 
-def test_hf_directory_loads_and_matches_transformers_logits(hf_model, tokens, tmp_path):
+def test_hf_directory_loads_and_matches_transformers_logits(hf_model, loaded, ours, tokens,
+                                                            tmp_path):
   hf_model.save_pretrained(tmp_path / "hf")
   model, config = weights.load_hf(tmp_path / "hf")
   assert config.ctx_len == 64
+  # The HF directory gives bit for bit the parameters of the .pth file ...
+  from_hf = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  for path, var in nnx.to_flat_state(nnx.state(loaded, nnx.Param)):
+    np.testing.assert_array_equal(np.asarray(from_hf[path].get_value()),
+                                  np.asarray(var.get_value()), err_msg=str(path))
+  # ... and those give transformers' logits.
   with torch.no_grad():
     expected = hf_model(torch.tensor([tokens])).logits[0].numpy()
-  logits, _ = model(jnp.asarray([tokens]))
+  logits, _ = ours(jnp.asarray([tokens]))
   err = max_err(logits[0], expected)
   print(f"\n[hf sequence] max |logits - transformers| = {err:.2e}")
   assert err < TOL
 
 
 def test_hf_chunked_with_state_matches_transformers(hf_model, ours, tokens):
-  cuts = [0, 11, 12, T]
+  cuts = [0, 14, 15, T]
   hf_state, state, expected, got = None, None, [], []
   with torch.no_grad():
     for lo, hi in zip(cuts[:-1], cuts[1:]):
@@ -251,8 +286,8 @@ def test_hf_chunked_with_state_matches_transformers(hf_model, ours, tokens):
   assert max_err(have, want) < TOL
 
 
-def test_export_to_hf_loads_in_transformers_with_same_logits(ours, tokens, tmp_path):
-  weights.save_hf(ours, tmp_path / "exported")
+def test_export_to_hf_loads_in_transformers_with_same_logits(loaded, ours, tokens, tmp_path):
+  weights.save_hf(loaded, tmp_path / "exported")
   hf = transformers.RwkvForCausalLM.from_pretrained(tmp_path / "exported").eval()
   assert hf.config.rescale_every == 0
   with torch.no_grad():
