@@ -67,6 +67,7 @@ class BlockSizes:
 # Public entry.
 
 
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def wkv_pallas(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None, *,
                block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None
                ) -> tuple[Array, WKVState]:
@@ -85,11 +86,6 @@ def wkv_pallas(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = 
   """
   if interpret is None:
     interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
-  return _wkv_pallas_jit(w, u, k, v, state, block_sizes=block_sizes, interpret=interpret)
-
-
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def _wkv_pallas_jit(w, u, k, v, state, *, block_sizes, interpret):
   if k.ndim != 3 or v.shape != k.shape or v.dtype != k.dtype:
     raise ValueError(f"k and v must be [batch, time, channels] of one dtype; got "
                      f"{k.shape=} {k.dtype=}, {v.shape=} {v.dtype=}.")

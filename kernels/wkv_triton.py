@@ -51,6 +51,7 @@ class BlockSizes:
 # Public entry.
 
 
+@functools.partial(jax.jit, static_argnames=("block_sizes",))
 def wkv_triton(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None, *,
                block_sizes: BlockSizes = BlockSizes()) -> tuple[Array, WKVState]:
   """WKV with the Triton forward kernel; the contract of `rwkv_jax.wkv.wkv_scan`.
@@ -65,11 +66,6 @@ def wkv_triton(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = 
   Returns:
     y [b, t, c] in k's dtype, and the float32 state after the last token.
   """
-  return _wkv_triton_jit(w, u, k, v, state, block_sizes=block_sizes)
-
-
-@functools.partial(jax.jit, static_argnames=("block_sizes",))
-def _wkv_triton_jit(w, u, k, v, state, *, block_sizes):
   if k.ndim != 3 or v.shape != k.shape or v.dtype != k.dtype:
     raise ValueError(f"k and v must be [batch, time, channels] of one dtype; got "
                      f"{k.shape=} {k.dtype=}, {v.shape=} {v.dtype=}.")
