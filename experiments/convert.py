@@ -1,0 +1,63 @@
+r"""Converts RWKV-4 weights between an official .pth file and a HuggingFace directory.
+
+    python -m experiments.convert --input=RWKV-4-Pile-169M.pth --output=hf/rwkv-4-169m
+    python -m experiments.convert --input=hf/rwkv-4-169m --output=back.pth --dtype=bfloat16
+
+The output format follows the output path (*.pth -> official file, anything else -> HF
+directory) unless --format says otherwise. Without --dtype every tensor is written in the dtype
+of the input's embedding (a mixed-precision input, e.g. fp32 time_decay in a bf16 file, comes out
+uniform).
+"""
+
+import pathlib
+
+from absl import app
+from absl import flags
+
+from rwkv_jax import weights
+
+_INPUT = flags.DEFINE_string("input", None, "Official .pth file or HuggingFace directory.",
+                             required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Destination .pth file or HuggingFace directory.",
+                              required=True)
+_FORMAT = flags.DEFINE_enum("format", None, ["pth", "hf"],
+                            "Output format; default: pth if --output ends in .pth, else hf.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "Tensor dtype of the output; default: that of the input.")
+
+
+def output_format(output: str, fmt: str | None) -> str:
+  """The format to write: --format if given, else inferred from the output path."""
+  if fmt is not None:
+    return fmt
+  return "pth" if output.endswith(".pth") else "hf"
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  src, dst = pathlib.Path(_INPUT.value), pathlib.Path(_OUTPUT.value)
+  fmt = output_format(_OUTPUT.value, _FORMAT.value)
+  if not src.exists():
+    raise app.UsageError(f"--input={src} does not exist.")
+  if dst.resolve() == src.resolve():
+    raise app.UsageError(f"--output={dst} is the same path as --input; choose another.")
+  if fmt == "hf" and dst.is_file():
+    raise app.UsageError(f"--output={dst} is an existing file, but the hf format writes a "
+                         f"directory; pass a directory path or --format=pth.")
+  if fmt == "pth" and dst.is_dir():
+    raise app.UsageError(f"--output={dst} is a directory, but the pth format writes a file.")
+
+  try:
+    model, config = weights.load(src, dtype=None)
+  except weights.CheckpointError as e:
+    raise app.UsageError(str(e)) from None
+  save = weights.save_pth if fmt == "pth" else weights.save_hf
+  save(model, dst, dtype=_DTYPE.value)
+  print(f"Wrote {dst} ({fmt}, {_DTYPE.value or config.param_dtype}): n_layer={config.n_layer}, "
+        f"n_embd={config.n_embd}, vocab_size={config.vocab_size}, "
+        f"{config.num_params():,} parameters.")
+
+
+if __name__ == "__main__":
+  app.run(main)
