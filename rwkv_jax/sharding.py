@@ -165,7 +165,11 @@ def param_shardings(mesh: Mesh, state: Any) -> Any:
 
 
 def shard_tree(mesh: Mesh, tree: Any, rules: Sequence[tuple[str, P]] = PARAM_RULES) -> Any:
-  """Places `tree` (parameters or optimizer state) on `mesh` according to the rules."""
+  """Places `tree` (parameters or optimizer state) on `mesh` according to the rules.
+
+  With several processes every process must pass the same values (e.g. the same init seed); to
+  avoid a full copy per host, create the state inside `jax.jit(..., out_shardings=...)` instead.
+  """
   return jax.device_put(tree, tree_shardings(mesh, tree, rules))
 
 
