@@ -315,10 +315,14 @@ def _torch_load(path: pathlib.Path) -> dict[str, Any]:
       # Files written with the legacy (pre-zip) serializer cannot be memory-mapped.
       sd = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a file that is not a checkpoint
+    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if "Weights only load failed" in reason:
+      # torch's advice (weights_only=False) would run arbitrary code; an official .pth is a
+      # plain dict of tensors and never needs it.
+      reason = "not a pickle of plain tensors"
     raise CheckpointError(
         f"{path} is not an RWKV-4 checkpoint: torch.load could not read it as a PyTorch "
-        f"file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Expected an "
-        f"official .pth file.") from None
+        f"file ({reason[:200]}). Expected an official .pth file.") from None
   if isinstance(sd, dict) and "_strategy" in sd:
     raise CheckpointError(
         f"{path} was converted by the rwkv package for strategy {sd['_strategy']!r} (weights "
@@ -332,11 +336,14 @@ def _torch_load(path: pathlib.Path) -> dict[str, Any]:
   return sd
 
 
-def _from_torch_dict(source: str, sd: dict[str, Any], config, dtype, rename=lambda n: n):
+def _from_torch_dict(source: str, sd: dict[str, Any], config: RWKVConfig | None,
+                     dtype: str | None, rename: Callable[[str], str] = lambda n: n
+                     ) -> tuple[model_lib.RWKV, RWKVConfig]:
   names = {rename(k): k for k in sd}
   if len(names) != len(sd):
     raise CheckpointError(f"{source} holds the same tensor under two names.")
-  sd = {rename(k): v for k, v in sd.items()}
+  # Moved out of the caller's dict, so that popping below really releases each tensor.
+  sd = {rename(k): sd.pop(k) for k in list(sd)}
   shapes = {k: tuple(v.shape) for k, v in sd.items()}
   dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in sd.items()}
 
@@ -426,7 +433,8 @@ def load_hf(directory: PathLike, dtype: str | None = "float32"
                         f"{_HF_BIN}.")
 
 
-def _load_safetensors(directory: pathlib.Path, config, dtype):
+def _load_safetensors(directory: pathlib.Path, config: RWKVConfig, dtype: str | None
+                      ) -> tuple[model_lib.RWKV, RWKVConfig]:
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   if (directory / _HF_INDEX).is_file():
     with open(directory / _HF_INDEX) as f:

@@ -71,6 +71,14 @@ def test_bf16_file_upcasts_exactly_and_exports_back_bit_exact(tmp_path):
   assert_same_tensors(torch.load(tmp_path / "back.pth", weights_only=True), sd)
 
 
+def test_legacy_non_zip_pth_loads(tmp_path):
+  sd = official_state_dict()
+  torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+  model, _ = weights.load_pth(tmp_path / "legacy.pth")  # cannot be memory-mapped: read whole
+  weights.save_pth(model, tmp_path / "back.pth")
+  assert_same_tensors(torch.load(tmp_path / "back.pth", weights_only=True), sd)
+
+
 def test_dtype_none_keeps_the_checkpoint_dtype(tmp_path):
   sd = official_state_dict(dtype=torch.float16)
   torch.save(sd, tmp_path / "fp16.pth")
@@ -103,6 +111,27 @@ def test_hf_pytorch_model_bin_loads_like_safetensors(pth, tmp_path):
   torch.save({hf_names[k]: v for k, v in sd.items()}, tmp_path / "hf" / "pytorch_model.bin")
   model2, _ = weights.load(tmp_path / "hf")
   weights.save_pth(model2, tmp_path / "back.pth")
+  assert_same_tensors(torch.load(tmp_path / "back.pth", weights_only=True), sd)
+
+
+def test_sharded_safetensors_directory_loads(pth, tmp_path):
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  path, sd = pth
+  hf_names = {e.official: e.hf for e in weights.mapping(L)}
+  d = tmp_path / "sharded"
+  d.mkdir()
+  (d / "config.json").write_text(json.dumps(
+      {"model_type": "rwkv", "hidden_size": C, "num_hidden_layers": L, "vocab_size": V,
+       "attention_hidden_size": A, "intermediate_size": F}))
+  shards = {"a.safetensors": {}, "b.safetensors": {}}
+  for i, (k, v) in enumerate(sd.items()):
+    shards["ab"[i % 2] + ".safetensors"][hf_names[k]] = v.numpy()
+  for name, tensors in shards.items():
+    save_file(tensors, d / name)
+  index = {"weight_map": {k: name for name, ts in shards.items() for k in ts}}
+  (d / "model.safetensors.index.json").write_text(json.dumps(index))
+  model, _ = weights.load(d)
+  weights.save_pth(model, tmp_path / "back.pth")
   assert_same_tensors(torch.load(tmp_path / "back.pth", weights_only=True), sd)
 
 
