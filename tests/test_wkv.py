@@ -1,5 +1,7 @@
 """WKV implementations against a naive float64 evaluation of eq. 16, and against each other."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,22 +84,26 @@ def _rel_err(x, ref):
 SHAPES = [(1, 1, 1), (2, 7, 5), (3, 64, 16), (2, 129, 3)]
 
 
+@functools.lru_cache(maxsize=None)
+def _case(b, t, c, k_scale):
+  """Inputs, loss weights and the float64 reference (computed once for both implementations)."""
+  inputs = random_inputs(b * 1000 + t * 10 + c + int(k_scale), b, t, c, k_scale=k_scale)
+  args = (inputs["w"], inputs["u"], inputs["k"], inputs["v"], inputs["state"])
+  rng = np.random.default_rng(1)
+  weights = (rng.normal(size=(b, t, c)), rng.normal(size=(b, c)), rng.normal(size=(b, c)))
+  with jax.enable_x64(True):
+    args64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), args)
+    y_ref, (ratio_ref, logden_ref) = jax.jit(naive_wkv)(*args64)
+    grads_ref = jax.jit(jax.grad(_loss(naive_wkv, weights), argnums=(0, 1, 2, 3, 4)))(*args64)
+    ref = jax.tree.map(np.asarray, (y_ref, ratio_ref, logden_ref, grads_ref))
+  return args, weights, ref
+
+
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("b,t,c", SHAPES)
 @pytest.mark.parametrize("k_scale", [1.0, 60.0])
 def test_forward_and_gradients_match_naive_float64(impl, b, t, c, k_scale):
-  inputs = random_inputs(hash((b, t, c, k_scale)) % 2**31, b, t, c, k_scale=k_scale)
-  args = (inputs["w"], inputs["u"], inputs["k"], inputs["v"], inputs["state"])
-  rng = np.random.default_rng(1)
-  weights = (rng.normal(size=(b, t, c)), rng.normal(size=(b, c)), rng.normal(size=(b, c)))
-
-  with jax.enable_x64(True):
-    args64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), args)
-    y_ref, (ratio_ref, logden_ref) = naive_wkv(*args64)
-    grads_ref = jax.grad(_loss(naive_wkv, weights), argnums=(0, 1, 2, 3, 4))(*args64)
-    grads_ref = jax.tree.map(np.asarray, grads_ref)
-    y_ref, ratio_ref, logden_ref = map(np.asarray, (y_ref, ratio_ref, logden_ref))
-
+  args, weights, (y_ref, ratio_ref, logden_ref, grads_ref) = _case(b, t, c, k_scale)
   fn = IMPLS[impl]
   y, final = jax.jit(fn)(*args)
   ratio, log_den = state_invariants(final)
