@@ -113,11 +113,11 @@ class TimeMix(nnx.Module):
 
   def __call__(self, x_btc, x_prev_bc, state: wkv_lib.WKVState, impl: str):
     xx = _token_shift(x_btc, x_prev_bc)
-    k = self.key(_mix(x_btc, xx, self.time_mix_k.value.astype(x_btc.dtype)))
-    v = self.value(_mix(x_btc, xx, self.time_mix_v.value.astype(x_btc.dtype)))
-    r = self.receptance(_mix(x_btc, xx, self.time_mix_r.value.astype(x_btc.dtype)))
-    w = jnp.exp(self.time_decay.value.astype(jnp.float32))
-    y, state = wkv_lib.wkv(w, self.time_first.value.astype(jnp.float32), k, v, state, impl=impl)
+    k = self.key(_mix(x_btc, xx, self.time_mix_k[...].astype(x_btc.dtype)))
+    v = self.value(_mix(x_btc, xx, self.time_mix_v[...].astype(x_btc.dtype)))
+    r = self.receptance(_mix(x_btc, xx, self.time_mix_r[...].astype(x_btc.dtype)))
+    w = jnp.exp(self.time_decay[...].astype(jnp.float32))
+    y, state = wkv_lib.wkv(w, self.time_first[...].astype(jnp.float32), k, v, state, impl=impl)
     out = self.output(jax.nn.sigmoid(r) * y.astype(r.dtype))
     return out, x_btc[:, -1].astype(jnp.float32), state
 
@@ -138,8 +138,8 @@ class ChannelMix(nnx.Module):
 
   def __call__(self, x_btc, x_prev_bc):
     xx = _token_shift(x_btc, x_prev_bc)
-    k = self.key(_mix(x_btc, xx, self.time_mix_k.value.astype(x_btc.dtype)))
-    r = self.receptance(_mix(x_btc, xx, self.time_mix_r.value.astype(x_btc.dtype)))
+    k = self.key(_mix(x_btc, xx, self.time_mix_k[...].astype(x_btc.dtype)))
+    r = self.receptance(_mix(x_btc, xx, self.time_mix_r[...].astype(x_btc.dtype)))
     out = jax.nn.sigmoid(r) * self.value(jnp.square(jax.nn.relu(k)))
     return out, x_btc[:, -1].astype(jnp.float32)
 
@@ -186,7 +186,7 @@ class RWKV(nnx.Module):
                          param_dtype=cfg.storage_dtype,
                          embedding_init=nnx.initializers.uniform(2 * scale), rngs=rngs)
     # nnx's uniform init samples [0, 2*scale); centre it like torch's uniform_(-scale, scale).
-    self.emb.embedding.value = self.emb.embedding.value - jnp.asarray(scale, cfg.storage_dtype)
+    self.emb.embedding[...] = self.emb.embedding[...] - jnp.asarray(scale, cfg.storage_dtype)
     self.ln0 = _layer_norm(cfg.n_embd, cfg, rngs)
     self.blocks = nnx.List([Block(cfg, i, init=init, rngs=rngs) for i in range(cfg.n_layer)])
     self.ln_out = _layer_norm(cfg.n_embd, cfg, rngs)

@@ -1,0 +1,161 @@
+"""The NNX model: parallel, recurrent and chunked evaluation agree; initialization; bad input."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rwkv_jax.config import RWKVConfig
+from rwkv_jax.model import RWKV, empty_state
+
+CFG = RWKVConfig(n_layer=3, n_embd=32, vocab_size=61)
+
+
+def random_model(cfg=CFG, seed=0, **kwargs):
+  """A model whose parameters are all non-zero (the official init zeroes several matrices)."""
+  model = RWKV(cfg, rngs=nnx.Rngs(seed), **kwargs)
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  noisy = [x + 0.3 * jax.random.normal(key, x.shape, x.dtype) for x, key in zip(leaves, keys)]
+  nnx.update(model, jax.tree.unflatten(treedef, noisy))
+  return model
+
+
+def tokens(b, t, seed=0, vocab=CFG.vocab_size):
+  return jax.random.randint(jax.random.key(seed), (b, t), 0, vocab)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return random_model()
+
+
+def assert_states_close(s1, s2, atol=2e-5):
+  # num/den are scaled by exp(-max_exp); compare what they mean.
+  np.testing.assert_allclose(s1.att_x_prev, s2.att_x_prev, atol=atol)
+  np.testing.assert_allclose(s1.ffn_x_prev, s2.ffn_x_prev, atol=atol)
+  np.testing.assert_allclose(s1.num / s1.den, s2.num / s2.den, atol=atol, rtol=1e-4)
+  np.testing.assert_allclose(jnp.log(s1.den) + s1.max_exp, jnp.log(s2.den) + s2.max_exp,
+                             atol=atol, rtol=1e-5)
+
+
+def test_parallel_and_recurrent_logits_are_identical(model):
+  toks = tokens(2, 23)
+  logits, state = model(toks)
+  assert logits.shape == (2, 23, CFG.vocab_size) and logits.dtype == jnp.float32
+  step = jax.jit(lambda m, t, s: m.step(t, s))
+  s = None
+  for i in range(23):
+    out, s = step(model, toks[:, i], s)
+    np.testing.assert_allclose(out, logits[:, i], atol=2e-5, rtol=1e-5)
+  assert_states_close(s, state)
+
+
+@pytest.mark.parametrize("cuts", [[1], [7, 8], [5, 11, 20], [22]])
+def test_any_split_into_chunks_gives_the_same_logits(model, cuts):
+  toks = tokens(3, 23, seed=1)
+  full, full_state = model(toks)
+  bounds = [0] + cuts + [23]
+  state, outs = None, []
+  for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+    out, state = model(toks[:, lo:hi], state, impl="scan" if n % 2 else "associative")
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5, rtol=1e-5)
+  assert_states_close(state, full_state)
+
+
+def test_empty_state_equals_no_state(model):
+  toks = tokens(2, 5)
+  a, _ = model(toks)
+  b, _ = model(toks, empty_state(CFG, 2))
+  np.testing.assert_array_equal(a, b)
+
+
+def test_scan_and_associative_paths_agree_with_gradients():
+  model = random_model(seed=3)
+  toks = tokens(2, 17, seed=2)
+
+  def loss(m, impl):
+    logits, _ = m(toks, impl=impl)
+    return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+  g_scan = jax.grad(loss)(model, "scan")
+  g_assoc = jax.grad(loss)(model, "associative")
+  for a, b in zip(jax.tree.leaves(nnx.state(g_scan)), jax.tree.leaves(nnx.state(g_assoc))):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_remat_changes_memory_not_results():
+  toks = tokens(2, 9, seed=4)
+  plain, remat = random_model(seed=5), random_model(seed=5, remat=True)
+  loss = lambda m: jnp.mean(m(toks)[0] ** 2)
+  for a, b in zip(jax.tree.leaves(nnx.state(jax.grad(loss)(plain))),
+                  jax.tree.leaves(nnx.state(jax.grad(loss)(remat)))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_logits_and_state():
+  cfg = CFG.replace(dtype="bfloat16")
+  m16, m32 = random_model(cfg, seed=6), random_model(seed=6)
+  toks = tokens(2, 11, seed=5)
+  (l16, s16), (l32, _) = m16(toks), m32(toks)
+  assert l16.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in s16)
+  assert jax.tree.leaves(nnx.state(m16, nnx.Param))[0].dtype == jnp.float32  # master weights
+  p16, p32 = jax.nn.softmax(l16), jax.nn.softmax(l32)
+  assert float(jnp.abs(p16 - p32).max()) < 0.05
+
+
+def test_official_init_follows_the_v4neo_trainer():
+  cfg = RWKVConfig(n_layer=4, n_embd=16, vocab_size=40)
+  m = RWKV(cfg, rngs=nnx.Rngs(0), emb_scale=1e-3)
+  for i, blk in enumerate(m.blocks):
+    ratio_0_to_1, ratio_1_to_0 = i / 3, 1 - i / 4
+    h = np.arange(16) / 15
+    np.testing.assert_allclose(blk.att.time_decay[...], -5 + 8 * h ** (0.7 + 1.3 * ratio_0_to_1),
+                               rtol=1e-6)
+    zigzag = 0.5 * (((np.arange(16) + 1) % 3) - 1)
+    np.testing.assert_allclose(blk.att.time_first[...], math.log(0.3) + zigzag, rtol=1e-6)
+    ramp = np.arange(16) / 16
+    np.testing.assert_allclose(blk.att.time_mix_k[...], ramp ** ratio_1_to_0, rtol=1e-6)
+    np.testing.assert_allclose(blk.att.time_mix_v[...], ramp ** ratio_1_to_0 + 0.3 * ratio_0_to_1,
+                               rtol=1e-6)
+    np.testing.assert_allclose(blk.att.time_mix_r[...], ramp ** (0.5 * ratio_1_to_0), rtol=1e-6)
+    np.testing.assert_allclose(blk.ffn.time_mix_r[...], ramp ** ratio_1_to_0, rtol=1e-6)
+    for zero in (blk.att.key, blk.att.receptance, blk.att.output, blk.ffn.receptance, blk.ffn.value):
+      assert not np.any(zero.kernel[...])
+    # Orthogonal with gain sqrt(out/in) for the wide ffn.key: columns of [in, out] have norm 1 * gain
+    # ... i.e. kernel^T kernel is gain^2 * I on the smaller side.
+    kk = np.asarray(blk.ffn.key.kernel[...])  # [16, 64]
+    np.testing.assert_allclose(kk @ kk.T, 4.0 * np.eye(16), atol=1e-4)
+  emb = np.asarray(m.emb.embedding[...])
+  assert emb.min() >= -1e-3 and emb.max() <= 1e-3 and emb.std() > 3e-4
+  head = np.asarray(m.head.kernel[...])  # [16, 40]: gain 0.5 * sqrt(40/16)
+  np.testing.assert_allclose(head @ head.T, 0.25 * 40 / 16 * np.eye(16), atol=1e-4)
+
+
+def test_paper_init_differs_where_appendix_e_does():
+  cfg = RWKVConfig(n_layer=2, n_embd=16, vocab_size=40)
+  official, paper = RWKV(cfg, rngs=nnx.Rngs(0)), RWKV(cfg, rngs=nnx.Rngs(0), init="paper")
+  ramp = np.arange(16) / 16
+  np.testing.assert_allclose(paper.blocks[0].att.time_mix_r[...], 0.5 * ramp, rtol=1e-6)
+  assert np.abs(np.asarray(paper.emb.embedding[...])).max() <= 1e-4
+  np.testing.assert_array_equal(official.blocks[1].att.time_decay[...],
+                                paper.blocks[1].att.time_decay[...])
+  with pytest.raises(ValueError, match="init='kaiming' is not one of"):
+    RWKV(cfg, rngs=nnx.Rngs(0), init="kaiming")
+
+
+@pytest.mark.parametrize("toks,match", [
+    (jnp.array([[1, 2, 61]]), r"token ids must be in \[0, 61\); found \[61\]"),
+    (jnp.array([[-1, 2]]), r"found \[-1\]"),
+    (jnp.zeros((1, 0), jnp.int32), "tokens is empty"),
+    (jnp.array([1, 2, 3]), r"\[batch, time\] integer array"),
+    (jnp.array([[1.0, 2.0]]), "must be integers"),
+])
+def test_bad_tokens_are_reported(model, toks, match):
+  with pytest.raises(ValueError, match=match):
+    model(toks)
