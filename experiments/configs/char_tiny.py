@@ -1,0 +1,13 @@
+"""The demo: a small character-level model on the Wikipedia sample, minutes on 2 CPU cores."""
+
+from experiments.configs import common
+
+
+def get_config():
+  c = common.base()
+  c.model.update(n_layer=4, n_embd=128, vocab_size=256, ctx_len=128, dtype="float32")
+  c.data.update(source="wiki_sample", tokenizer="bytes", val_fraction=0.02)
+  c.optim.update(lr_init=2e-3, lr_final=2e-4, warmup_steps=30)
+  c.train.update(steps=600, batch_size=16, log_every=25, eval_every=200, eval_batches=10,
+                 checkpoint_every=200)
+  return c

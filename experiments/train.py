@@ -1,0 +1,47 @@
+r"""Trains RWKV-4.
+
+  python -m experiments.train --config=experiments/configs/char_tiny.py --workdir=/tmp/run
+  python -m experiments.train --config=experiments/configs/pile_169m.py --workdir=gs://... \
+      --config.data.path=/data/pile_text_document --config.mesh.fsdp=8
+
+Re-running with the same --workdir resumes from its latest checkpoint. Multi-host: start one
+process per host with --coordinator_address, --num_processes and --process_id (or the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from experiments import _logs
+  from rwkv_jax import sharding, train
+
+  _logs.quiet_third_party()
+
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
+  try:
+    final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                 for k, v in sorted(final.items())))
+
+
+if __name__ == "__main__":
+  app.run(main)

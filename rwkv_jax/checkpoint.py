@@ -1,0 +1,194 @@
+"""Orbax checkpoints: the training state (resumable) and inference exports.
+
+Training checkpoints live in WORKDIR/checkpoints/<step>/ with four items:
+  params     the model parameters (nnx.State as a pure dict), float32 master weights
+  opt_state  the optax state
+  data       the grain iterator's position (one small JSON file per host)
+  meta       {"step", "model": RWKVConfig dict, "config": the experiment config}
+Orbax writes each step into a temporary directory and renames it once complete, so a process
+killed in the middle of a save leaves the previous steps intact and the half-written one is
+ignored on the next start. Restoring takes abstract arrays carrying the target shardings, so a
+checkpoint written on one mesh restores onto any other.
+
+An export (WORKDIR/export/) is the inference-only form: params plus rwkv_jax.json with the model
+config. `rwkv_jax.weights.load` (and so `experiments.score`, `experiments.generate`,
+`experiments.convert`) reads exports and training work directories once this module is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from rwkv_jax import model as model_lib
+from rwkv_jax import weights
+from rwkv_jax.config import RWKVConfig
+
+EXPORT_MARKER = "rwkv_jax.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint that cannot be used with the requested configuration."""
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                      if hasattr(x, "sharding") else x, tree)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  """Optimizer states mix optax NamedTuples and nnx.State nodes; store their leaves by index."""
+  return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+def _pure(state: Any) -> Any:
+  return state.to_pure_dict() if isinstance(state, nnx.State) else state
+
+
+class TrainCheckpointer:
+  """Saves and restores the training state under WORKDIR/checkpoints (async, keeps the last K).
+
+  Args:
+    workdir: the run's directory.
+    keep: number of most recent checkpoints kept.
+    async_save: write in a background thread while training continues.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    import grain  # noqa: F401  (the data item handler)
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, params, opt_state, data_iterator, meta: dict) -> None:
+    import grain
+
+    self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(_pure(params)),
+        opt_state=ocp.args.StandardSave(_flat(opt_state)),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave({"step": step, "format_version": FORMAT_VERSION, **meta}),
+    ), force=True)
+
+  def read_meta(self, step: int) -> dict:
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored["meta"]
+
+  def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator
+              ) -> tuple[Any, Any]:
+    """Restores params and optimizer state onto the shardings of the abstract trees given."""
+    import grain
+
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(_abstract(_pure(abstract_params))),
+          opt_state=ocp.args.StandardRestore(_abstract(_flat(abstract_opt_state))),
+          data=grain.checkpoint.CheckpointRestore(data_iterator),
+      ))
+    except Exception as e:  # Orbax/tensorstore raise many kinds; say which checkpoint is bad.
+      raise CheckpointMismatchError(
+          f"Could not restore checkpoint step {step} in {self.directory}: {type(e).__name__}: "
+          f"{str(e)[:500]}. If it is damaged, delete {self.directory / str(step)} to resume from "
+          f"the previous step, or use a new --workdir.") from e
+    params = jax.tree.map(lambda x: x, abstract_params)  # same nnx.State structure, new leaves
+    params.replace_by_pure_dict(restored["params"])
+    opt_leaves = [restored["opt_state"][str(i)] for i in range(len(restored["opt_state"]))]
+    return params, jax.tree.unflatten(jax.tree.structure(abstract_opt_state), opt_leaves)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def check_compatible(meta: dict, config: RWKVConfig, where: str) -> None:
+  """Raises CheckpointMismatchError unless the checkpoint's model config equals `config`."""
+  saved = meta.get("model")
+  if saved is None:
+    raise CheckpointMismatchError(f"{where} has no model config; it was not written by rwkv_jax.")
+  saved_cfg = RWKVConfig.from_dict(saved)
+  if saved_cfg != config:
+    diff = {k: (v, getattr(config, k)) for k, v in saved_cfg.to_dict().items()
+            if getattr(config, k) != v}
+    raise CheckpointMismatchError(
+        f"{where} was written for a different model: (checkpoint, requested) = {diff}. Use the "
+        f"same --config.model settings, or a new --workdir to start a fresh run.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference exports.
+
+def export(model: model_lib.RWKV, directory: str | os.PathLike) -> pathlib.Path:
+  """Writes an inference checkpoint: params (Orbax) + rwkv_jax.json. Atomic per item."""
+  directory = pathlib.Path(directory).absolute()
+  directory.mkdir(parents=True, exist_ok=True)
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory / "params", params, force=True)
+    ckptr.wait_until_finished()
+  meta = {"format": "rwkv_jax", "format_version": FORMAT_VERSION,
+          "model": model.config.to_dict()}
+  tmp = directory / (EXPORT_MARKER + ".tmp")
+  tmp.write_text(json.dumps(meta, indent=2))
+  os.replace(tmp, directory / EXPORT_MARKER)  # written last: its presence means complete
+  return directory
+
+
+def _model_from_params(config: RWKVConfig, load_params) -> model_lib.RWKV:
+  abstract = nnx.eval_shape(lambda: model_lib.RWKV(config, rngs=nnx.Rngs(0)))
+  graphdef, abstract_state = nnx.split(abstract)
+  pure = load_params(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state.to_pure_dict()))
+  abstract_state.replace_by_pure_dict(pure)
+  return nnx.merge(graphdef, abstract_state)
+
+
+def load_export(directory: str | os.PathLike) -> tuple[model_lib.RWKV, RWKVConfig]:
+  """Loads an export written by `export`, or the latest checkpoint of a training workdir."""
+  directory = pathlib.Path(directory).absolute()
+  if (directory / EXPORT_MARKER).is_file():
+    meta = json.loads((directory / EXPORT_MARKER).read_text())
+    config = RWKVConfig.from_dict(meta["model"])
+    with ocp.StandardCheckpointer() as ckptr:
+      model = _model_from_params(config, lambda t: ckptr.restore(directory / "params", t))
+    return model, config
+  ckpt_dir = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
+  manager = ocp.CheckpointManager(ckpt_dir)
+  step = manager.latest_step()
+  if step is None:
+    raise weights.CheckpointError(f"{directory} holds no complete rwkv_jax checkpoint.")
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  config = RWKVConfig.from_dict(meta["model"])
+  model = _model_from_params(config, lambda t: manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(t)))["params"])
+  manager.close()
+  return model, config
+
+
+def _is_rwkv_jax_dir(path: pathlib.Path) -> bool:
+  if not path.is_dir():
+    return False
+  if (path / EXPORT_MARKER).is_file():
+    return True
+  ckpt = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  return any(p.is_dir() and p.name.isdigit() and (p / "meta").exists() for p in ckpt.iterdir())
+
+
+weights.register_format("orbax", _is_rwkv_jax_dir, load_export)

@@ -1,0 +1,96 @@
+"""Scoring text: logits, per-token losses, perplexity and bits per byte over any length.
+
+Long inputs run in fixed-size chunks with the recurrent state carried between them, so memory
+stays constant and one compiled function serves every chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rwkv_jax import model as model_lib
+
+
+def _chunk_fn(model: model_lib.RWKV, impl: str):
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def run(params, tokens_bt, state):
+    logits, state = nnx.merge(graphdef, params)(tokens_bt, state, impl=impl)
+    return logits, state
+
+  return lambda tokens_bt, state: run(params, tokens_bt, state)
+
+
+def logits_for(model: model_lib.RWKV, tokens: np.ndarray, *, chunk: int = 1024,
+               impl: str = "auto") -> np.ndarray:
+  """Float32 logits [t, v] for a 1-D token sequence of any length.
+
+  Args:
+    model: the model.
+    tokens: int array [t], t >= 1.
+    chunk: tokens per model call; the last chunk is padded (causality keeps the padding from
+      touching real positions).
+    impl: WKV implementation.
+
+  Returns:
+    np.float32 [t, vocab].
+  """
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 1:
+    raise ValueError(f"tokens must be 1-D; got shape {tokens.shape}.")
+  model_lib.check_tokens(tokens[None], model.config.vocab_size)
+  t = len(tokens)
+  chunk = min(chunk, t)
+  run = _chunk_fn(model, impl)
+  state = model_lib.empty_state(model.config, 1)
+  out = []
+  for lo in range(0, t, chunk):
+    piece = tokens[lo:lo + chunk]
+    padded = np.pad(piece, (0, chunk - len(piece)))
+    logits, state = run(jnp.asarray(padded[None], jnp.int32), state)
+    out.append(np.asarray(logits[0, :len(piece)]))
+  return np.concatenate(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextScore:
+  """Losses of tokens 1..t-1, each predicted from the tokens before it."""
+
+  token_losses: np.ndarray  # nats, [t - 1]
+  num_bytes: int  # UTF-8 bytes of the predicted tokens' text
+
+  @property
+  def mean_loss(self) -> float:
+    return float(np.mean(self.token_losses))
+
+  @property
+  def perplexity(self) -> float:
+    return math.exp(self.mean_loss)
+
+  @property
+  def bits_per_byte(self) -> float:
+    return float(np.sum(self.token_losses)) / math.log(2) / max(self.num_bytes, 1)
+
+
+def token_losses(logits_tv: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+  """Cross-entropy (nats) of tokens[1:] under logits[:-1]."""
+  logits = jnp.asarray(logits_tv[:-1])
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens[1:])[:, None], axis=-1)[:, 0])
+
+
+def score_tokens(model: model_lib.RWKV, tokens: np.ndarray, num_bytes: int, *,
+                 chunk: int = 1024, impl: str = "auto") -> TextScore:
+  """Per-token losses of a sequence; `num_bytes` is the byte length of tokens[1:]'s text."""
+  if len(tokens) < 2:
+    raise ValueError(f"need at least 2 tokens to score (one context, one prediction); "
+                     f"got {len(tokens)}. Give a longer text.")
+  return TextScore(token_losses(logits_for(model, tokens, chunk=chunk, impl=impl), tokens),
+                   num_bytes)
