@@ -86,8 +86,18 @@ class TrainCheckpointer:
     ), force=True)
 
   def read_meta(self, step: int) -> dict:
-    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    try:
+      restored = self._manager.restore(step,
+                                       args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # A missing or unreadable item: the same advice as for the arrays.
+      raise self._damaged(step, e) from e
     return restored["meta"]
+
+  def _damaged(self, step: int, cause: Exception) -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        f"Could not restore checkpoint step {step} in {self.directory}. If it is damaged, "
+        f"delete {self.directory / str(step)} to resume from the previous step, or use a new "
+        f"--workdir. Cause: {type(cause).__name__}: {str(cause)[:500]}")
 
   def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator
               ) -> tuple[Any, Any]:
@@ -101,10 +111,7 @@ class TrainCheckpointer:
           data=grain.checkpoint.CheckpointRestore(data_iterator),
       ))
     except Exception as e:  # Orbax/tensorstore raise many kinds; say which checkpoint is bad.
-      raise CheckpointMismatchError(
-          f"Could not restore checkpoint step {step} in {self.directory}: {type(e).__name__}: "
-          f"{str(e)[:500]}. If it is damaged, delete {self.directory / str(step)} to resume from "
-          f"the previous step, or use a new --workdir.") from e
+      raise self._damaged(step, e) from e
     params = jax.tree.map(lambda x: x, abstract_params)  # same nnx.State structure, new leaves
     params.replace_by_pure_dict(restored["params"])
     opt_leaves = [restored["opt_state"][str(i)] for i in range(len(restored["opt_state"]))]
@@ -154,8 +161,12 @@ def export(model: model_lib.RWKV, directory: str | os.PathLike) -> pathlib.Path:
 def _model_from_params(config: RWKVConfig, load_params) -> model_lib.RWKV:
   abstract = nnx.eval_shape(lambda: model_lib.RWKV(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
+  # An explicit target sharding: without one Orbax reuses the saved sharding, which fails on a
+  # machine with other devices than the one that trained (e.g. scoring on a laptop).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   pure = load_params(jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state.to_pure_dict()))
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      abstract_state.to_pure_dict()))
   abstract_state.replace_by_pure_dict(pure)
   return nnx.merge(graphdef, abstract_state)
 

@@ -274,6 +274,27 @@ def peak_flops() -> float | None:
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
+def _non_finite_message(loss: float, at_step: int, ckpt: ckpt_lib.TrainCheckpointer) -> str:
+  """Names the checkpoint to resume from after a non-finite loss at `at_step`.
+
+  The loss of step s is computed from the parameters saved as step s - 1, so checkpoint s - 1
+  (if it was saved) holds the parameters that gave the bad loss; only checkpoints up to s - 2
+  are known to be good.
+  """
+  ckpt.wait()
+  saved = ckpt.all_steps()
+  good = max((s for s in saved if s < at_step - 1), default=None)
+  message = f"Training loss is {loss} at step {at_step}; stopping without saving."
+  if at_step - 1 in saved:
+    message += (f" Checkpoint {at_step - 1} holds the parameters that gave this loss: delete "
+                f"{ckpt.directory / str(at_step - 1)} before resuming.")
+  if good is None:
+    message += f" No good checkpoint is left in {ckpt.directory}; start again from scratch."
+  else:
+    message += f" The last good checkpoint is step {good} in {ckpt.directory}."
+  return message + " Lower --config.optim.lr_init or check the data."
+
+
 def evaluate(eval_step, params, val_ds, mesh, max_batches: int) -> float:
   total, n = 0.0, 0
   for i, batch in enumerate(val_ds):
@@ -340,12 +361,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   def fetch(pending_step, metrics):
     nonlocal window_start, window_steps
     m = jax.device_get(metrics)
+    window_steps += 1  # counted once finished, so back-to-back fetches do not report 0 tokens/s
     loss = float(m["loss"])
     if not math.isfinite(loss):
-      raise NonFiniteLossError(
-          f"Training loss is {loss} at step {pending_step}; stopping without saving. The last "
-          f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower "
-          f"--config.optim.lr_init or check the data.")
+      raise NonFiniteLossError(_non_finite_message(loss, pending_step, ckpt))
     if pending_step % t.log_every == 0 or pending_step == t.steps:
       elapsed = time.perf_counter() - window_start
       tok_s = window_steps * tokens_per_step / elapsed if elapsed > 0 else float("nan")
@@ -369,7 +388,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       batch = sharding.make_global_batch(mesh, next(train_it))
       state.params, state.opt_state, metrics = train_step(state.params, state.opt_state, batch)
       step += 1
-      window_steps += 1
       if pending is not None:
         fetch(*pending)
       pending = (step, metrics)
