@@ -1,0 +1,201 @@
+"""Timing, environment and results helpers shared by the `bench_*` scripts.
+
+A benchmark here is a script that writes a JSON record (and usually a plot), never an assertion:
+`time_fn` times a jitted callable, `environment` says where and from what code the numbers came,
+`copy_bandwidth` measures the memory roofline on the same device in the same run, and
+`write_json` stores the record atomically so a run killed midway keeps what it had written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform as platform_lib
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Vendor peak memory bandwidth in GB/s (1e9 bytes/s), matched against `device_kind` in order.
+# Only a secondary number: the roofline a result is compared with is `copy_bandwidth`'s.
+_VENDOR_PEAK_GBPS: tuple[tuple[str, float], ...] = (
+    (r"H200", 4800.0),
+    (r"H100.*PCIe", 2000.0),
+    (r"H100.*NVL", 3900.0),
+    (r"H100", 3350.0),  # SXM5, HBM3 (device_kind "NVIDIA H100 80GB HBM3").
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """Wall-clock time of one call, from `repeats` timed groups of `calls_per_repeat` calls."""
+
+  median_ms: float
+  min_ms: float
+  repeats: int
+  calls_per_repeat: int
+  first_call_s: float  # Compilation plus one run: what a user waits for once.
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 0,
+            min_repeat_s: float = 0.01, max_calls_per_repeat: int = 1000) -> Timing:
+  """Times `fn(*args)` (typically jitted) to completion of all its outputs.
+
+  The first call compiles and is timed apart. Each of the `repeats` measurements then runs the
+  function back to back enough times to last about `min_repeat_s` and blocks once at the end:
+  for sub-millisecond device work this hides the per-call Python dispatch behind the device's
+  queue instead of adding it to every sample. The per-call time is the group's time divided by
+  its calls; the median and minimum are taken over the groups.
+
+  Args:
+    fn: the callable to time.
+    *args: its arguments, created (and on the device) beforehand.
+    repeats: number of timed groups (>= 1).
+    warmup: extra untimed calls after the first; the call that sizes the groups already
+      follows the first one, which is enough for jitted functions.
+    min_repeat_s: target duration of one group, which sets calls_per_repeat.
+    max_calls_per_repeat: upper bound on calls_per_repeat.
+
+  Returns:
+    The Timing.
+  """
+  if repeats < 1:
+    raise ValueError(f"{repeats=} must be at least 1.")
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first_call_s = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  one = max(time.perf_counter() - start, 1e-9)
+  calls = int(min(max_calls_per_repeat, max(1, math.ceil(min_repeat_s / one))))
+
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = None
+    for _ in range(calls):
+      # Rebinding drops the previous outputs, so memory stays at one call's worth while the
+      # device works through the queue in order; blocking on the last output waits for all.
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - start) / calls)
+  samples.sort()
+  median = samples[len(samples) // 2] if len(samples) % 2 else (
+      samples[len(samples) // 2 - 1] + samples[len(samples) // 2]) / 2
+  return Timing(median_ms=median * 1e3, min_ms=samples[0] * 1e3, repeats=repeats,
+                calls_per_repeat=calls, first_call_s=first_call_s)
+
+
+def copy_bandwidth(nbytes: int, repeats: int = 5) -> dict[str, Any]:
+  """Measures device memory bandwidth with a jitted device-to-device array copy.
+
+  `jnp.copy` under jit lowers to an HLO copy into a fresh output buffer (the input is not
+  donated), so each call reads and writes `nbytes`; both are counted, as in the byte models of
+  the benchmarks this is compared with.
+
+  Args:
+    nbytes: size of the array copied (float32, rounded down to a multiple of 4).
+    repeats: timed groups, as in `time_fn`.
+
+  Returns:
+    {"method", "bytes_copied", "bytes_moved", "median_ms", "min_ms", "gbps", "gbps_best"}.
+  """
+  n = max(1, nbytes // 4)
+  x = jnp.ones((n,), jnp.float32)
+  timing = time_fn(jax.jit(jnp.copy), x, repeats=repeats)
+  del x
+  moved = 2 * 4 * n
+  return {
+      "method": "jax.jit(jnp.copy) of a float32 array; read + write bytes counted",
+      "bytes_copied": 4 * n,
+      "bytes_moved": moved,
+      "median_ms": timing.median_ms,
+      "min_ms": timing.min_ms,
+      "gbps": moved / (timing.median_ms * 1e-3) / 1e9,
+      "gbps_best": moved / (timing.min_ms * 1e-3) / 1e9,
+  }
+
+
+def vendor_peak_gbps(device_kind: str) -> float | None:
+  """The vendor's peak memory bandwidth for a known device kind, in GB/s, else None."""
+  for pattern, gbps in _VENDOR_PEAK_GBPS:
+    if re.search(pattern, device_kind, re.IGNORECASE):
+      return gbps
+  return None
+
+
+def _git(*args: str) -> str | None:
+  try:
+    out = subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=10,
+                         check=True)
+  except (OSError, subprocess.SubprocessError):
+    return None  # No git or no repository (e.g. a copied working tree).
+  return out.stdout.strip()
+
+
+def _version(module: str) -> str | None:
+  try:
+    return __import__(module).__version__
+  except (ImportError, AttributeError):
+    return None
+
+
+def environment(command: Sequence[str] | None = None) -> dict[str, Any]:
+  """Where and from what code a result came: device, versions, date, command, commit."""
+  device = jax.devices()[0]
+  status = _git("status", "--porcelain", "--untracked-files=no")
+  return {
+      "device_kind": device.device_kind,
+      "platform": device.platform,
+      "device_count": jax.device_count(),
+      "jax": jax.__version__,
+      "jaxlib": _version("jaxlib"),
+      "flax": _version("flax"),
+      "python": platform_lib.python_version(),
+      "host_cpu_count": os.cpu_count(),
+      # Other work on the host slows CPU results (and the host side of accelerator runs).
+      "host_load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+      "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "command": shlex.join(sys.argv if command is None else command),
+      "git_commit": _git("rev-parse", "HEAD"),
+      "git_dirty": None if status is None else bool(status),
+  }
+
+
+def default_tag() -> str:
+  """A file-name suffix naming the device: "cpu", "gpu_h200", "gpu_h100", ..."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return "cpu"
+  model = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", device.device_kind)
+  name = model.group(1) if model else re.sub(r"\W+", "_", device.device_kind)
+  return f"{device.platform}_{name}".lower()
+
+
+def write_json(path: str | os.PathLike[str], record: Any) -> pathlib.Path:
+  """Writes `record` as indented JSON, atomically (a reader never sees half a file)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  text = json.dumps(record, indent=1, allow_nan=False) + "\n"  # Raises before any file exists.
+  with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+    f.write(text)
+  os.replace(f.name, path)
+  return path

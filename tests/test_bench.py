@@ -1,0 +1,104 @@
+"""Tests of the WKV benchmark script and its helpers: the records they write, never timings."""
+
+import json
+
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import bench_wkv
+from experiments import benchlib
+
+
+@pytest.fixture(name="parsed_flags")
+def _parsed_flags():
+  # absl.app.run parses flags in the real entry point; here the defaults are enough.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def test_main_writes_a_complete_record(tmp_path, parsed_flags):
+  del parsed_flags
+  with flagsaver.flagsaver(impls=["scan", "associative", "triton"], shapes=["2x16x8"],
+                           dtypes=["bfloat16"], repeats=2, out=str(tmp_path),
+                           tag="test", copy_mib=4):
+    bench_wkv.main(["bench_wkv"])
+
+  record = json.loads((tmp_path / "bench_wkv_test.json").read_text())
+  assert (tmp_path / "bench_wkv_test.png").stat().st_size > 0
+  env = record["environment"]
+  assert env["platform"] == jax.devices()[0].platform and env["device_kind"]
+  assert env["jax"] == jax.__version__ and env["date_utc"].endswith("+00:00")
+  assert record["memory"]["gbps"] > 0
+  assert set(record["byte_model"]) >= {"fwd", "fwd_bwd"}
+
+  entries = record["entries"]
+  assert len(entries) == 3 * 2  # impls x modes, failures included.
+  ok = [e for e in entries if e["status"] == "ok"]
+  assert {e["impl"] for e in ok} == {"scan", "associative"}
+  for e in ok:
+    assert e["shape"] == [2, 16, 8]
+    assert 0 < e["min_ms"] <= e["median_ms"]
+    assert e["bytes"] == bench_wkv.bytes_moved((2, 16, 8), jnp.dtype(e["dtype"]), e["mode"])
+    assert e["gbps"] > 0 and e["pct_roofline"] > 0
+  # jax-triton needs a GPU build of jax: on CPU its entries are errors saying why.
+  if jax.default_backend() == "cpu":
+    triton = [e for e in entries if e["impl"] == "triton"]
+    assert all(e["status"] == "error" and "jax_triton" in e["error"] for e in triton)
+
+  speedups = record["speedups"]
+  assert len(speedups) == 2 and all(s["impl"] == "associative" for s in speedups)
+  assert all(s["speedup"] > 0 for s in speedups)
+
+
+def test_failing_entry_is_recorded_not_raised(monkeypatch):
+  def broken(impl, mode):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+  monkeypatch.setattr(bench_wkv, "make_fn", broken)
+  entry = bench_wkv.run_entry("scan", (1, 4, 2), "float32", "fwd", {}, 1, 1.0, None)
+  assert entry["status"] == "error" and "RESOURCE_EXHAUSTED" in entry["error"]
+
+
+def test_byte_model_counts_the_minimum_traffic():
+  b, t, c = 2, 3, 4
+  assert bench_wkv.bytes_moved((b, t, c), jnp.bfloat16, "fwd") == 3 * b * t * c * 2 + 12 * b * c + 8 * c
+  assert bench_wkv.bytes_moved((b, t, c), jnp.float32, "fwd_bwd") == 8 * b * t * c * 4 + 16 * c
+
+
+@pytest.mark.parametrize("spec", ["8x1024", "8x0x4", "axbxc", "8x1x2x3"])
+def test_bad_shapes_are_usage_errors(spec):
+  with pytest.raises(app.UsageError, match="BxTxC"):
+    bench_wkv.parse_shapes([spec])
+
+
+def test_parse_shapes():
+  assert bench_wkv.parse_shapes(["8x1024x768", "1X16X4"]) == [(8, 1024, 768), (1, 16, 4)]
+
+
+def test_default_impls_on_cpu_skip_the_interpreter():
+  impls = bench_wkv.default_impls("cpu")
+  assert "pallas" not in impls and {"scan", "associative"} <= set(impls)
+
+
+@pytest.mark.parametrize("kind, gbps", [("NVIDIA H100 80GB HBM3", 3350.0),
+                                        ("NVIDIA H200", 4800.0), ("cpu", None)])
+def test_vendor_peak(kind, gbps):
+  assert benchlib.vendor_peak_gbps(kind) == gbps
+
+
+def test_time_fn_reports_ordered_positive_times():
+  timing = benchlib.time_fn(jax.jit(lambda x: x * 2), jnp.ones(8), repeats=3)
+  assert 0 < timing.min_ms <= timing.median_ms and timing.calls_per_repeat >= 1
+  with pytest.raises(ValueError, match="repeats"):
+    benchlib.time_fn(jax.jit(lambda x: x), jnp.ones(1), repeats=0)
+
+
+def test_write_json_rejects_nan(tmp_path):
+  benchlib.write_json(tmp_path / "a" / "r.json", {"x": 1.5})
+  assert json.loads((tmp_path / "a" / "r.json").read_text()) == {"x": 1.5}
+  with pytest.raises(ValueError):
+    benchlib.write_json(tmp_path / "a" / "r.json", {"x": float("nan")})
+  assert [p.name for p in (tmp_path / "a").iterdir()] == ["r.json"]  # Old file kept, no debris.
