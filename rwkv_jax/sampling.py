@@ -1,0 +1,404 @@
+"""Text generation: sampling from logits, and prompt prefill plus token-by-token decoding.
+
+  token_b = sample_logits(logits_bv, key, temperature=1.0, top_p=0.85, top_k=0)
+  result = generate(model, prompt_tokens, max_new_tokens, key, temperature=1.0, top_p=0.85)
+
+Sampling follows ChatRWKV: the nucleus (top_p) and the top_k set are chosen from the untempered
+distribution softmax(logits); temperature then reshapes the probabilities inside that set
+(p ** (1 / T), renormalized, which is softmax(logits / T) restricted to the set). Temperature 0 is
+greedy. The optional presence and frequency penalties are those of ChatRWKV's chat: every token
+generated so far has its logit lowered by alpha_presence + count * alpha_frequency.
+
+Generation prefills the prompt with the parallel model in chunks (the state is carried between
+chunks, so memory does not grow with the prompt), then decodes one token per step with the
+recurrent form. Without a callback the whole decoding is one jitted `lax.while_loop`; with one, a
+jitted step runs in a Python loop so that each token reaches the host as soon as it is sampled.
+Both run the same step function with the same keys, so they give the same tokens.
+
+Shapes: b = batch, t = time, v = vocab, n = new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rwkv_jax import model as model_lib
+
+Array = jax.Array
+
+PAD_ID = -1  # fills `GenerationResult.tokens` after a sequence has stopped; decodes nowhere
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling from logits.
+
+def _check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
+  if not temperature >= 0:
+    raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy).")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} must be in (0, 1]; 1 disables nucleus sampling.")
+  if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    raise ValueError(f"top_k={top_k!r} must be an integer >= 0; 0 disables top-k.")
+
+
+def filter_logits(logits_bv: Array, *, top_p: float = 1.0, top_k: int = 0) -> Array:
+  """Sets the logits of tokens outside the nucleus and the top-k set to -inf.
+
+  Args:
+    logits_bv: scores [b, v].
+    top_p: keep the smallest set of most probable tokens whose probability mass is >= top_p
+      (every token as probable as the least probable one kept is kept too); 1 keeps all.
+    top_k: keep the k most probable tokens (ties with the k-th are kept); 0 keeps all.
+
+  Returns:
+    float32 [b, v]: the logits, -inf outside the kept set (never empty: the argmax is kept).
+  """
+  logits_bv = logits_bv.astype(jnp.float32)
+  v = logits_bv.shape[-1]
+  if top_p >= 1 and (top_k == 0 or top_k >= v):
+    return logits_bv
+  probs_bv = jax.nn.softmax(logits_bv, axis=-1)
+  sorted_bv = -jnp.sort(-probs_bv, axis=-1)  # descending
+  cutoff_b = jnp.zeros(probs_bv.shape[:-1], jnp.float32)
+  if top_p < 1:
+    # Index of the first sorted token at which the mass reaches top_p. Counting the positions
+    # still below top_p (rather than argmax of >=) stays correct when rounding keeps the
+    # cumulative sum just under top_p at the end: then every token is kept.
+    cum_bv = jnp.cumsum(sorted_bv, axis=-1)
+    idx_b = jnp.minimum(jnp.sum(cum_bv < top_p, axis=-1), v - 1)
+    cutoff_b = jnp.take_along_axis(sorted_bv, idx_b[:, None], axis=-1)[:, 0]
+  if 0 < top_k < v:
+    cutoff_b = jnp.maximum(cutoff_b, sorted_bv[:, top_k - 1])
+  return jnp.where(probs_bv >= cutoff_b[:, None], logits_bv, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_p", "top_k"))
+def sample_logits(logits_bv: Array, key: Array, *, temperature: float = 1.0, top_p: float = 1.0,
+                  top_k: int = 0) -> Array:
+  """Samples one token per row.
+
+  Args:
+    logits_bv: scores [b, v].
+    key: PRNG key; the same key and logits give the same tokens.
+    temperature: 0 = greedy (argmax); otherwise kept probabilities are raised to 1 / temperature.
+    top_p: nucleus mass in (0, 1], chosen before temperature as in ChatRWKV; 1 = off.
+    top_k: keep only the k most probable tokens; 0 = off.
+
+  Returns:
+    int32 [b]: the sampled token ids.
+  """
+  _check_sampling_args(temperature, top_p, top_k)
+  if temperature == 0:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  kept_bv = filter_logits(logits_bv, top_p=top_p, top_k=top_k)
+  return jax.random.categorical(key, kept_bv / temperature, axis=-1).astype(jnp.int32)
+
+
+def apply_penalties(logits_bv: Array, counts_bv: Array, *, alpha_presence: float = 0.0,
+                    alpha_frequency: float = 0.0) -> Array:
+  """ChatRWKV's repetition penalties: logits - (alpha_presence + count * alpha_frequency).
+
+  Args:
+    logits_bv: scores [b, v].
+    counts_bv: how often each token was generated so far [b, v] (possibly decayed, so float).
+    alpha_presence: subtracted once from every token that occurred.
+    alpha_frequency: subtracted per occurrence.
+
+  Returns:
+    float32 [b, v]; tokens with count 0 are unchanged.
+  """
+  counts_bv = counts_bv.astype(jnp.float32)
+  penalty_bv = jnp.where(counts_bv > 0, alpha_presence + counts_bv * alpha_frequency, 0.0)
+  return logits_bv.astype(jnp.float32) - penalty_bv
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation.
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Everything that decides the next token; hashable, so it is a static jit argument.
+
+  Attributes:
+    temperature, top_p, top_k: see `sample_logits`.
+    alpha_presence, alpha_frequency: see `apply_penalties`; 0 = off.
+    penalty_decay: counts are multiplied by this before each new token is added (ChatRWKV's
+      later chat uses 0.996 so that old repetitions are forgiven); 1 = never forget.
+    stop_tokens: a sequence ends after emitting one of these (it is kept in the output).
+    vocab_limit: sample only ids below this (a tokenizer smaller than the model's vocab); None =
+      all.
+  """
+
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  alpha_presence: float = 0.0
+  alpha_frequency: float = 0.0
+  penalty_decay: float = 1.0
+  stop_tokens: tuple[int, ...] = ()
+  vocab_limit: int | None = None
+
+  def __post_init__(self):
+    _check_sampling_args(self.temperature, self.top_p, self.top_k)
+    if not 0 < self.penalty_decay <= 1:
+      raise ValueError(f"penalty_decay={self.penalty_decay} must be in (0, 1].")
+
+  @property
+  def uses_penalties(self) -> bool:
+    return self.alpha_presence != 0 or self.alpha_frequency != 0
+
+
+class GenerationResult(NamedTuple):
+  """What `generate` returns.
+
+  Attributes:
+    tokens: int32 [b, n] numpy array of new tokens; PAD_ID (-1) after a sequence stopped.
+    lengths: int32 [b]: new tokens per sequence, a stop token included.
+    state: the model state after the prompt and every new token (stopped rows: after their
+      stop token), ready to continue from.
+    logits: float32 [b, n, v] numpy array of the model's logits each token was sampled from
+      (before penalties), or None unless `return_logits=True`.
+  """
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  state: model_lib.RWKVState
+  logits: np.ndarray | None = None
+
+  def sequences(self) -> list[list[int]]:
+    """The new tokens of each sequence as plain lists, without padding."""
+    return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+class _Carry(NamedTuple):
+  logits_bv: Array  # the model's scores for the next token
+  state: model_lib.RWKVState
+  counts_bv: Array  # float32 penalty counts, or a [b, 0] placeholder when penalties are off
+  done_b: Array  # bool: the sequence has emitted a stop token
+
+
+def _keep_rows(active_b: Array, new: Any, old: Any, batch_axis: int) -> Any:
+  """Takes `new` for active rows and `old` for the others, on every array of a pytree."""
+  def pick(x, y):
+    shape = [1] * x.ndim
+    shape[batch_axis] = -1
+    return jnp.where(active_b.reshape(shape), x, y)
+  return jax.tree.map(pick, new, old)
+
+
+def _decode_step(graphdef: nnx.GraphDef, params: Any, carry: _Carry, step: Array, key: Array,
+                 cfg: SamplingConfig) -> tuple[_Carry, Array, Array]:
+  """Samples one token per row and feeds it to the model.
+
+  Returns:
+    (next carry, token_b with PAD_ID for rows stopped before this step, the raw logits used).
+  """
+  logits_bv = carry.logits_bv
+  scores_bv = logits_bv
+  if cfg.uses_penalties:
+    scores_bv = apply_penalties(scores_bv, carry.counts_bv, alpha_presence=cfg.alpha_presence,
+                                alpha_frequency=cfg.alpha_frequency)
+  if cfg.vocab_limit is not None and cfg.vocab_limit < scores_bv.shape[-1]:
+    scores_bv = jnp.where(jnp.arange(scores_bv.shape[-1]) < cfg.vocab_limit, scores_bv, -jnp.inf)
+  token_b = sample_logits(scores_bv, jax.random.fold_in(key, step), temperature=cfg.temperature,
+                          top_p=cfg.top_p, top_k=cfg.top_k)
+  active_b = ~carry.done_b
+  counts_bv = carry.counts_bv
+  if cfg.uses_penalties:
+    counts_bv = counts_bv * cfg.penalty_decay + jnp.where(
+        active_b[:, None], jax.nn.one_hot(token_b, counts_bv.shape[-1], dtype=jnp.float32), 0.0)
+  stopped_b = jnp.zeros_like(active_b)
+  if cfg.stop_tokens:
+    stopped_b = jnp.isin(token_b, jnp.asarray(cfg.stop_tokens, jnp.int32))
+  model = nnx.merge(graphdef, params)
+  next_logits_bv, next_state = model.step(token_b, carry.state)
+  # Stopped rows keep their state and logits, so the returned state is the one after their
+  # stop token whatever happens to the other rows.
+  next_carry = _Carry(_keep_rows(active_b, next_logits_bv, logits_bv, batch_axis=0),
+                      _keep_rows(active_b, next_state, carry.state, batch_axis=1), counts_bv,
+                      carry.done_b | stopped_b)
+  return next_carry, jnp.where(active_b, token_b, PAD_ID), logits_bv
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _step_jit(graphdef, params, carry, step, key, cfg):
+  return _decode_step(graphdef, params, carry, step, key, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "return_logits"))
+def _decode_loop(graphdef, params, carry: _Carry, key: Array, cfg: SamplingConfig,
+                 num_steps: int, return_logits: bool):
+  """All decoding steps in one while_loop, ending early once every row has stopped."""
+  b, v = carry.logits_bv.shape
+  tokens_bn = jnp.full((b, num_steps), PAD_ID, jnp.int32)
+  logits_bnv = jnp.zeros((b, num_steps if return_logits else 0, v), jnp.float32)
+
+  def cond(loop):
+    i, c, _, _ = loop
+    return (i < num_steps) & ~jnp.all(c.done_b)
+
+  def body(loop):
+    i, c, toks, logs = loop
+    c, token_b, used_bv = _decode_step(graphdef, params, c, i, key, cfg)
+    toks = toks.at[:, i].set(token_b)
+    if return_logits:
+      logs = logs.at[:, i].set(used_bv)
+    return i + 1, c, toks, logs
+
+  _, carry, tokens_bn, logits_bnv = jax.lax.while_loop(
+      cond, body, (jnp.asarray(0, jnp.int32), carry, tokens_bn, logits_bnv))
+  return carry, tokens_bn, logits_bnv
+
+
+@functools.partial(jax.jit, static_argnames=("impl",))
+def _prefill_chunk(graphdef, params, tokens_bt, state, impl):
+  logits_btv, state = nnx.merge(graphdef, params)(tokens_bt, state, impl=impl)
+  # Only the last position is needed; the rest never leaves the device.
+  return logits_btv[:, -1], state
+
+
+def prefill(model: model_lib.RWKV, tokens_bt: Array | np.ndarray,
+            state: model_lib.RWKVState | None = None, *, chunk: int = 1024, impl: str = "auto"
+            ) -> tuple[Array, model_lib.RWKVState]:
+  """Runs a prompt through the parallel model, `chunk` tokens at a time.
+
+  Args:
+    model: the model.
+    tokens_bt: int [b, t] prompt, t >= 1.
+    state: state to continue from, or None for an empty one.
+    chunk: tokens per parallel call; memory is bounded by this, not by t.
+    impl: WKV implementation for the parallel calls (see rwkv_jax.wkv).
+
+  Returns:
+    (logits_bv for the token after the prompt, state after the prompt).
+  """
+  if chunk < 1:
+    raise ValueError(f"prefill chunk={chunk} must be >= 1.")
+  tokens_bt = np.asarray(tokens_bt)
+  model_lib.check_tokens(tokens_bt, model.config.vocab_size)
+  graphdef, params = nnx.split(model)
+  if state is None:
+    state = model_lib.empty_state(model.config, tokens_bt.shape[0])
+  logits_bv = None
+  for start in range(0, tokens_bt.shape[1], chunk):
+    chunk_bt = jnp.asarray(tokens_bt[:, start:start + chunk], jnp.int32)
+    logits_bv, state = _prefill_chunk(graphdef, params, chunk_bt, state, impl)
+  return logits_bv, state
+
+
+def _as_batch(prompt_tokens) -> list[np.ndarray]:
+  """One int array per sequence, from a list of ints, a list of lists, or a [b, t] array."""
+  if isinstance(prompt_tokens, (np.ndarray, jax.Array)):
+    arr = np.asarray(prompt_tokens)
+    if arr.ndim == 1:
+      arr = arr[None]
+    if arr.ndim != 2:
+      raise ValueError(f"prompt_tokens must be [batch, time]; got shape {arr.shape}.")
+    rows = list(arr)
+  elif isinstance(prompt_tokens, Sequence) and prompt_tokens and all(
+      isinstance(p, (Sequence, np.ndarray)) and not isinstance(p, str) for p in prompt_tokens):
+    rows = [np.asarray(p) for p in prompt_tokens]
+  elif isinstance(prompt_tokens, Sequence) and not isinstance(prompt_tokens, str):
+    rows = [np.asarray(prompt_tokens)]
+  else:
+    raise ValueError(f"prompt_tokens must be a list of token ids, a list of such lists or a "
+                     f"[batch, time] array; got {type(prompt_tokens).__name__}.")
+  for i, row in enumerate(rows):
+    if row.size == 0:
+      raise ValueError(f"prompt {i} is empty; give at least one token (e.g. the tokenizer's "
+                       f"end-of-text id to start from nothing).")
+    if not np.issubdtype(row.dtype, np.integer):
+      raise ValueError(f"prompt {i} must hold integer token ids; got dtype {row.dtype}.")
+  return [row.astype(np.int32) for row in rows]
+
+
+def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequence[int]] | Array,
+             max_new_tokens: int, key: Array, *, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, alpha_presence: float = 0.0, alpha_frequency: float = 0.0,
+             penalty_decay: float = 1.0, stop_tokens: Sequence[int] = (),
+             vocab_limit: int | None = None, prefill_chunk: int = 1024,
+             state: model_lib.RWKVState | None = None, impl: str = "auto",
+             callback: Callable[[np.ndarray, np.ndarray], None] | None = None,
+             return_logits: bool = False) -> GenerationResult:
+  """Continues each prompt with up to `max_new_tokens` sampled tokens.
+
+  Args:
+    model: the model.
+    prompt_tokens: one prompt (list of ids), several (list of lists; lengths may differ) or an
+      int [b, t] array.
+    max_new_tokens: tokens to generate per sequence (fewer if a stop token comes first).
+    key: PRNG key; step i samples with fold_in(key, i).
+    temperature, top_p, top_k: see `sample_logits`.
+    alpha_presence, alpha_frequency, penalty_decay: see `SamplingConfig`; off by default.
+    stop_tokens: a sequence ends after emitting one of these.
+    vocab_limit: sample only ids below this; None = the model's whole vocabulary.
+    prefill_chunk: prompt tokens per parallel model call.
+    state: state to continue from (batch must match), or None.
+    impl: WKV implementation for the prefill.
+    callback: called after each step with (token_b, emitted_b) as numpy arrays; emitted_b is
+      False for rows that had already stopped. Decoding then runs step by step on the host.
+    return_logits: also return the logits every token was sampled from.
+
+  Returns:
+    GenerationResult(tokens, lengths, state, logits).
+  """
+  cfg = SamplingConfig(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                       alpha_presence=float(alpha_presence),
+                       alpha_frequency=float(alpha_frequency), penalty_decay=float(penalty_decay),
+                       stop_tokens=tuple(int(t) for t in stop_tokens), vocab_limit=vocab_limit)
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0.")
+  rows = _as_batch(prompt_tokens)
+  b, v = len(rows), model.config.vocab_size
+  if state is not None and state.num.shape[1] != b:
+    raise ValueError(f"state has batch {state.num.shape[1]} but there are {b} prompts.")
+
+  if len({len(r) for r in rows}) == 1:
+    logits_bv, state = prefill(model, np.stack(rows), state, chunk=prefill_chunk, impl=impl)
+  else:
+    # RWKV has no padding mask: ragged prompts are prefilled one by one and their states joined.
+    outs = [prefill(model, r[None], None if state is None else jax.tree.map(
+        lambda x, i=i: x[:, i:i + 1], state), chunk=prefill_chunk, impl=impl)
+            for i, r in enumerate(rows)]
+    logits_bv = jnp.concatenate([o[0] for o in outs])
+    state = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *(o[1] for o in outs))
+
+  counts_bv = jnp.zeros((b, v if cfg.uses_penalties else 0), jnp.float32)
+  carry = _Carry(logits_bv, state, counts_bv, jnp.zeros((b,), bool))
+  graphdef, params = nnx.split(model)
+  if callback is None and max_new_tokens > 0:
+    carry, tokens_bn, logits_bnv = _decode_loop(graphdef, params, carry, key, cfg,
+                                                int(max_new_tokens), return_logits)
+    tokens_bn = np.asarray(tokens_bn)
+    logits_bnv = np.asarray(logits_bnv) if return_logits else None
+  else:
+    tokens, logits = [], []
+    for i in range(max_new_tokens):
+      carry, token_b, used_bv = _step_jit(graphdef, params, carry, jnp.asarray(i, jnp.int32),
+                                          key, cfg)
+      token_b = np.asarray(token_b)
+      tokens.append(token_b)
+      if return_logits:
+        logits.append(np.asarray(used_bv))
+      if callback is not None:
+        callback(token_b, token_b != PAD_ID)
+      if bool(np.all(carry.done_b)):
+        break
+    tokens_bn = np.full((b, max_new_tokens), PAD_ID, np.int32)
+    if tokens:
+      tokens_bn[:, :len(tokens)] = np.stack(tokens, axis=1)
+    logits_bnv = None
+    if return_logits:
+      logits_bnv = np.zeros((b, max_new_tokens, v), np.float32)
+      if logits:
+        logits_bnv[:, :len(logits)] = np.stack(logits, axis=1)
+  lengths_b = np.sum(tokens_bn != PAD_ID, axis=1).astype(np.int32)
+  return GenerationResult(tokens_bn, lengths_b, carry.state, logits_bnv)
