@@ -51,10 +51,9 @@ def main(argv):
 
   tokenizer = ByteTokenizer()
   prompt = "<page>\n    <title>"
-  out = sampling.generate(model, tokenizer.encode(prompt), FLAGS.sample_chars,
-                          jax.random.key(0), temperature=0.8, top_p=0.9)
-  generated = out[0] if isinstance(out, tuple) else out
-  print("\nsample:\n" + prompt + tokenizer.decode(np.asarray(generated).reshape(-1).tolist()))
+  result = sampling.generate(model, tokenizer.encode(prompt), FLAGS.sample_chars,
+                             jax.random.key(0), temperature=0.8, top_p=0.9)
+  print("\nsample:\n" + prompt + tokenizer.decode(result.sequences()[0]))
 
 
 if __name__ == "__main__":

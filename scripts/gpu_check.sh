@@ -34,6 +34,6 @@ export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS=cuda PYT
 status=0
 timeout 270 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
   --junitxml="$RES/junit.xml" tests 2>&1 | tee "$RES/pytest.log" || status=1
-timeout 150 "$PY" -m experiments.bench_wkv --impls=scan,associative,pallas,triton \
-  --out="$RES/bench" 2>&1 | tee "$RES/bench.log" || status=1
+timeout 170 "$PY" -m experiments.bench_wkv --impls=scan,associative,pallas,triton \
+  --budget_s=140 --out="$RES/bench" 2>&1 | tee "$RES/bench.log" || status=1
 exit $status
