@@ -1,7 +1,10 @@
-r"""Converts RWKV-4 weights between an official .pth file and a HuggingFace directory.
+r"""Converts RWKV-4 weights between an official .pth file, a HuggingFace directory and an Orbax
+export (rwkv_jax's native format; a training work directory is read at its latest checkpoint).
 
     python -m experiments.convert --input=RWKV-4-Pile-169M.pth --output=hf/rwkv-4-169m
     python -m experiments.convert --input=hf/rwkv-4-169m --output=back.pth --dtype=bfloat16
+    python -m experiments.convert --input=RWKV-4-Pile-169M.pth --output=orbax/169m --format=orbax
+    python -m experiments.convert --input=workdir/run --output=trained.pth
 
 The output format follows the output path (*.pth -> official file, anything else -> HF
 directory) unless --format says otherwise. Without --dtype every tensor is written in the dtype
@@ -14,13 +17,15 @@ import pathlib
 from absl import app
 from absl import flags
 
+from rwkv_jax import checkpoint
 from rwkv_jax import weights
 
-_INPUT = flags.DEFINE_string("input", None, "Official .pth file or HuggingFace directory.",
+_INPUT = flags.DEFINE_string("input", None, "Official .pth file, HuggingFace directory, Orbax "
+                             "export or training work directory.",
                              required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Destination .pth file or HuggingFace directory.",
                               required=True)
-_FORMAT = flags.DEFINE_enum("format", None, ["pth", "hf"],
+_FORMAT = flags.DEFINE_enum("format", None, ["pth", "hf", "orbax"],
                             "Output format; default: pth if --output ends in .pth, else hf.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "Tensor dtype of the output; default: that of the input.")
@@ -33,6 +38,21 @@ def output_format(output: str, fmt: str | None) -> str:
   return "pth" if output.endswith(".pth") else "hf"
 
 
+def _cast(model, config, dtype: str):
+  """The same weights stored in `dtype` (an export keeps the model's parameter dtype)."""
+  import jax
+  from flax import nnx
+
+  from rwkv_jax.model import RWKV
+
+  config = config.replace(param_dtype=dtype)
+  params = nnx.state(model, nnx.Param)
+  cast = jax.tree.map(lambda x: x.astype(config.storage_dtype), params)
+  new = nnx.eval_shape(lambda: RWKV(config, rngs=nnx.Rngs(0)))
+  nnx.update(new, cast)
+  return new, config
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -42,7 +62,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--input={src} does not exist.")
   if dst.resolve() == src.resolve():
     raise app.UsageError(f"--output={dst} is the same path as --input; choose another.")
-  if fmt == "hf" and dst.is_file():
+  if fmt in ("hf", "orbax") and dst.is_file():
     raise app.UsageError(f"--output={dst} is an existing file, but the hf format writes a "
                          f"directory; pass a directory path or --format=pth.")
   if fmt == "pth" and dst.is_dir():
@@ -52,8 +72,13 @@ def main(argv: list[str]) -> None:
     model, config = weights.load(src, dtype=None)
   except weights.CheckpointError as e:
     raise app.UsageError(str(e)) from None
-  save = weights.save_pth if fmt == "pth" else weights.save_hf
-  save(model, dst, dtype=_DTYPE.value)
+  if fmt == "orbax":
+    if _DTYPE.value:
+      model, config = _cast(model, config, _DTYPE.value)
+    checkpoint.export(model, dst)
+  else:
+    save = weights.save_pth if fmt == "pth" else weights.save_hf
+    save(model, dst, dtype=_DTYPE.value)
   print(f"Wrote {dst} ({fmt}, {_DTYPE.value or config.param_dtype}): n_layer={config.n_layer}, "
         f"n_embd={config.n_embd}, vocab_size={config.vocab_size}, "
         f"{config.num_params():,} parameters.")
