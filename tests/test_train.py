@@ -1,0 +1,114 @@
+"""The training step and loop: gradient accumulation, logged metrics, configs, the benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import bench_train
+from rwkv_jax import data as data_lib
+from rwkv_jax import sharding, train
+from rwkv_jax.config import Preset, RWKVConfig
+from training_util import (REPO, compile_cache, corpus, full_run, losses,  # noqa: F401
+                           tiny_config)
+
+CONFIGS = REPO / "experiments" / "configs"
+
+
+def _one_step(config, batch_np):
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  tx = train.build_optimizer(config)
+  state = train.init_state(config, mesh, tx)
+  step = train.make_train_step(state, tx, mesh, accumulate_steps=config.train.accumulate_steps,
+                               l2wrap=config.optim.l2wrap, impl=config.train.impl)
+  initial = jax.device_get(state.params.to_pure_dict())  # before the step donates the buffers
+  params, _, metrics = step(state.params, state.opt_state, sharding.shard_batch(mesh, batch_np))
+  return initial, jax.device_get(params.to_pure_dict()), jax.device_get(metrics)
+
+
+def test_gradient_accumulation_gives_the_same_first_update(corpus, compile_cache):
+  config = tiny_config(corpus)
+  config.mesh.update(data=2, fsdp=2, tensor=2)  # a micro-batch of 4 still splits over data x fsdp
+  batch = next(iter(data_lib.make_dataset(data_lib.open_source(corpus), ctx_len=16, batch_size=8,
+                                          seed=0)))
+  initial, whole_params, whole = _one_step(config, batch)
+  config.train.accumulate_steps = 2
+  _, accumulated_params, accumulated = _one_step(config, batch)
+
+  assert accumulated["loss"] == pytest.approx(whole["loss"], abs=1e-5)
+  assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+               accumulated_params, whole_params)
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), initial,
+                                       whole_params))
+  assert max(moved) > 1e-4  # the compared update is not a no-op
+
+
+def test_every_logged_step_reports_throughput(full_run):
+  records = [json.loads(l) for l in (full_run / "metrics.jsonl").read_text().splitlines()]
+  train_records = [r for r in records if "train/loss" in r]
+  assert [r["step"] for r in train_records] == sorted(losses(full_run))
+  # A step fetched right after another (e.g. at a checkpoint) once reported 0 tokens/s.
+  assert all(r["perf/tokens_per_s"] > 0 for r in train_records)
+
+
+def _load_config(name: str, parameter: str | None = None):
+  """Loads experiments/configs/NAME like --config=FILE[:PARAMETER] does."""
+  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if parameter is None else module.get_config(parameter)
+
+
+@pytest.mark.parametrize("size, preset, lr_init, lr_final", [
+    ("169m", Preset.RWKV4_169M, 6e-4, 1e-5),
+    ("430m", Preset.RWKV4_430M, 4e-4, 1e-5),
+    ("1b5", Preset.RWKV4_1B5, 3e-4, 1e-5),
+    ("3b", Preset.RWKV4_3B, 1.5e-4, 1e-5),
+    ("7b", Preset.RWKV4_7B, 1.5e-4, 1e-5),
+    ("14b", Preset.RWKV4_14B, 1e-4, 7e-6),
+])
+def test_pile_config_builds_the_paper_model(size, preset, lr_init, lr_final):
+  config = _load_config("pile", size)
+  model = train.model_config(config)
+
+  assert model == preset.config(ctx_len=1024, dtype="bfloat16")
+  assert model.num_params() == preset.config().num_params()
+  assert (config.optim.lr_init, config.optim.lr_final) == (lr_init, lr_final)
+  assert config.data.source == "file" and config.data.path == ""
+
+
+def test_pile_config_rejects_an_unknown_size():
+  with pytest.raises(ValueError, match="169m"):
+    _load_config("pile", "100m")
+
+
+def test_enwik8_and_char_tiny_configs_build_valid_models():
+  enwik8 = train.model_config(_load_config("enwik8"))
+  assert enwik8 == RWKVConfig(n_layer=12, n_embd=512, vocab_size=256, ctx_len=1024,
+                              dtype="bfloat16")
+  assert _load_config("enwik8").data.source == "enwik8"
+  tiny = train.model_config(_load_config("char_tiny"))
+  assert tiny.vocab_size == 256 and tiny.num_params() > 0
+
+
+def test_bench_train_writes_a_record_per_implementation(tmp_path, compile_cache):
+  out = tmp_path / "bench.json"
+  bench_train.run("char_tiny", batch_size=8, ctx_len=16, dtype="float32",
+                  impls=["scan", "no_such_impl"], steps=2, repeats=1, remat=False, out=str(out),
+                  command=["bench_train"])
+
+  record = json.loads(out.read_text())
+  env = record["environment"]
+  assert env["platform"] == "cpu" and env["jax"] == jax.__version__ and env["date_utc"]
+  assert record["model"] == "char_tiny" and record["tokens_per_step"] == 8 * 16
+  scan, missing = record["results"]
+  assert scan["impl"] == "scan" and scan["tokens_per_s"] > 0 and scan["step_ms_median"] > 0
+  assert scan["mfu"] is None  # no known peak for a CPU
+  assert np.isfinite(scan["final_loss"])
+  assert missing["impl"] == "no_such_impl" and "Unknown WKV implementation" in missing["error"]
