@@ -214,8 +214,10 @@ def test_empty_state_is_a_no_op_prefix():
   np.testing.assert_allclose(y_none[:, 0], v[:, 0], rtol=1e-6)
 
 
-def test_dispatcher_auto_on_cpu_is_associative_and_unknown_names_fail():
-  assert wkv_lib.resolve("auto", platform="cpu") == "associative"
+def test_dispatcher_auto_picks_by_platform_and_unknown_names_fail():
+  assert wkv_lib.resolve("auto", platform="cpu") == "scan"
+  assert wkv_lib.resolve("auto", platform="tpu") == "associative"
+  assert wkv_lib.resolve("auto", platform="gpu") == "associative"
   assert {"scan", "associative", "pallas", "triton"} <= set(wkv_lib.implementations())
   with pytest.raises(ValueError, match="Unknown WKV implementation 'flash'"):
     wkv_lib.wkv(*[jnp.ones(s) for s in [(3,), (3,), (1, 2, 3), (1, 2, 3)]], impl="flash")
