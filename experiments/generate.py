@@ -18,7 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from rwkv_jax import checkpoint  # pylint: disable=unused-import  (registers Orbax exports)
+from rwkv_jax import checkpoint as _  # noqa: F401  (registers Orbax exports with weights.load)
 from rwkv_jax import sampling
 from rwkv_jax import tokenizer as tokenizer_lib
 from rwkv_jax import weights
@@ -101,7 +101,7 @@ def main(argv: list[str]) -> None:
   checkpoint = pathlib.Path(_CHECKPOINT.value)
   if not checkpoint.exists():
     raise app.UsageError(f"--checkpoint={checkpoint} does not exist; pass an official RWKV-4 "
-                         f".pth file or a HuggingFace directory.")
+                         f".pth file, a HuggingFace directory or an rwkv_jax export.")
   text = _read_prompt()
   try:
     tokenizer = tokenizer_lib.load_tokenizer(_TOKENIZER.value)
