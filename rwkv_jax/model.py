@@ -192,9 +192,13 @@ class RWKV(nnx.Module):
     self.ln_out = _layer_norm(cfg.n_embd, cfg, rngs)
     self.head = _Dense(cfg.n_embd, cfg.vocab_size, cfg, scale=0.5, rngs=rngs)
 
-  def __call__(self, tokens_bt: Array, state: RWKVState | None = None, *, impl: str = "auto"
-               ) -> tuple[Array, RWKVState]:
-    """Logits [b, t, v] (float32) for every position, and the state after the last token."""
+  def __call__(self, tokens_bt: Array, state: RWKVState | None = None, *, impl: str = "auto",
+               last_only: bool = False) -> tuple[Array, RWKVState]:
+    """Logits [b, t, v] (float32) for every position, and the state after the last token.
+
+    With last_only=True the head runs on the last position only (logits [b, 1, v]): prefill
+    needs nothing else, and the head is the largest matrix product at long prompts.
+    """
     check_tokens(tokens_bt, self.config.vocab_size)
     b = tokens_bt.shape[0]
     if state is None:
@@ -208,6 +212,8 @@ class RWKV(nnx.Module):
       else:
         x, layer_state = block(x, layer_state, impl)
       new_states.append(layer_state)
+    if last_only:
+      x = x[:, -1:]
     logits = self.head(self.ln_out(x)).astype(jnp.float32)
     return logits, RWKVState(*(jnp.stack(s) for s in zip(*new_states)))
 

@@ -260,9 +260,8 @@ def _decode_loop(graphdef, params, carry: _Carry, key: Array, cfg: SamplingConfi
 
 @functools.partial(jax.jit, static_argnames=("impl",))
 def _prefill_chunk(graphdef, params, tokens_bt, state, impl):
-  logits_btv, state = nnx.merge(graphdef, params)(tokens_bt, state, impl=impl)
-  # Only the last position is needed; the rest never leaves the device.
-  return logits_btv[:, -1], state
+  logits_b1v, state = nnx.merge(graphdef, params)(tokens_bt, state, impl=impl, last_only=True)
+  return logits_b1v[:, 0], state
 
 
 def prefill(model: model_lib.RWKV, tokens_bt: Array | np.ndarray,

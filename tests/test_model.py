@@ -68,6 +68,16 @@ def test_any_split_into_chunks_gives_the_same_logits(model, cuts):
   assert_states_close(state, full_state)
 
 
+def test_last_only_gives_the_last_logits_and_the_same_state(model):
+  toks = tokens(2, 9, seed=3)
+  full, s_full = model(toks)
+  last, s_last = model(toks, last_only=True)
+  assert last.shape == (2, 1, CFG.vocab_size)
+  np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-6)
+  for a, b in zip(s_full, s_last):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_empty_state_equals_no_state(model):
   toks = tokens(2, 5)
   a, _ = model(toks)
