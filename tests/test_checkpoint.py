@@ -13,13 +13,13 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import train, weights
-from training_util import (N, REPO, TOTAL, compile_cache, copy_run, corpus, flat_params,  # noqa: F401
-                           full_run, half_run, latest_params, losses, run_module,
-                           subprocess_env, tiny_config, train_command, write_config_file)
+from training_util import (  # noqa: F401  (fixtures are used by name)
+    N, REPO, TOTAL, compile_cache, copy_run, corpus, flat_params, full_run, half_run,
+    latest_params, losses, run_module, subprocess_env, tiny_config, train_command,
+    write_config_file)
 
 TMP_MARKER = "orbax-checkpoint-tmp"
 
@@ -193,16 +193,17 @@ def test_export_loads_with_the_trained_parameters(full_run):
 
 def test_score_cli_reads_the_export_on_another_device_count(full_run, tmp_path):
   out = tmp_path / "logits.npy"
-  result = run_module([sys.executable, "-m", "experiments.score", f"--checkpoint={full_run / 'export'}",
-                       "--tokens=1,2,3", f"--output={out}", "--impl=scan"],
+  result = run_module([sys.executable, "-m", "experiments.score",
+                       f"--checkpoint={full_run / 'export'}", "--tokens=1,2,3",
+                       f"--output={out}", "--impl=scan"],
                       subprocess_env(devices=1))
   assert result.returncode == 0, result.stderr[-3000:]
 
   logits = np.load(out)
   model, _ = weights.load(full_run / "export")
   assert logits.shape == (3, 256)
-  np.testing.assert_allclose(logits, np.asarray(model(jnp.asarray([[1, 2, 3]]), impl="scan")[0][0]),
-                             rtol=1e-5, atol=1e-5)
+  expected = np.asarray(model(jnp.asarray([[1, 2, 3]]), impl="scan")[0][0])
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_export_converts_to_an_official_pth(full_run, tmp_path):
@@ -215,11 +216,13 @@ def test_export_converts_to_an_official_pth(full_run, tmp_path):
   assert_params_close(flat_params(back), flat_params(model), atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="experiments/convert.py does not import rwkv_jax.checkpoint, "
-                   "so weights.load there does not know the Orbax export format")
 def test_convert_cli_reads_the_export(full_run, tmp_path):
   out = tmp_path / "model.pth"
-  result = run_module([sys.executable, "-m", "experiments.convert", f"--input={full_run / 'export'}",
-                       f"--output={out}"], subprocess_env(devices=1))
+  result = run_module([sys.executable, "-m", "experiments.convert",
+                       f"--input={full_run / 'export'}", f"--output={out}"],
+                      subprocess_env(devices=1))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert out.is_file()
+
+  converted, _ = weights.load(out)
+  exported, _ = weights.load(full_run / "export")
+  assert_params_close(flat_params(converted), flat_params(exported), atol=0)

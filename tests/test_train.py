@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import pathlib
 
 import jax
 import numpy as np
