@@ -69,6 +69,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--output={dst} is a directory, but the pth format writes a file.")
 
   try:
+    if fmt in ("pth", "hf") and not _is_native(src):
+      # .pth <-> HF is a renaming: stream it tensor by tensor without building a model.
+      config = weights.convert_checkpoint(src, dst, fmt, dtype=_DTYPE.value)
+      _report(dst, fmt, config)
+      return
     model, config = weights.load(src, dtype=None)
   except weights.CheckpointError as e:
     raise app.UsageError(str(e)) from None
@@ -79,6 +84,15 @@ def main(argv: list[str]) -> None:
   else:
     save = weights.save_pth if fmt == "pth" else weights.save_hf
     save(model, dst, dtype=_DTYPE.value)
+  _report(dst, fmt, config)
+
+
+def _is_native(path: pathlib.Path) -> bool:
+  """An Orbax export or training work directory (not an HF directory or .pth file)."""
+  return path.is_dir() and not (path / "config.json").is_file()
+
+
+def _report(dst, fmt, config) -> None:
   print(f"Wrote {dst} ({fmt}, {_DTYPE.value or config.param_dtype}): n_layer={config.n_layer}, "
         f"n_embd={config.n_embd}, vocab_size={config.vocab_size}, "
         f"{config.num_params():,} parameters.")

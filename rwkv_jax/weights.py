@@ -238,19 +238,21 @@ def _check_dtype_flag(dtype: str | None) -> None:
                      f"the checkpoint's dtype).")
 
 
-def _build(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any],
-           get: Callable[[str], np.ndarray], config: RWKVConfig | None, dtype: str | None,
-           names: dict[str, str] | None = None) -> tuple[model_lib.RWKV, RWKVConfig]:
-  """Validates names and shapes, then fills an abstract model one tensor at a time.
+def _validate(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any],
+              config: RWKVConfig | None, dtype: str | None, names: dict[str, str] | None = None):
+  """Checks a checkpoint's names, shapes and dtypes against the model they must fill.
 
   Args:
     source: the file or directory, for error messages.
     shapes: official name -> shape of every tensor in the source.
     dtypes: official name -> dtype name ("float32", "bfloat16", ...) of every tensor.
-    get: official name -> numpy array; called once per tensor, which it may then release.
     config: expected shape (checked against the tensors) or None to infer it.
     dtype: parameter dtype, or None for the dtype of emb.weight.
     names: official name -> the name as spelled in the source, for error messages.
+
+  Returns:
+    (config, entries, graphdef, model_vars): the config with param_dtype set, the mapping
+    entries, and the abstract model split into its graphdef and flat variables.
   """
   _check_dtype_flag(dtype)
   names = names or {}
@@ -291,8 +293,19 @@ def _build(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, An
     if dtypes[e.official] not in _FLOAT_NAMES:
       raise CheckpointError(f"Tensor {spell(e.official)} in {source} has dtype "
                             f"{dtypes[e.official]}; RWKV-4 weights are floating point.")
+  return config, entries, graphdef, model_vars
 
-  target = _NP_DTYPES[dtype]
+
+def _build(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any],
+           get: Callable[[str], np.ndarray], config: RWKVConfig | None, dtype: str | None,
+           names: dict[str, str] | None = None) -> tuple[model_lib.RWKV, RWKVConfig]:
+  """Validates names and shapes (`_validate`), then fills an abstract model one tensor at a time.
+
+  `get` maps an official name to a numpy array; it is called once per tensor, which it may then
+  release.
+  """
+  config, entries, graphdef, model_vars = _validate(source, shapes, dtypes, config, dtype, names)
+  target = _NP_DTYPES[config.param_dtype]
   filled = []
   for e in entries:
     variable = model_vars[e.path]
@@ -336,9 +349,20 @@ def _torch_load(path: pathlib.Path) -> dict[str, Any]:
   return sd
 
 
-def _from_torch_dict(source: str, sd: dict[str, Any], config: RWKVConfig | None,
-                     dtype: str | None, rename: Callable[[str], str] = lambda n: n
-                     ) -> tuple[model_lib.RWKV, RWKVConfig]:
+@dataclasses.dataclass
+class _Tensors:
+  """A checkpoint's tensors by official name, read lazily; `get` releases what it returns."""
+
+  source: str
+  shapes: dict[str, tuple[int, ...]]
+  dtypes: dict[str, str]
+  get: Callable[[str], np.ndarray]
+  names: dict[str, str]  # official name -> name as spelled in the source
+  config: RWKVConfig | None = None  # from the source's own config, if it has one
+
+
+def _torch_tensors(source: str, sd: dict[str, Any], config: RWKVConfig | None = None,
+                   rename: Callable[[str], str] = lambda n: n) -> _Tensors:
   names = {rename(k): k for k in sd}
   if len(names) != len(sd):
     raise CheckpointError(f"{source} holds the same tensor under two names.")
@@ -350,7 +374,12 @@ def _from_torch_dict(source: str, sd: dict[str, Any], config: RWKVConfig | None,
   def get(name):
     return _torch_to_numpy(sd.pop(name))  # drop our reference as soon as it is converted
 
-  return _build(source, shapes, dtypes, get, config, dtype, names)
+  return _Tensors(source, shapes, dtypes, get, names, config)
+
+
+def _from_tensors(t: _Tensors, config: RWKVConfig | None, dtype: str | None
+                  ) -> tuple[model_lib.RWKV, RWKVConfig]:
+  return _build(t.source, t.shapes, t.dtypes, t.get, config or t.config, dtype, t.names)
 
 
 def load_pth(path: PathLike, config: RWKVConfig | None = None, dtype: str | None = "float32"
@@ -375,7 +404,7 @@ def load_pth(path: PathLike, config: RWKVConfig | None = None, dtype: str | None
   if not path.is_file():
     raise FileNotFoundError(f"{path} does not exist or is not a file; expected an official "
                             f"RWKV-4 .pth file.")
-  return _from_torch_dict(str(path), _torch_load(path), config, dtype)
+  return _from_tensors(_torch_tensors(str(path), _torch_load(path)), config, dtype)
 
 
 def _read_hf_config(directory: pathlib.Path) -> dict[str, Any]:
@@ -419,22 +448,23 @@ def load_hf(directory: PathLike, dtype: str | None = "float32"
   Raises:
     CheckpointError: as load_pth, naming the HF tensor.
   """
-  directory = pathlib.Path(directory)
+  return _from_tensors(_hf_tensors(pathlib.Path(directory)), None, dtype)
+
+
+def _hf_tensors(directory: pathlib.Path) -> _Tensors:
   if not (directory / "config.json").is_file():
     raise CheckpointError(f"{directory} is not a HuggingFace RWKV directory: no config.json.")
   config = _config_from_hf(_read_hf_config(directory), directory)
-  source = str(directory)
   if (directory / _HF_WEIGHTS).is_file() or (directory / _HF_INDEX).is_file():
-    return _load_safetensors(directory, config, dtype)
+    return _safetensors_tensors(directory, config)
   if (directory / _HF_BIN).is_file():
-    sd = _torch_load(directory / _HF_BIN)
-    return _from_torch_dict(source, sd, config, dtype, rename=hf_to_official_name)
+    return _torch_tensors(str(directory), _torch_load(directory / _HF_BIN), config,
+                          rename=hf_to_official_name)
   raise CheckpointError(f"{directory} has config.json but no {_HF_WEIGHTS}, {_HF_INDEX} or "
                         f"{_HF_BIN}.")
 
 
-def _load_safetensors(directory: pathlib.Path, config: RWKVConfig, dtype: str | None
-                      ) -> tuple[model_lib.RWKV, RWKVConfig]:
+def _safetensors_tensors(directory: pathlib.Path, config: RWKVConfig) -> _Tensors:
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   if (directory / _HF_INDEX).is_file():
     with open(directory / _HF_INDEX) as f:
@@ -459,7 +489,7 @@ def _load_safetensors(directory: pathlib.Path, config: RWKVConfig, dtype: str | 
     h, key = where.pop(name)
     return h.get_tensor(key)
 
-  return _build(str(directory), shapes, dtypes, get, config, dtype, names)
+  return _Tensors(str(directory), shapes, dtypes, get, names, config)
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -531,21 +561,117 @@ def hf_config_dict(config: RWKVConfig, dtype: str) -> dict[str, Any]:
 def save_hf(model: model_lib.RWKV, directory: PathLike, dtype: str | None = None) -> None:
   """Writes the model as a HuggingFace RwkvForCausalLM directory (config.json, model.safetensors).
 
+  Tensors are written one at a time, so the only extra memory is one tensor.
+
   Args:
     model: the model to export.
     directory: created if needed; each file is replaced atomically, config.json last.
     dtype: tensor dtype in the file, or None for the parameters' own dtype.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  _check_dtype_flag(dtype)
+  directory = _hf_directory(directory)
+  file_dtype = dtype or model.config.param_dtype
+  entries = mapping(model.config.n_layer)
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  shapes = [_official_shape(tuple(flat[e.path].get_value().shape), e.layout) for e in entries]
+  _write_safetensors(directory / _HF_WEIGHTS, [e.hf for e in entries], shapes, file_dtype,
+                     lambda i: _to_official(np.asarray(flat[entries[i].path].get_value()),
+                                            entries[i].layout))
+  _write_hf_config(directory, model.config, file_dtype)
+
+
+def _hf_directory(directory: PathLike) -> pathlib.Path:
   directory = pathlib.Path(directory)
   if directory.exists() and not directory.is_dir():
     raise ValueError(f"{directory} exists and is not a directory; HF checkpoints are folders.")
-  tensors = {e.hf: np.ascontiguousarray(x) for e, x in _official_arrays(model, dtype)}
-  file_dtype = dtype or _dtype_name(tensors["rwkv.embeddings.weight"].dtype)
-  _atomic_write(directory / _HF_WEIGHTS,
-                lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-  text = json.dumps(hf_config_dict(model.config, file_dtype), indent=2) + "\n"
+  return directory
+
+
+def _write_hf_config(directory: pathlib.Path, config: RWKVConfig, dtype: str) -> None:
+  text = json.dumps(hf_config_dict(config, dtype), indent=2) + "\n"
   _atomic_write(directory / "config.json", lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+_ST_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _write_safetensors(path: pathlib.Path, names: list[str], shapes: list[tuple[int, ...]],
+                       dtype: str, get: Callable[[int], np.ndarray]) -> None:
+  """Streams tensors into a .safetensors file: the header from the shapes, then one at a time.
+
+  The format is an 8-byte little-endian header length, a JSON header of name -> dtype, shape and
+  byte range, then the raw little-endian data in that order.
+  """
+  np_dtype = np.dtype(_NP_DTYPES[dtype])
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, shape in zip(names, shapes):
+    size = int(np.prod(shape)) * np_dtype.itemsize
+    header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape),
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  header_bytes = json.dumps(header, separators=(",", ":")).encode()
+  header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned
+
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      f.write(len(header_bytes).to_bytes(8, "little"))
+      f.write(header_bytes)
+      for i, shape in enumerate(shapes):
+        x = np.ascontiguousarray(get(i), dtype=np_dtype)
+        if x.shape != tuple(shape):
+          raise AssertionError(f"{names[i]}: shape {x.shape} != header {shape}")
+        f.write(memoryview(x.reshape(-1).view(np.uint8)))
+        del x
+
+  _atomic_write(path, write)
+
+
+def convert_checkpoint(src: PathLike, dst: PathLike, fmt: str, dtype: str | None = None
+                       ) -> RWKVConfig:
+  """Converts an official .pth file or HF directory into the other format, tensor by tensor.
+
+  No model is built: each tensor is read (memory-mapped where the format allows), renamed, cast
+  and written before the next is read. Writing a .pth needs the whole state dict in memory once
+  (torch.save takes a dict); writing HF streams.
+
+  Args:
+    src: official .pth file or HF directory.
+    dst: destination .pth file ("pth") or directory ("hf").
+    fmt: "pth" or "hf".
+    dtype: tensor dtype of the output, or None for that of the input's embedding.
+
+  Returns:
+    The model config of the checkpoint.
+  """
+  src = pathlib.Path(src)
+  if src.is_dir():
+    t = _hf_tensors(src)
+  elif src.is_file():
+    t = _torch_tensors(str(src), _torch_load(src))
+  else:
+    raise CheckpointError(f"{src} does not exist.")
+  config, entries, _, model_vars = _validate(t.source, t.shapes, t.dtypes, t.config, dtype,
+                                             t.names)
+  shapes = [_official_shape(tuple(model_vars[e.path].get_value().shape), e.layout)
+            for e in entries]
+
+  def official(i):  # squeezed [c] time_mix vectors are accepted on input, [1, 1, c] written
+    return t.get(entries[i].official).reshape(shapes[i])
+
+  if fmt == "hf":
+    directory = _hf_directory(dst)
+    _write_safetensors(directory / _HF_WEIGHTS, [e.hf for e in entries], shapes,
+                       config.param_dtype, official)
+    _write_hf_config(directory, config, config.param_dtype)
+  elif fmt == "pth":
+    torch = _import_torch()
+    target = _NP_DTYPES[config.param_dtype]
+    sd = {e.official: _numpy_to_torch(official(i).astype(target)) for i, e in enumerate(entries)}
+    _atomic_write(pathlib.Path(dst), lambda tmp: torch.save(sd, tmp))
+  else:
+    raise ValueError(f"fmt={fmt!r}; use 'pth' or 'hf'.")
+  return config
 
 
 # ----------------------------------------------------------------------------------------------
