@@ -23,17 +23,21 @@ from absl import app, flags
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ("char_tiny", "169m", "430m", "1b5", "3b", "7b", "14b")
 
-_MODEL = flags.DEFINE_enum("model", "char_tiny", MODELS, "Model: a Pile preset or char_tiny.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size (sequences per step).")
-_CTX = flags.DEFINE_integer("ctx_len", None, "Tokens per sequence; default: the model's.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                           "Compute dtype; default: the model config's.")
-_IMPLS = flags.DEFINE_list("impls", ["auto"], "WKV implementations to time, comma-separated.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
-_REMAT = flags.DEFINE_bool("remat", None, "Rematerialize blocks; default: the model config's.")
-_OUT = flags.DEFINE_string("out", None, "Output JSON; default experiments/results/"
-                           "bench_train_<device>.json.")
+
+def define_flags() -> None:
+  """Defines the command-line flags. Called only when run as a program, so that importing
+  `run` (as the tests do) next to other entry points cannot collide on flag names."""
+  flags.DEFINE_enum("model", "char_tiny", MODELS, "Model: a Pile preset or char_tiny.")
+  flags.DEFINE_integer("batch_size", 8, "Global batch size (sequences per step).")
+  flags.DEFINE_integer("ctx_len", None, "Tokens per sequence; default: the model's.")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                    "Compute dtype; default: the model config's.")
+  flags.DEFINE_list("impls", ["auto"], "WKV implementations to time, comma-separated.")
+  flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
+  flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
+  flags.DEFINE_bool("remat", None, "Rematerialize blocks; default: the model config's.")
+  flags.DEFINE_string("out", None, "Output JSON; default experiments/results/"
+                      "bench_train_<device>.json.")
 
 
 def experiment_config(model: str, batch_size: int, ctx_len: int | None, dtype: str | None,
@@ -150,10 +154,12 @@ def run(model: str, batch_size: int, ctx_len: int | None, dtype: str | None, imp
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  path = run(_MODEL.value, _BATCH.value, _CTX.value, _DTYPE.value, _IMPLS.value, _STEPS.value,
-             _REPEATS.value, _REMAT.value, _OUT.value, command=sys.argv)
+  f = flags.FLAGS
+  path = run(f.model, f.batch_size, f.ctx_len, f.dtype, f.impls, f.steps, f.repeats, f.remat,
+             f.out, command=sys.argv)
   print(f"Wrote {path}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
