@@ -693,7 +693,8 @@ def register_format(name: str, detect: Callable[[pathlib.Path], bool], loader: L
 
 
 def load(path: PathLike, dtype: str | None = "float32") -> tuple[model_lib.RWKV, RWKVConfig]:
-  """Loads any supported checkpoint: registered formats, an official .pth file, an HF directory.
+  """Loads any supported checkpoint: an rwkv_jax export or training work directory (Orbax), an
+  official .pth file, an HF directory, or a format added with `register_format`.
 
   Args:
     path: file or directory.
@@ -702,6 +703,9 @@ def load(path: PathLike, dtype: str | None = "float32") -> tuple[model_lib.RWKV,
   Returns:
     (model, config).
   """
+  # The native format registers itself on import; checkpoint.py imports this module, so the
+  # import happens here rather than at the top.
+  from rwkv_jax import checkpoint  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   path = pathlib.Path(path)
   for _, detect, loader in _EXTRA_FORMATS:
     if detect(path):
