@@ -49,7 +49,7 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 
 def _pure(state: Any) -> Any:
-  return state.to_pure_dict() if isinstance(state, nnx.State) else state
+  return nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
 
 
 class TrainCheckpointer:
@@ -113,7 +113,7 @@ class TrainCheckpointer:
     except Exception as e:  # Orbax/tensorstore raise many kinds; say which checkpoint is bad.
       raise self._damaged(step, e) from e
     params = jax.tree.map(lambda x: x, abstract_params)  # same nnx.State structure, new leaves
-    params.replace_by_pure_dict(restored["params"])
+    nnx.replace_by_pure_dict(params, restored["params"])
     opt_leaves = [restored["opt_state"][str(i)] for i in range(len(restored["opt_state"]))]
     return params, jax.tree.unflatten(jax.tree.structure(abstract_opt_state), opt_leaves)
 
@@ -146,7 +146,7 @@ def export(model: model_lib.RWKV, directory: str | os.PathLike) -> pathlib.Path:
   """Writes an inference checkpoint: params (Orbax) + rwkv_jax.json. Atomic per item."""
   directory = pathlib.Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory / "params", params, force=True)
     ckptr.wait_until_finished()
@@ -166,8 +166,8 @@ def _model_from_params(config: RWKVConfig, load_params) -> model_lib.RWKV:
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   pure = load_params(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      abstract_state.to_pure_dict()))
-  abstract_state.replace_by_pure_dict(pure)
+      nnx.to_pure_dict(abstract_state)))
+  nnx.replace_by_pure_dict(abstract_state, pure)
   return nnx.merge(graphdef, abstract_state)
 
 

@@ -129,7 +129,7 @@ def make_train_step(state: TrainState, tx, mesh, *, accumulate_steps: int, l2wra
                  for k, v in metrics.items()}
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     return params, opt_state, metrics
 
   batch_sh = sharding.batch_sharding(mesh)

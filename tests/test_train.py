@@ -8,6 +8,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from experiments import bench_train
 from rwkv_jax import data as data_lib
@@ -25,9 +26,9 @@ def _one_step(config, batch_np):
   state = train.init_state(config, mesh, tx)
   step = train.make_train_step(state, tx, mesh, accumulate_steps=config.train.accumulate_steps,
                                l2wrap=config.optim.l2wrap, impl=config.train.impl)
-  initial = jax.device_get(state.params.to_pure_dict())  # before the step donates the buffers
+  initial = jax.device_get(nnx.to_pure_dict(state.params))  # before the step donates the buffers
   params, _, metrics = step(state.params, state.opt_state, sharding.shard_batch(mesh, batch_np))
-  return initial, jax.device_get(params.to_pure_dict()), jax.device_get(metrics)
+  return initial, jax.device_get(nnx.to_pure_dict(params)), jax.device_get(metrics)
 
 
 def test_gradient_accumulation_gives_the_same_first_update(corpus, compile_cache):

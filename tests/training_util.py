@@ -86,7 +86,7 @@ def latest_params(workdir: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def flat_params(model) -> dict[str, np.ndarray]:
-  pure = nnx.state(model, nnx.Param).to_pure_dict()
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   return {sharding.path_name(path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
 
