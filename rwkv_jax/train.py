@@ -356,6 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   pending = None  # (step, metrics) dispatched but not yet fetched
   window_start, window_steps = time.perf_counter(), 0
+  window_losses: list[float] = []  # since the last log line: one step's loss is noisy
   final: dict[str, float] = {}
 
   def fetch(pending_step, metrics):
@@ -363,12 +364,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     m = jax.device_get(metrics)
     window_steps += 1  # counted once finished, so back-to-back fetches do not report 0 tokens/s
     loss = float(m["loss"])
+    window_losses.append(loss)
     if not math.isfinite(loss):
       raise NonFiniteLossError(_non_finite_message(loss, pending_step, ckpt))
     if pending_step % t.log_every == 0 or pending_step == t.steps:
       elapsed = time.perf_counter() - window_start
       tok_s = window_steps * tokens_per_step / elapsed if elapsed > 0 else float("nan")
-      record = {"train/loss": loss, "train/bits_per_token": loss / math.log(2),
+      mean_loss = sum(window_losses) / len(window_losses)
+      window_losses.clear()
+      record = {"train/loss": loss, "train/loss_avg": mean_loss,
+                "train/bits_per_token": mean_loss / math.log(2),
                 "train/accuracy": float(m["accuracy"]), "train/grad_norm": float(m["grad_norm"]),
                 "train/lr": float(schedule(pending_step - 1)), "perf/tokens_per_s": tok_s}
       if peak:
@@ -376,11 +381,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       writer.write(pending_step, record)
       final.update(record)
       if progress is not None:
-        progress.set_postfix(loss=f"{loss:.3f}", bpt=f"{loss / math.log(2):.3f}",
+        progress.set_postfix(loss=f"{mean_loss:.3f}", bpt=f"{mean_loss / math.log(2):.3f}",
                              tok_s=f"{tok_s:,.0f}")
       else:
-        logging.info("step %d: loss %.4f (%.3f bits/token), %.0f tokens/s", pending_step, loss,
-                     loss / math.log(2), tok_s)
+        logging.info("step %d: loss %.4f (%.3f bits/token), %.0f tokens/s", pending_step,
+                     mean_loss, mean_loss / math.log(2), tok_s)
       window_start, window_steps = time.perf_counter(), 0
 
   try:

@@ -5,9 +5,9 @@ from experiments.configs import common
 
 def get_config():
   c = common.base()
-  c.model.update(n_layer=4, n_embd=128, vocab_size=256, ctx_len=128, dtype="float32")
+  c.model.update(n_layer=4, n_embd=192, vocab_size=256, ctx_len=256, dtype="float32")
   c.data.update(source="wiki_sample", tokenizer="bytes", val_fraction=0.02)
-  c.optim.update(lr_init=2e-3, lr_final=2e-4, warmup_steps=30)
-  c.train.update(steps=600, batch_size=16, log_every=25, eval_every=200, eval_batches=10,
+  c.optim.update(lr_init=4e-3, lr_final=3e-4, warmup_steps=30)
+  c.train.update(steps=800, batch_size=8, log_every=25, eval_every=200, eval_batches=10,
                  checkpoint_every=200)
   return c
