@@ -21,6 +21,7 @@ import os
 import pathlib
 import re
 import tempfile
+import warnings
 from typing import Any, Callable, Iterable
 
 import jax.numpy as jnp
@@ -218,11 +219,18 @@ def _torch_to_numpy(t) -> np.ndarray:
 
 
 def _numpy_to_torch(x: np.ndarray):
+  """A torch view of `x` (no copy). Arrays read from jax are read-only; the tensors made here are
+  only ever read (by torch.save), so torch's warning about that does not apply."""
   torch = _import_torch()
   x = np.ascontiguousarray(x)
   if x.dtype == ml_dtypes.bfloat16:
-    return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-  return torch.from_numpy(x)
+    x, bf16 = x.view(np.int16), True
+  else:
+    bf16 = False
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    t = torch.from_numpy(x)
+  return t.view(torch.bfloat16) if bf16 else t
 
 
 def _dtype_name(dtype: Any) -> str:
