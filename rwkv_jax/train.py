@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import pathlib
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -349,7 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     ckpt.save(at_step, state.params, state.opt_state, train_it, meta)
 
   progress = None
-  if lead and t.get("progress_bar", True):
+  # A bar on a terminal; log lines (every log_every steps) when output goes to a file or CI log.
+  if lead and t.get("progress_bar", True) and sys.stderr.isatty():
     from tqdm import tqdm
 
     progress = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True)
