@@ -152,9 +152,11 @@ def export(model: model_lib.RWKV, directory: str | os.PathLike) -> pathlib.Path:
     ckptr.wait_until_finished()
   meta = {"format": "rwkv_jax", "format_version": FORMAT_VERSION,
           "model": model.config.to_dict()}
-  tmp = directory / (EXPORT_MARKER + ".tmp")
-  tmp.write_text(json.dumps(meta, indent=2))
-  os.replace(tmp, directory / EXPORT_MARKER)  # written last: its presence means complete
+  # The params save above is collective; the marker is one file, so one process writes it.
+  if jax.process_index() == 0:
+    tmp = directory / (EXPORT_MARKER + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, directory / EXPORT_MARKER)  # written last: its presence means complete
   return directory
 
 
