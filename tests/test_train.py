@@ -81,6 +81,7 @@ def test_pile_config_builds_the_paper_model(size, preset, lr_init, lr_final):
   assert model.num_params() == preset.config().num_params()
   assert (config.optim.lr_init, config.optim.lr_final) == (lr_init, lr_final)
   assert config.data.source == "file" and config.data.path == ""
+  assert _load_config(f"pile_{size}").to_dict() == config.to_dict()  # the per-size alias file
 
 
 def test_pile_config_rejects_an_unknown_size():

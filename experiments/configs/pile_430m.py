@@ -1,0 +1,7 @@
+"""RWKV-4 Pile 430M (paper Tables 2 and 3): the same as `--config=experiments/configs/pile.py:430m`."""
+
+from experiments.configs import pile
+
+
+def get_config():
+  return pile.get_config("430m")
