@@ -86,16 +86,8 @@ def wkv_pallas(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = 
   """
   if interpret is None:
     interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
-  if k.ndim != 3 or v.shape != k.shape or v.dtype != k.dtype:
-    raise ValueError(f"k and v must be [batch, time, channels] of one dtype; got "
-                     f"{k.shape=} {k.dtype=}, {v.shape=} {v.dtype=}.")
+  state = wkv_lib.check_inputs(w, u, k, v, state)
   b, t, c = k.shape
-  if w.shape != (c,) or u.shape != (c,):
-    raise ValueError(f"w and u must be [{c}] to match k's channels; got {w.shape=}, {u.shape=}.")
-  state = WKVState.empty(b, c) if state is None else WKVState(
-      *(jnp.asarray(s, jnp.float32) for s in state))
-  if any(s.shape != (b, c) for s in state):
-    raise ValueError(f"state tensors must be [{b}, {c}]; got {[tuple(s.shape) for s in state]}.")
   if t == 0:
     return k, state
 

@@ -12,7 +12,7 @@ The backward pass is not a Triton kernel: it is the vjp of `rwkv_jax.wkv.wkv_ass
 JAX, O(log t) depth), recomputed from the saved inputs.
 
 Importing this module needs `triton` and a GPU build of jax with `jax_triton`; the dispatcher
-imports it only when impl="triton" (or "auto" on a GPU) is asked for, and treats an ImportError as
+imports it only when impl="triton" is asked for, and treats an ImportError as
 "backend unavailable".
 
 Shapes: b = batch, t = time, c = channels, cb = block_c.
@@ -66,16 +66,8 @@ def wkv_triton(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = 
   Returns:
     y [b, t, c] in k's dtype, and the float32 state after the last token.
   """
-  if k.ndim != 3 or v.shape != k.shape or v.dtype != k.dtype:
-    raise ValueError(f"k and v must be [batch, time, channels] of one dtype; got "
-                     f"{k.shape=} {k.dtype=}, {v.shape=} {v.dtype=}.")
+  state = wkv_lib.check_inputs(w, u, k, v, state)
   b, t, c = k.shape
-  if w.shape != (c,) or u.shape != (c,):
-    raise ValueError(f"w and u must be [{c}] to match k's channels; got {w.shape=}, {u.shape=}.")
-  state = WKVState.empty(b, c) if state is None else WKVState(
-      *(jnp.asarray(s, jnp.float32) for s in state))
-  if any(s.shape != (b, c) for s in state):
-    raise ValueError(f"state tensors must be [{b}, {c}]; got {[tuple(s.shape) for s in state]}.")
   if t == 0:
     return k, state
   f32 = lambda x: jnp.asarray(x, jnp.float32)

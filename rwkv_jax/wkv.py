@@ -62,19 +62,25 @@ def _readout(num, den, max_exp, u, k, v):
   return a / b
 
 
-def _prepare(w, u, k, v, state):
-  if k.ndim != 3 or v.shape != k.shape:
-    raise ValueError(f"k and v must both be [batch, time, channels]; got {k.shape=}, {v.shape=}.")
+def check_inputs(w: Array, u: Array, k: Array, v: Array, state: WKVState | None) -> WKVState:
+  """Validates the contract's shapes (every implementation calls this) and returns the float32
+  incoming state, empty if `state` is None."""
+  if k.ndim != 3 or v.shape != k.shape or v.dtype != k.dtype:
+    raise ValueError(f"k and v must be [batch, time, channels] of one dtype; got "
+                     f"{k.shape=} {k.dtype=}, {v.shape=} {v.dtype=}.")
   b, _, c = k.shape
   if w.shape != (c,) or u.shape != (c,):
     raise ValueError(f"w and u must be [{c}] to match k's channels; got {w.shape=}, {u.shape=}.")
   if state is None:
-    state = WKVState.empty(b, c)
-  else:
-    state = WKVState(*(jnp.asarray(s, jnp.float32) for s in state))
-    if any(s.shape != (b, c) for s in state):
-      raise ValueError(
-          f"state tensors must be [{b}, {c}]; got {[tuple(s.shape) for s in state]}.")
+    return WKVState.empty(b, c)
+  state = WKVState(*(jnp.asarray(s, jnp.float32) for s in state))
+  if any(s.shape != (b, c) for s in state):
+    raise ValueError(f"state tensors must be [{b}, {c}]; got {[tuple(s.shape) for s in state]}.")
+  return state
+
+
+def _prepare(w, u, k, v, state):
+  state = check_inputs(w, u, k, v, state)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   return f32(w), f32(u), f32(k), f32(v), state
 
