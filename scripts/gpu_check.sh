@@ -5,12 +5,11 @@
 #
 # Usage: scripts/gpu_check.sh [RESULTS_DIR]     (default: $OUT, else experiments/results/gpu)
 #
-# The GPU machine has no network. Packages missing there (jax-triton, grain and those of grain's
-# dependencies it lacks) travel as wheels in $WHEELS (default: wheels/), fetched beforehand here:
-#   pip download --no-deps -d wheels jax-triton==0.3.1        # pure Python
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux2014_x86_64 -d wheels grain==0.2.18
-# Keep one version of each package; they are installed with --no-deps into a private folder.
+# The GPU machine has no network. What rwkv_jax needs beyond its preinstalled jax/flax/optax/orbax/
+# torch/triton (grain, jax-triton, ml_collections, matplotlib, ...) travels as wheels in $WHEELS
+# (default: wheels/), fetched beforehand on a machine with PyPI access by
+#   scripts/fetch_gpu_wheels.sh wheels
+# They are installed with --no-deps into a private folder, so the machine's own packages stay.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES="${1:-${OUT:-experiments/results/gpu}}"
