@@ -8,7 +8,9 @@ and an export, scores held-out text with the export and prints a sample from it.
 again resumes (or, when finished, only re-evaluates) the same work directory.
 """
 
+import json
 import pathlib
+import sys
 
 from absl import app, flags
 
@@ -23,7 +25,7 @@ def main(argv):
   import jax
   import numpy as np
 
-  from experiments import _logs
+  from experiments import _logs, benchlib
   from experiments.configs import char_tiny
   from rwkv_jax import checkpoint, corpus, data, sampling, scoring, train
   from rwkv_jax.tokenizer import ByteTokenizer
@@ -53,7 +55,14 @@ def main(argv):
   prompt = "<page>\n    <title>"
   result = sampling.generate(model, tokenizer.encode(prompt), FLAGS.sample_chars,
                              jax.random.key(0), temperature=0.8, top_p=0.9)
-  print("\nsample:\n" + prompt + tokenizer.decode(result.sequences()[0]))
+  sample = prompt + tokenizer.decode(result.sequences()[0])
+  print("\nsample:\n" + sample)
+  record = {"benchmark": "demo", "environment": benchlib.environment(sys.argv),
+            "config": json.loads(config.to_json_best_effort()), "steps": final["step"],
+            "val_bits_per_char": final["val/bits_per_token"],
+            "held_out_bits_per_char": score.bits_per_byte, "train_tokens_per_s":
+            final.get("perf/tokens_per_s"), "sample": sample}
+  print(f"results: {benchlib.write_json(workdir / 'demo_result.json', record)}")
 
 
 if __name__ == "__main__":
