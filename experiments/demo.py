@@ -34,6 +34,8 @@ def main(argv):
   config = char_tiny.get_config()
   if FLAGS.steps:
     config.train.steps = FLAGS.steps
+    # The schedule needs its warmup to end before its last step.
+    config.optim.warmup_steps = min(config.optim.warmup_steps, FLAGS.steps // 4)
   workdir = pathlib.Path(FLAGS.workdir).absolute()
   text_path = corpus.wiki_sample()
   print(f"corpus: {text_path} ({text_path.stat().st_size / 1e6:.2f} MB of Wikipedia XML)")
