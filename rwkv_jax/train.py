@@ -57,7 +57,14 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> model_lib.
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  o = config.optim
+  o, t = config.optim, config.train
+  if o.lr_final != o.lr_init and t.steps <= o.warmup_steps:
+    raise ValueError(f"--config.train.steps={t.steps} must exceed --config.optim.warmup_steps="
+                     f"{o.warmup_steps} (the learning rate decays after the warmup); lower the "
+                     f"warmup or train longer.")
+  if t.accumulate_steps < 1 or t.batch_size % t.accumulate_steps:
+    raise ValueError(f"--config.train.batch_size={t.batch_size} must be a multiple of "
+                     f"--config.train.accumulate_steps={t.accumulate_steps} (>= 1).")
   return optim.make_optimizer(
       lr_init=o.lr_init, lr_final=o.lr_final, warmup_steps=o.warmup_steps,
       total_steps=config.train.steps, betas=tuple(o.betas), eps=o.eps,

@@ -113,3 +113,14 @@ def test_bench_train_writes_a_record_per_implementation(tmp_path, compile_cache)
   assert scan["mfu"] is None  # no known peak for a CPU
   assert np.isfinite(scan["final_loss"])
   assert missing["impl"] == "no_such_impl" and "Unknown WKV implementation" in missing["error"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(steps=10), r"--config.train.steps=10 must exceed --config.optim.warmup_steps=30"),
+    (dict(accumulate_steps=3), r"batch_size=8 must be a multiple of .*accumulate_steps=3"),
+])
+def test_inconsistent_training_flags_are_named(overrides, match):
+  config = _load_config("char_tiny")
+  config.train.update(overrides)
+  with pytest.raises(ValueError, match=match):
+    train.build_optimizer(config)
