@@ -7,6 +7,7 @@ stays constant and one compiled function serves every chunk.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -17,15 +18,11 @@ from flax import nnx
 from rwkv_jax import model as model_lib
 
 
-def _chunk_fn(model: model_lib.RWKV, impl: str):
-  graphdef, params = nnx.split(model)
-
-  @jax.jit
-  def run(params, tokens_bt, state):
-    logits, state = nnx.merge(graphdef, params)(tokens_bt, state, impl=impl)
-    return logits, state
-
-  return lambda tokens_bt, state: run(params, tokens_bt, state)
+@functools.partial(jax.jit, static_argnames=("impl",))
+def _run_chunk(graphdef, params, tokens_bt, state, impl):
+  # Module-level, so repeated calls with the same model structure and chunk size reuse one
+  # compilation instead of tracing a fresh closure each time.
+  return nnx.merge(graphdef, params)(tokens_bt, state, impl=impl)
 
 
 def logits_for(model: model_lib.RWKV, tokens: np.ndarray, *, chunk: int = 1024,
@@ -48,13 +45,14 @@ def logits_for(model: model_lib.RWKV, tokens: np.ndarray, *, chunk: int = 1024,
   model_lib.check_tokens(tokens[None], model.config.vocab_size)
   t = len(tokens)
   chunk = min(chunk, t)
-  run = _chunk_fn(model, impl)
+  graphdef, params = nnx.split(model)
   state = model_lib.empty_state(model.config, 1)
   out = []
   for lo in range(0, t, chunk):
     piece = tokens[lo:lo + chunk]
     padded = np.pad(piece, (0, chunk - len(piece)))
-    logits, state = run(jnp.asarray(padded[None], jnp.int32), state)
+    logits, state = _run_chunk(graphdef, params, jnp.asarray(padded[None], jnp.int32), state,
+                               impl)
     out.append(np.asarray(logits[0, :len(piece)]))
   return np.concatenate(out)
 
