@@ -11,6 +11,9 @@ chunked Pallas kernels (`wkv_pallas.py`) are parallel in time as well.
 The backward pass is not a Triton kernel: it is the vjp of `rwkv_jax.wkv.wkv_associative` (pure
 JAX, O(log t) depth), recomputed from the saved inputs.
 
+The kernel body is in `wkv_triton_kernel.py` (Triton only, no JAX), so it can also be compiled
+for a GPU architecture and run in Triton's interpreter on a machine without a GPU.
+
 Importing this module needs `triton` and a GPU build of jax with `jax_triton`; the dispatcher
 imports it only when impl="triton" is asked for, and treats an ImportError as
 "backend unavailable".
@@ -27,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import jax_triton as jt
 import triton
-import triton.language as tl
 
 from rwkv_jax import wkv as wkv_lib
 from rwkv_jax.wkv import WKVState
+from rwkv_jax_kernels import wkv_triton_kernel
 
 Array = jax.Array
 
@@ -39,8 +42,8 @@ Array = jax.Array
 class BlockSizes:
   """Channels per program (a power of two) and warps per program."""
 
-  block_c: int = 32
-  num_warps: int = 1
+  block_c: int = wkv_triton_kernel.BLOCK_C
+  num_warps: int = wkv_triton_kernel.NUM_WARPS
 
   def __post_init__(self):
     if self.block_c < 1 or self.block_c & (self.block_c - 1):
@@ -109,54 +112,13 @@ def _forward_call(w, u, k, v, num, den, max_exp, block_sizes):
   state_shape = jax.ShapeDtypeStruct((b, c), jnp.float32)
   return jt.triton_call(
       w, u, k, v, num, den, max_exp, t, c,
-      kernel=_forward_kernel,
+      kernel=wkv_triton_kernel.wkv_forward_kernel,
       out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), state_shape, state_shape, state_shape),
-      grid=(b, triton.cdiv(c, block_c)),
+      grid=wkv_triton_kernel.grid(b, c, block_c),
       num_warps=block_sizes.num_warps,
       num_stages=1,
       block_c=block_c,
   )
-
-
-# ----------------------------------------------------------------------------------------------
-# Kernel body. Arrays are row-major: k[b, t, c] at (b * t_len + t) * channels + c.
-
-
-@triton.jit
-def _forward_kernel(w_ptr, u_ptr, k_ptr, v_ptr, num_ptr, den_ptr, max_ptr, seq_len, channels,
-                    y_ptr, num_out_ptr, den_out_ptr, max_out_ptr,
-                    block_c: tl.constexpr):
-  row = tl.program_id(0).to(tl.int64)
-  c = tl.program_id(1) * block_c + tl.arange(0, block_c)
-  in_range = c < channels
-  w = tl.load(w_ptr + c, mask=in_range, other=1.0)
-  u = tl.load(u_ptr + c, mask=in_range, other=0.0)
-  at_state = row * channels + c
-  num = tl.load(num_ptr + at_state, mask=in_range, other=0.0)
-  den = tl.load(den_ptr + at_state, mask=in_range, other=0.0)
-  max_exp = tl.load(max_ptr + at_state, mask=in_range, other=-1e38)  # EMPTY_MAX_EXP
-  at_token = row * seq_len * channels + c
-  for _ in range(seq_len):
-    k = tl.load(k_ptr + at_token, mask=in_range, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + at_token, mask=in_range, other=0.0).to(tl.float32)
-    # Readout (eq. 16): the state plus the current token with its bonus.
-    bonus = u + k
-    shift = tl.maximum(max_exp, bonus)
-    e_state = tl.exp(max_exp - shift)
-    e_token = tl.exp(bonus - shift)
-    y = (e_state * num + e_token * v) / (e_state * den + e_token)
-    tl.store(y_ptr + at_token, y.to(y_ptr.dtype.element_ty), mask=in_range)
-    # Update: decay the state by e^{-w}, then add the token with weight e^{k}.
-    decayed = max_exp - w
-    max_exp = tl.maximum(decayed, k)
-    e_state = tl.exp(decayed - max_exp)
-    e_token = tl.exp(k - max_exp)
-    num = e_state * num + e_token * v
-    den = e_state * den + e_token
-    at_token += channels
-  tl.store(num_out_ptr + at_state, num, mask=in_range)
-  tl.store(den_out_ptr + at_state, den, mask=in_range)
-  tl.store(max_out_ptr + at_state, max_exp, mask=in_range)
 
 
 # ----------------------------------------------------------------------------------------------
