@@ -21,6 +21,7 @@ from rwkv_jax.wkv import WKVState
 from rwkv_jax_kernels import gpu_compile
 from rwkv_jax_kernels import wkv_pallas
 from rwkv_jax_kernels import wkv_triton_kernel
+from wkv_util import random_inputs, rel_err
 
 _PALLAS_KERNELS = ["wkv_summary", "wkv_output", "wkv_output_bwd", "wkv_summary_bwd"]
 
@@ -91,22 +92,6 @@ def _run_interpreted(kernel, w, u, k, v, state, block_c):
   return y.float().numpy(), WKVState(*(s.numpy() for s in out))
 
 
-def _inputs(seed, b, t, c, dtype=jnp.float32, time_decay=(-3.0, 1.0), k_max=3.0):
-  rng = np.random.default_rng(seed)
-  w = jnp.asarray(np.exp(rng.uniform(*time_decay, c)), jnp.float32)
-  u = jnp.asarray(rng.normal(size=c), jnp.float32)
-  k = jnp.asarray(rng.uniform(-k_max, k_max, (b, t, c)), dtype)
-  v = jnp.asarray(rng.normal(size=(b, t, c)), dtype)
-  _, state = wkv_lib.wkv_scan(w, u, jnp.asarray(rng.uniform(-k_max, k_max, (b, 3, c))),
-                              jnp.asarray(rng.normal(size=(b, 3, c))))
-  return w, u, k, v, state
-
-
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return float(np.max(np.abs(x - ref)) / (np.max(np.abs(ref)) + 1e-30))
-
-
 @pytest.mark.parametrize("b,t,c,dtype,time_decay,k_max,block_c,tol", [
     pytest.param(2, 37, 48, jnp.float32, (-3.0, 1.0), 3.0, 32, 1e-6, id="c_not_a_multiple"),
     pytest.param(1, 1, 5, jnp.float32, (-3.0, 1.0), 3.0, 32, 1e-6, id="single_token"),
@@ -115,16 +100,16 @@ def _rel_err(x, ref):
 ])
 def test_interpreted_triton_kernel_matches_scan(interpreted_kernel, b, t, c, dtype, time_decay,
                                                 k_max, block_c, tol):
-  w, u, k, v, state = _inputs(0, b, t, c, dtype, time_decay, k_max)
+  w, u, k, v, state = random_inputs(0, b, t, c, dtype, time_decay, k_max)
   y, out = _run_interpreted(interpreted_kernel, w, u, k, v, state, block_c)
   y_ref, out_ref = wkv_lib.wkv_scan(w, u, k.astype(jnp.float32), v.astype(jnp.float32), state)
-  assert _rel_err(y, y_ref) < tol, _rel_err(y, y_ref)
+  assert rel_err(y, y_ref) < tol, rel_err(y, y_ref)
   for name, s, s_ref in zip(("num", "den", "max_exp"), out, out_ref):
-    assert _rel_err(s, s_ref) < 1e-6, (name, _rel_err(s, s_ref))
+    assert rel_err(s, s_ref) < 1e-6, (name, rel_err(s, s_ref))
 
 
 def test_interpreted_triton_kernel_chains_through_its_state(interpreted_kernel):
-  w, u, k, v, _ = _inputs(1, 2, 30, 20)
+  w, u, k, v, _ = random_inputs(1, 2, 30, 20)
   empty = wkv_lib.check_inputs(w, u, k, v, None)
   y_full, out_full = _run_interpreted(interpreted_kernel, w, u, k, v, empty, 16)
   ys, out = [], empty

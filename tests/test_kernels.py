@@ -16,6 +16,7 @@ import pytest
 from rwkv_jax import wkv as wkv_lib
 from rwkv_jax.wkv import WKVState
 from rwkv_jax_kernels import wkv_pallas
+from wkv_util import random_inputs, rel_err
 
 _ON_GPU = jax.default_backend() in ("gpu", "cuda")
 
@@ -24,18 +25,6 @@ _TOL = {  # dtype -> (forward, gradients)
     jnp.float32: (5e-5, 2e-4),
     jnp.bfloat16: (1e-2, 3e-2),
 }
-
-
-def _inputs(seed, b, t, c, dtype, time_decay=(-3.0, 1.0), k_max=3.0):
-  """Random w, u, k, v and a realistic incoming state (the scan of a random prefix)."""
-  rng = np.random.default_rng(seed)
-  w = jnp.asarray(np.exp(rng.uniform(*time_decay, c)), jnp.float32)
-  u = jnp.asarray(rng.normal(size=c), jnp.float32)
-  k = jnp.asarray(rng.uniform(-k_max, k_max, (b, t, c)), dtype)
-  v = jnp.asarray(rng.normal(size=(b, t, c)), dtype)
-  prefix_k = jnp.asarray(rng.uniform(-k_max, k_max, (b, 3, c)), jnp.float32)
-  _, state = wkv_lib.wkv_scan(w, u, prefix_k, jnp.asarray(rng.normal(size=(b, 3, c))))
-  return w, u, k, v, state
 
 
 def _loss_grad(fn):
@@ -50,11 +39,6 @@ def _loss_grad(fn):
             + jnp.sum(jnp.log(out.den) + out.max_exp) * 0.1 + jnp.sum(jnp.sin(out.max_exp)))
 
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-
-
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return float(np.max(np.abs(x - ref)) / (np.max(np.abs(ref)) + 1e-30))
 
 
 def _naive_eq16(w, u, k, v, state):
@@ -96,7 +80,7 @@ class _WKVKernelChecks:
       pytest.param(2, 24, 40, jnp.bfloat16, (-3.0, 1.0), 3.0, None, id="bfloat16"),
   ])
   def test_forward_and_gradients_match_scan(self, b, t, c, dtype, time_decay, k_max, blocks):
-    w, u, k, v, state = _inputs(0, b, t, c, dtype, time_decay, k_max)
+    w, u, k, v, state = random_inputs(0, b, t, c, dtype, time_decay, k_max)
     kernel = functools.partial(self.wkv, block_sizes=blocks)
     y, out = kernel(w, u, k, v, state)
     y_ref, out_ref = wkv_lib.wkv_scan(w, u, k, v, state)
@@ -104,27 +88,27 @@ class _WKVKernelChecks:
     assert y.dtype == k.dtype and y.shape == k.shape
     assert all(s.dtype == jnp.float32 and s.shape == (b, c) for s in out)
     for name, x, ref in zip(("y", "num", "den", "max_exp"), (y, *out), (y_ref, *out_ref)):
-      assert _rel_err(x, ref) < tol_fwd, (name, _rel_err(x, ref))
+      assert rel_err(x, ref) < tol_fwd, (name, rel_err(x, ref))
     grads = _loss_grad(kernel)(w, u, k, v, state)
     grads_ref = _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)
     names = ("w", "u", "k", "v", "state.num", "state.den", "state.max_exp")
     for name, g, g_ref in zip(names, jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
       assert g.dtype == g_ref.dtype and np.all(np.isfinite(np.asarray(g, np.float32))), name
-      assert _rel_err(g, g_ref) < tol_grad, (name, _rel_err(g, g_ref))
+      assert rel_err(g, g_ref) < tol_grad, (name, rel_err(g, g_ref))
 
   @pytest.mark.parametrize("time_decay,k_max", [((-3.0, 1.0), 3.0), ((-9.0, 4.0), 60.0)])
   def test_matches_float64_eq16(self, time_decay, k_max):
-    w, u, k, v, state = _inputs(1, 2, 21, 16, jnp.float32, time_decay, k_max)
+    w, u, k, v, state = random_inputs(1, 2, 21, 16, jnp.float32, time_decay, k_max)
     y, out = self.wkv(w, u, k, v, state, block_sizes=wkv_pallas.BlockSizes(block_t=8))
     y64, (num64, den64, max64) = _naive_eq16(w, u, k, v, state)
-    assert _rel_err(y, y64) < 2e-5
+    assert rel_err(y, y64) < 2e-5
     # The state's split into mantissa and exponent is the same by construction (a max).
     np.testing.assert_allclose(out.max_exp, max64, rtol=1e-6, atol=1e-4)
     np.testing.assert_allclose(out.num / out.den, num64 / den64, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out.den, den64, rtol=1e-4)
 
   def test_chunked_calls_equal_one_call(self):
-    w, u, k, v, state = _inputs(2, 2, 45, 24, jnp.float32)
+    w, u, k, v, state = random_inputs(2, 2, 45, 24, jnp.float32)
     y_full, out_full = self.wkv(w, u, k, v, state)
     ys, out = [], state
     for start, stop in ((0, 7), (7, 23), (23, 24), (24, 45)):
@@ -135,7 +119,7 @@ class _WKVKernelChecks:
       np.testing.assert_allclose(s, s_full, rtol=1e-5, atol=1e-5)
 
   def test_no_state_means_empty_state(self):
-    w, u, k, v, _ = _inputs(3, 1, 9, 8, jnp.float32)
+    w, u, k, v, _ = random_inputs(3, 1, 9, 8, jnp.float32)
     y, out = self.wkv(w, u, k, v)
     y_ref, out_ref = wkv_lib.wkv_scan(w, u, k, v)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
@@ -152,7 +136,7 @@ class TestWKVPallasInterpret(_WKVKernelChecks):
                                  interpret=self.INTERPRET)
 
   def test_dispatcher_runs_it_by_name(self):
-    w, u, k, v, state = _inputs(4, 2, 5, 6, jnp.float32)
+    w, u, k, v, state = random_inputs(4, 2, 5, 6, jnp.float32)
     y, _ = wkv_lib.wkv(w, u, k, v, state, impl="pallas")
     np.testing.assert_allclose(y, wkv_lib.wkv_scan(w, u, k, v, state)[0], rtol=1e-5, atol=1e-6)
 
@@ -161,7 +145,7 @@ class TestWKVPallasInterpret(_WKVKernelChecks):
       wkv_pallas.BlockSizes(block_t=12)
 
   def test_rejects_mismatched_shapes(self):
-    w, u, k, v, state = _inputs(5, 2, 5, 6, jnp.float32)
+    w, u, k, v, state = random_inputs(5, 2, 5, 6, jnp.float32)
     with pytest.raises(ValueError, match="w and u must be"):
       self.wkv(w[:4], u, k, v, state)
     with pytest.raises(ValueError, match="state tensors must be"):
@@ -184,6 +168,6 @@ class TestWKVTriton(_WKVKernelChecks):
     return wkv_triton.wkv_triton(w, u, k, v, state)
 
   def test_dispatcher_runs_it_by_name(self):
-    w, u, k, v, state = _inputs(4, 2, 5, 6, jnp.float32)
+    w, u, k, v, state = random_inputs(4, 2, 5, 6, jnp.float32)
     y, _ = wkv_lib.wkv(w, u, k, v, state, impl="triton")
     np.testing.assert_allclose(y, wkv_lib.wkv_scan(w, u, k, v, state)[0], rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ import pytest
 
 from rwkv_jax import wkv as wkv_lib
 from rwkv_jax.wkv import WKVState
+from wkv_util import rel_err
 
 IMPLS = {"scan": wkv_lib.wkv_scan, "associative": wkv_lib.wkv_associative}
 
@@ -76,11 +77,6 @@ def _loss(fn, weights):
   return loss
 
 
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-6)
-
-
 SHAPES = [(1, 1, 1), (2, 7, 5), (3, 64, 16), (2, 129, 3)]
 
 
@@ -121,7 +117,7 @@ def test_forward_and_gradients_match_naive_float64(impl, b, t, c, k_scale):
   flat, flat_ref = jax.tree.leaves(grads), jax.tree.leaves(grads_ref)
   for name, g, g_ref in zip(names, flat, flat_ref):
     assert np.all(np.isfinite(g)), name
-    assert _rel_err(g, g_ref) < (2e-4 if k_scale <= 1 else 2e-3), (name, _rel_err(g, g_ref))
+    assert rel_err(g, g_ref) < (2e-4 if k_scale <= 1 else 2e-3), (name, rel_err(g, g_ref))
 
 
 @pytest.mark.parametrize("t", [1, 2, 1000, 4096])
@@ -160,7 +156,7 @@ def test_scan_and_associative_gradients_agree_at_length_4096():
   g_scan = jax.jit(jax.grad(_loss(wkv_lib.wkv_scan, weights), argnums=range(5)))(*args)
   g_assoc = jax.jit(jax.grad(_loss(wkv_lib.wkv_associative, weights), argnums=range(5)))(*args)
   for g1, g2 in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_assoc)):
-    assert _rel_err(g2, g1) < 1e-3
+    assert rel_err(g2, g1) < 1e-3
 
 
 @pytest.mark.parametrize("splits", [[1], [5, 6], [3, 17, 30], [31]])
