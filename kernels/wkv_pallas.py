@@ -1,21 +1,12 @@
 """Chunked WKV (paper eq. 16, Appendix D) as Pallas kernels, parallel over batch, channels and time.
 
-The sequential recurrence is cut into chunks of `block_t` tokens. Within a chunk every output is
-an explicit sum over at most `block_t` earlier tokens of the same chunk plus the state carried in,
-so each chunk is independent once its incoming state is known:
-
-  1. `_summary_kernel`: for every chunk in parallel, the state the chunk alone leaves behind
-     (started empty), as (num, den, max_exp) with the max-exponent trick.
-  2. The chunk summaries are chained with the shared monoid `rwkv_jax.wkv._combine` by a
-     `lax.associative_scan` over the chunk axis (in plain JAX; it touches 1/block_t of the data),
-     giving the state entering each chunk and the final state.
-  3. `_output_kernel`: for every chunk in parallel, y_t = (state term + sum over earlier tokens of
-     the chunk + bonus term) / (same with ones), each row shifted by its own maximum exponent.
+The algorithm, its three steps (per-chunk summaries, chaining over chunks, per-chunk outputs) and
+its custom VJP are in `chunked.py`, shared with the Triton kernels (`wkv_triton.py`); this module
+supplies the four kernels as Pallas calls over inputs padded to whole tiles.
 
 The grid is (batch, channel blocks, chunks), so even one long sequence fills the GPU; the cost is
 O(block_t) exponentials per token instead of one, which is cheap next to the memory traffic this
-op is bound by. The backward pass is two more kernels with the hand-derived gradients of steps 3
-and 1 (`_output_bwd_kernel`, `_summary_bwd_kernel`), with step 2 differentiated by JAX.
+op is bound by.
 
 Backend choice: the kernels use only refs, `BlockSpec`s and jnp arithmetic (broadcasts, exp,
 max/sum reductions), the subset that Pallas lowers through Triton on GPU (selected explicitly by
@@ -40,6 +31,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from rwkv_jax import wkv as wkv_lib
 from rwkv_jax.wkv import WKVState
+from rwkv_jax_kernels import chunked
 
 Array = jax.Array
 
@@ -102,69 +94,17 @@ def wkv_pallas(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = 
   pad_vec = lambda x, value: jnp.pad(jnp.asarray(x, jnp.float32), (0, pad_c),
                                      constant_values=value)
   pad_bc = lambda x, value: jnp.pad(x, ((0, 0), (0, pad_c)), constant_values=value)
-  y, num, den, max_exp = _wkv_padded(
-      pad_vec(w, 1.0), pad_vec(u, 0.0), pad_kv(k), pad_kv(v), pad_bc(state.num, 0.0),
-      pad_bc(state.den, 0.0), pad_bc(state.max_exp, wkv_lib.EMPTY_MAX_EXP),
-      t, blocks, interpret)
+  kernels = chunked.ChunkKernels(
+      summary=functools.partial(_summary_call, seq_len=t, blocks=blocks, interpret=interpret),
+      output=functools.partial(_output_call, blocks=blocks, interpret=interpret),
+      output_bwd=functools.partial(_output_bwd_call, blocks=blocks, interpret=interpret),
+      summary_bwd=functools.partial(_summary_bwd_call, seq_len=t, blocks=blocks,
+                                    interpret=interpret))
+  y, num, den, max_exp = chunked.chunked_wkv(
+      kernels, block_t, t, pad_vec(w, 1.0), pad_vec(u, 0.0), pad_kv(k), pad_kv(v),
+      pad_bc(state.num, 0.0), pad_bc(state.den, 0.0),
+      pad_bc(state.max_exp, wkv_lib.EMPTY_MAX_EXP))
   return y[:, :t, :c], WKVState(num[:, :c], den[:, :c], max_exp[:, :c])
-
-
-# ----------------------------------------------------------------------------------------------
-# custom_vjp over padded inputs: t_bc = [b, n * l, c], state [b, c], c a multiple of block_c.
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _wkv_padded(w, u, k, v, num, den, max_exp, seq_len, blocks, interpret):
-  y, final, _ = _wkv_padded_fwd_impl(w, u, k, v, num, den, max_exp, seq_len, blocks, interpret)
-  return (y, *final)
-
-
-def _wkv_padded_fwd_impl(w, u, k, v, num, den, max_exp, seq_len, blocks, interpret):
-  summary = _summary_call(k, v, w, seq_len, blocks, interpret)
-  incoming, final = _chain_chunks(summary, (num, den, max_exp), w, seq_len, blocks.block_t)
-  y = _output_call(*incoming, k, v, w, u, blocks, interpret)
-  return y, final, (summary, incoming)
-
-
-def _wkv_padded_fwd(w, u, k, v, num, den, max_exp, seq_len, blocks, interpret):
-  y, final, (summary, incoming) = _wkv_padded_fwd_impl(
-      w, u, k, v, num, den, max_exp, seq_len, blocks, interpret)
-  return (y, *final), (w, u, k, v, (num, den, max_exp), summary, incoming)
-
-
-def _wkv_padded_bwd(seq_len, blocks, interpret, residuals, cotangents):
-  w, u, k, v, state, summary, incoming = residuals
-  dy, *dfinal = cotangents
-  # Step 3 backward: gradients of the outputs, including those w.r.t. each chunk's incoming state.
-  dk_out, dv_out, dincoming, dw_out, du_out = _output_bwd_call(
-      *incoming, k, v, w, u, dy, blocks, interpret)
-  # Step 2 backward: through the chaining, by JAX.
-  _, chain_vjp = jax.vjp(
-      lambda s, s0, w_: _chain_chunks(s, s0, w_, seq_len, blocks.block_t), summary, state, w)
-  dsummary, dstate, dw_chain = chain_vjp((dincoming, tuple(dfinal)))
-  # Step 1 backward, adding the step-3 gradients of k and v in the same pass.
-  dk, dv, dw_summary = _summary_bwd_call(
-      k, v, w, *dsummary, dk_out, dv_out, seq_len, blocks, interpret)
-  dw = dw_chain + dw_out.sum((0, 1)) + dw_summary.sum((0, 1))
-  return (dw, du_out.sum((0, 1)), dk, dv, *dstate)
-
-
-_wkv_padded.defvjp(_wkv_padded_fwd, _wkv_padded_bwd)
-
-
-def _chain_chunks(summary, state, w, seq_len, block_t):
-  """Step 2: the states entering each chunk ([b, n, c] x 3) and the final state ([b, c] x 3)."""
-  num, den, max_exp = summary
-  n = num.shape[1]
-  chunk_len = jnp.minimum(block_t, seq_len - block_t * jnp.arange(n)).astype(jnp.float32)
-  log_decay = jnp.broadcast_to(-chunk_len[None, :, None] * w, num.shape)
-  num, den, max_exp, decay = jax.lax.associative_scan(
-      wkv_lib._combine, (num, den, max_exp, log_decay), axis=1)  # pylint: disable=protected-access
-  s0 = [s[:, None, :] for s in state]
-  after = wkv_lib._merge(s0[0], s0[1], s0[2] + decay, num, den, max_exp)  # pylint: disable=protected-access
-  incoming = tuple(jnp.concatenate([s, x[:, :-1]], axis=1) for s, x in zip(s0, after))
-  final = tuple(x[:, -1] for x in after)
-  return incoming, final
 
 
 # ----------------------------------------------------------------------------------------------
