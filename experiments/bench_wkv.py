@@ -48,7 +48,7 @@ GPU_SHAPES: tuple[Shape, ...] = ((8, 1024, 768), (32, 1024, 768), (8, 1024, 2048
 # Two to three minutes on 2 shared CPU cores, much of it compiling the associative scan.
 CPU_SHAPES: tuple[Shape, ...] = ((1, 256, 64), (4, 1024, 256), (8, 1024, 768))
 # Pallas off a GPU runs in its interpreter: a correctness tool whose timings mean nothing.
-_INTERPRETED_ON_CPU = ("pallas",)
+_INTERPRETED_ON_CPU = ("pallas", "triton")
 _SPEEDUP_TARGET = {"shape": (8, 1024, 768), "impl": "associative", "min_x": 20.0}
 
 BYTE_MODEL = {
@@ -184,7 +184,7 @@ def run_entry(impl: str, shape: Shape, dtype_name: str, mode: str, inputs: dict[
   """Times one (impl, shape, dtype, mode); errors are recorded, not raised."""
   entry: dict[str, Any] = {"impl": impl, "shape": list(shape), "dtype": dtype_name, "mode": mode}
   if impl in _INTERPRETED_ON_CPU and jax.default_backend() == "cpu":
-    entry["note"] = "Pallas interpreter on CPU: not a kernel timing"
+    entry["note"] = "kernel interpreter on CPU: not a kernel timing"
   try:
     fn, names = make_fn(impl, mode)
     timing = benchlib.time_fn(fn, *(inputs[n] for n in names), repeats=repeats)
@@ -272,7 +272,8 @@ def main(argv: list[str]) -> None:
   tag = _TAG.value or benchlib.default_tag()
   json_path, png_path = out_dir / f"bench_wkv_{tag}.json", out_dir / f"bench_wkv_{tag}.png"
 
-  # A requested backend that cannot load (e.g. triton without jax-triton) becomes error entries.
+  # A requested backend that cannot load (e.g. triton where triton is not installed) becomes
+  # error entries.
   unavailable = {}
   for impl in impls:
     try:

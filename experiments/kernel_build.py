@@ -1,5 +1,5 @@
-r"""Compiles the WKV GPU kernels for sm_80 and sm_90a on this machine (no GPU needed) and records
-what each costs: registers per thread, spills, stack, shared memory, cubin size.
+r"""Compiles the WKV GPU kernels (Pallas and Triton) for sm_80 and sm_90a on this machine (no GPU
+needed) and records what each costs: registers per thread, spills, stack, shared memory, cubin size.
 
   python -m experiments.kernel_build [--out=experiments/results/kernel_build.json]
 
@@ -35,12 +35,12 @@ def main(argv):
   defaults = []
   for arch, (dtype_name, dtype) in itertools.product(
       archs, [("float32", jnp.float32), ("bfloat16", jnp.bfloat16)]):
-    builds = gpu_compile.compile_wkv_pallas(shape, dtype, arch) + [
-        gpu_compile.compile_wkv_triton(dtype, arch)]
-    for build in builds:
-      defaults.append({"dtype": dtype_name, **build.as_dict()})
-      print(f"sm_{arch} {dtype_name:8s} {build.name:20s} {build.registers:3d} registers "
-            f"{build.spill_store_bytes:4d} B spilled {build.shared_bytes:6d} B shared")
+    for backend, builds in (("pallas", gpu_compile.compile_wkv_pallas(shape, dtype, arch)),
+                            ("triton", gpu_compile.compile_wkv_triton(dtype, arch))):
+      for build in builds:
+        defaults.append({"backend": backend, "dtype": dtype_name, **build.as_dict()})
+        print(f"sm_{arch} {dtype_name:8s} {build.name:24s} {build.registers:3d} registers "
+              f"{build.spill_store_bytes:4d} B spilled {build.shared_bytes:6d} B shared")
 
   sweep = []
   for block_t, block_c, num_warps in itertools.product((8, 16, 32), (32, 64), (4, 8)):
@@ -54,7 +54,8 @@ def main(argv):
       "note": "Compiled ahead of time on the machine named in environment; nothing ran on a GPU.",
       "pallas_lowered_at_shape": list(shape),
       "default_tiles": {"pallas": vars(wkv_pallas.BlockSizes()),
-                        "triton": {"block_c": wkv_triton_kernel.BLOCK_C,
+                        "triton": {"block_t": wkv_triton_kernel.BLOCK_T,
+                                   "block_c": wkv_triton_kernel.BLOCK_C,
                                    "num_warps": wkv_triton_kernel.NUM_WARPS}},
       "builds": defaults,
       "pallas_tile_sweep_fp32": sweep,

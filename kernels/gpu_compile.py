@@ -5,7 +5,7 @@ Everything here runs on the CPU:
 * Pallas: lowering a jitted function for the "cuda" platform
   (`jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`) works with a CPU-only jaxlib and
   turns each `pallas_call` into a Triton IR (TTIR) module; `pallas_ttir` captures those modules.
-* Triton (the `triton` package): TTIR, or a `@triton.jit` function, goes through Triton's own
+* Triton (the `triton` package): TTIR, or a `@triton.jit` kernel, goes through Triton's own
   pipeline (TTGIR, LLVM IR, PTX) to a cubin for `GPUTarget("cuda", arch, 32)`, assembled by the
   `ptxas` that ships in the triton wheel; `ptxas -v` then reports each kernel's registers, spills
   and stack.
@@ -14,7 +14,7 @@ On a GPU, XLA compiles the Pallas TTIR with the Triton it bundles rather than th
 so this shows that the IR is valid Triton that compiles for the architecture and what each kernel
 costs in registers and shared memory; it runs nothing. The numbers are checked in Pallas's and
 Triton's interpreters on CPU and compiled on a GPU (`tests/test_kernels.py`,
-`tests/test_kernel_compile.py`, `scripts/gpu_check.sh`).
+`scripts/gpu_check.sh`).
 
 `triton` is needed (it is in requirements-test.txt); JAX's GPU build and `jax_triton` are not.
 """
@@ -154,17 +154,31 @@ def compile_wkv_pallas(shape: tuple[int, int, int], dtype=jnp.float32, arch: int
           for ttir in wkv_pallas_ttir(shape, dtype, block_sizes)]
 
 
+# Pointer arguments in k's dtype; every other pointer is float32, every other argument an int32
+# or a constexpr.
+_TRITON_IO_POINTERS = {
+    "wkv_summary_kernel": {"k_ptr", "v_ptr"},
+    "wkv_output_kernel": {"k_ptr", "v_ptr", "y_ptr"},
+    "wkv_output_bwd_kernel": {"k_ptr", "v_ptr", "dy_ptr"},
+    "wkv_summary_bwd_kernel": {"k_ptr", "v_ptr", "dk_ptr", "dv_ptr"},
+}
+
+
 def compile_wkv_triton(dtype=jnp.float32, arch: int = 90,
+                       block_t: int = wkv_triton_kernel.BLOCK_T,
                        block_c: int = wkv_triton_kernel.BLOCK_C,
-                       num_warps: int = wkv_triton_kernel.NUM_WARPS) -> KernelBuild:
-  """The jax-triton WKV forward kernel compiled for sm_<arch>, as `wkv_triton` launches it."""
+                       num_warps: int = wkv_triton_kernel.NUM_WARPS) -> list[KernelBuild]:
+  """The four chunked WKV Triton kernels compiled for sm_<arch>, as `wkv_triton` launches them."""
   io = "*" + _TRITON_TYPES[jnp.dtype(dtype)]
-  signature = dict(w_ptr="*fp32", u_ptr="*fp32", k_ptr=io, v_ptr=io, num_ptr="*fp32",
-                   den_ptr="*fp32", max_ptr="*fp32", seq_len="i32", channels="i32", y_ptr=io,
-                   num_out_ptr="*fp32", den_out_ptr="*fp32", max_out_ptr="*fp32",
-                   block_c="constexpr")
-  source = triton.compiler.ASTSource(fn=wkv_triton_kernel.wkv_forward_kernel,
-                                     signature=signature, constexprs=dict(block_c=block_c))
-  compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=num_warps, num_stages=1))
-  return _build(compiled, arch, num_warps)
+  builds = []
+  for name, io_pointers in _TRITON_IO_POINTERS.items():
+    kernel = getattr(wkv_triton_kernel, name)
+    signature = {p.name: ("constexpr" if p.is_constexpr else
+                          (io if p.name in io_pointers else "*fp32") if p.name.endswith("_ptr")
+                          else "i32") for p in kernel.params}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature,
+                                       constexprs=dict(block_t=block_t, block_c=block_c))
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=1))
+    builds.append(_build(compiled, arch, num_warps))
+  return builds

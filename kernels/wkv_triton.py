@@ -1,133 +1,226 @@
-"""WKV forward as a hand-written Triton kernel called through jax-triton (GPU only).
+"""Chunked WKV as hand-written Triton kernels launched through jax-triton.
 
-One program per (batch row, block of `block_c` channels) walks the sequence in order, keeping the
-float32 state (num, den, max_exp) in registers and applying the same two log-space merges as
-`rwkv_jax.wkv.wkv_step` per token: the readout with the bonus e^{u + k_t}, then the decay by
-e^{-w} and the addition of the token. This is the official CUDA kernel's schedule (sequential in
-time, parallel over batch and channels) without its T_MAX limit and with the state passed in and
-out, so any T works and calls can be chained. It is latency-bound for long single sequences; the
-chunked Pallas kernels (`wkv_pallas.py`) are parallel in time as well.
+The same algorithm as the Pallas kernels (`chunked.py`: per-chunk summaries, chaining over chunks,
+per-chunk outputs, and the two backward kernels), written in the Triton language
+(`wkv_triton_kernel.py`) and launched with `jax_triton.triton_call`. Parallel over batch, channel
+blocks and chunks of time, so one long sequence fills the GPU too; any t and any c, because tiles
+past the end are masked inside the kernels rather than padded.
 
-The backward pass is not a Triton kernel: it is the vjp of `rwkv_jax.wkv.wkv_associative` (pure
-JAX, O(log t) depth), recomputed from the saved inputs.
+`interpret=True` runs the same kernels in Triton's interpreter instead, from a
+`jax.pure_callback` on torch CPU tensors: slow, but it checks everything this module does
+(launch arguments, grids, masks, the custom VJP) on a machine without a GPU. None (the default)
+interprets unless JAX runs on a GPU.
 
-The kernel body is in `wkv_triton_kernel.py` (Triton only, no JAX), so it can also be compiled
-for a GPU architecture and run in Triton's interpreter on a machine without a GPU.
+Needs `triton`; a GPU launch also needs `jax_triton` (imported only then: it fails to import on a
+CPU-only jax) and the interpreter needs `torch`. The dispatcher imports this module only when
+impl="triton" is asked for and treats an ImportError as "backend unavailable".
 
-Importing this module needs `triton` and a GPU build of jax with `jax_triton`; the dispatcher
-imports it only when impl="triton" is asked for, and treats an ImportError as
-"backend unavailable".
-
-Shapes: b = batch, t = time, c = channels, cb = block_c.
+Shapes: b = batch, t = time, c = channels, n = chunks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import os
+import threading
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import jax_triton as jt
+import numpy as np
 import triton
 
 from rwkv_jax import wkv as wkv_lib
 from rwkv_jax.wkv import WKVState
-from rwkv_jax_kernels import wkv_triton_kernel
+from rwkv_jax_kernels import chunked
+from rwkv_jax_kernels import wkv_triton_kernel as kernels_lib
 
 Array = jax.Array
+
+_INTERPRETER_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Channels per program (a power of two) and warps per program."""
+  """Tokens per chunk and channels per program (powers of two), and warps per program."""
 
-  block_c: int = wkv_triton_kernel.BLOCK_C
-  num_warps: int = wkv_triton_kernel.NUM_WARPS
+  block_t: int = kernels_lib.BLOCK_T
+  block_c: int = kernels_lib.BLOCK_C
+  num_warps: int = kernels_lib.NUM_WARPS
 
   def __post_init__(self):
-    if self.block_c < 1 or self.block_c & (self.block_c - 1):
-      raise ValueError(f"BlockSizes.block_c={self.block_c} must be a power of two.")
+    for name in ("block_t", "block_c"):
+      size = getattr(self, name)
+      if size < 1 or size & (size - 1):
+        raise ValueError(f"BlockSizes.{name}={size} must be a power of two.")
 
 
 # ----------------------------------------------------------------------------------------------
 # Public entry.
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes",))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def wkv_triton(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None, *,
-               block_sizes: BlockSizes = BlockSizes()) -> tuple[Array, WKVState]:
-  """WKV with the Triton forward kernel; the contract of `rwkv_jax.wkv.wkv_scan`.
+               block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None
+               ) -> tuple[Array, WKVState]:
+  """WKV with the chunked Triton kernels; the contract of `rwkv_jax.wkv.wkv_scan`.
 
   Args:
     w: [c] per-step decay rate, exp(time_decay) > 0.
     u: [c] bonus of the current token (time_first).
     k, v: [b, t, c] keys and values, float32 or bfloat16.
     state: incoming WKVState (float32 [b, c] each) or None for an empty one.
-    block_sizes: channels and warps per program.
+    block_sizes: tile sizes and warps per program.
+    interpret: run the kernels in Triton's interpreter; None means "unless on a GPU".
 
   Returns:
     y [b, t, c] in k's dtype, and the float32 state after the last token.
   """
+  if interpret is None:
+    interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
   state = wkv_lib.check_inputs(w, u, k, v, state)
-  b, t, c = k.shape
+  t, c = k.shape[1:]
   if t == 0:
     return k, state
+  blocks = dataclasses.replace(block_sizes,
+                               block_c=min(block_sizes.block_c, triton.next_power_of_2(c)))
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  y, num, den, max_exp = _wkv(f32(w), f32(u), k, v, *state, block_sizes)
+  on = dict(blocks=blocks, interpret=interpret)
+  kernels = chunked.ChunkKernels(
+      summary=functools.partial(_summary, **on), output=functools.partial(_output, **on),
+      output_bwd=functools.partial(_output_bwd, **on),
+      summary_bwd=functools.partial(_summary_bwd, **on))
+  y, num, den, max_exp = chunked.chunked_wkv(kernels, blocks.block_t, t, f32(w), f32(u), k, v,
+                                             *state)
   return y, WKVState(num, den, max_exp)
 
 
 # ----------------------------------------------------------------------------------------------
-# custom_vjp: Triton forward, associative-scan backward.
+# The four kernels of chunked.ChunkKernels.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _wkv(w, u, k, v, num, den, max_exp, block_sizes):
-  return _forward_call(w, u, k, v, num, den, max_exp, block_sizes)
-
-
-def _wkv_fwd(w, u, k, v, num, den, max_exp, block_sizes):
-  out = _forward_call(w, u, k, v, num, den, max_exp, block_sizes)
-  return out, (w, u, k, v, num, den, max_exp)
-
-
-def _wkv_bwd(block_sizes, residuals, cotangents):
-  del block_sizes
-
-  def associative(w, u, k, v, num, den, max_exp):
-    y, out = wkv_lib.wkv_associative(w, u, k, v, WKVState(num, den, max_exp))
-    return (y, *out)
-
-  _, vjp = jax.vjp(associative, *residuals)
-  return vjp(tuple(cotangents))
-
-
-_wkv.defvjp(_wkv_fwd, _wkv_bwd)
-
-
-def _forward_call(w, u, k, v, num, den, max_exp, block_sizes):
+def _per_chunk(k, blocks, count):
   b, t, c = k.shape
-  block_c = min(block_sizes.block_c, triton.next_power_of_2(c))
-  state_shape = jax.ShapeDtypeStruct((b, c), jnp.float32)
-  return jt.triton_call(
-      w, u, k, v, num, den, max_exp, t, c,
-      kernel=wkv_triton_kernel.wkv_forward_kernel,
-      out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), state_shape, state_shape, state_shape),
-      grid=wkv_triton_kernel.grid(b, c, block_c),
-      num_warps=block_sizes.num_warps,
-      num_stages=1,
-      block_c=block_c,
-  )
+  return (jax.ShapeDtypeStruct((b, triton.cdiv(t, blocks.block_t), c), jnp.float32),) * count
+
+
+def _summary(k, v, w, *, blocks, interpret):
+  t, c = k.shape[1:]
+  return _launch(kernels_lib.wkv_summary_kernel, k, v, w, t, c, seq=k,
+                 out_shape=_per_chunk(k, blocks, 3), blocks=blocks, interpret=interpret)
+
+
+def _output(num, den, max_exp, k, v, w, u, *, blocks, interpret):
+  t, c = k.shape[1:]
+  (y,) = _launch(kernels_lib.wkv_output_kernel, num, den, max_exp, k, v, w, u, t, c, seq=k,
+                 out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype),), blocks=blocks,
+                 interpret=interpret)
+  return y
+
+
+def _output_bwd(num, den, max_exp, k, v, w, u, dy, *, blocks, interpret):
+  t, c = k.shape[1:]
+  per_token = jax.ShapeDtypeStruct(k.shape, jnp.float32)
+  dk, dv, dnum, dden, dmax, dw, du = _launch(
+      kernels_lib.wkv_output_bwd_kernel, num, den, max_exp, k, v, w, u, dy, t, c, seq=k,
+      out_shape=(per_token, per_token) + _per_chunk(k, blocks, 5), blocks=blocks,
+      interpret=interpret)
+  return dk, dv, (dnum, dden, dmax), dw, du
+
+
+def _summary_bwd(k, v, w, dnum, dden, dmax, dk_in, dv_in, *, blocks, interpret):
+  t, c = k.shape[1:]
+  per_token = jax.ShapeDtypeStruct(k.shape, k.dtype)
+  return _launch(kernels_lib.wkv_summary_bwd_kernel, k, v, w, dnum, dden, dmax, dk_in, dv_in, t,
+                 c, seq=k, out_shape=(per_token, per_token) + _per_chunk(k, blocks, 1),
+                 blocks=blocks, interpret=interpret)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launching: jax-triton on a GPU, Triton's interpreter elsewhere.
+
+
+def _launch(kernel, *args, seq: Array, out_shape: Sequence[jax.ShapeDtypeStruct],
+            blocks: BlockSizes, interpret: bool) -> tuple[Array, ...]:
+  """Runs `kernel(*args, *outputs)` over the grid of `seq`'s [b, t, c] tiles."""
+  b, t, c = seq.shape
+  grid = kernels_lib.grid(b, t, c, blocks.block_t, blocks.block_c)
+  constexprs = dict(block_t=blocks.block_t, block_c=blocks.block_c)
+  if interpret:
+    return _interpret(kernel, args, tuple(out_shape), grid, constexprs)
+  import jax_triton  # pylint: disable=g-import-not-at-top  (needs a GPU build of jax)
+  return tuple(jax_triton.triton_call(
+      *args, kernel=kernel, out_shape=tuple(out_shape), grid=grid,
+      num_warps=blocks.num_warps, num_stages=1, **constexprs))
+
+
+def _interpret(kernel, args: Sequence[Any], out_shape: tuple[jax.ShapeDtypeStruct, ...],
+               grid: tuple[int, ...], constexprs: dict[str, int]) -> tuple[Array, ...]:
+  """The kernel in Triton's interpreter, on torch CPU copies of the arrays."""
+  array_at = [i for i, arg in enumerate(args) if isinstance(arg, jax.Array)]
+
+  interpreted = getattr(_interpreted_kernels(), kernel.fn.__name__)
+
+  def host(*arrays):
+    full = list(args)
+    for i, array in zip(array_at, arrays):
+      full[i] = _to_torch(np.asarray(array))
+    outs = [_to_torch(np.zeros(s.shape, s.dtype)) for s in out_shape]
+    # The interpreter patches triton.language while it runs: one kernel at a time, although XLA
+    # may run independent callbacks on several threads.
+    with _INTERPRETER_LOCK:
+      interpreted[grid](*full, *outs, **constexprs)
+    return tuple(_to_numpy(o, s.dtype) for o, s in zip(outs, out_shape))
+
+  return jax.pure_callback(host, out_shape, *(args[i] for i in array_at))
+
+
+@functools.cache
+def _interpreted_kernels():
+  """A second copy of `wkv_triton_kernel` whose functions (helpers too) Triton interprets.
+
+  `triton.jit` picks compiled or interpreted when it decorates, from TRITON_INTERPRET; the copy is
+  imported with it set, so the compiled module stays as it is.
+  """
+  spec = importlib.util.spec_from_file_location(
+      kernels_lib.__name__ + "_interpreted", kernels_lib.__file__)
+  module = importlib.util.module_from_spec(spec)
+  previous = os.environ.get("TRITON_INTERPRET")
+  os.environ["TRITON_INTERPRET"] = "1"
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    if previous is None:
+      del os.environ["TRITON_INTERPRET"]
+    else:
+      os.environ["TRITON_INTERPRET"] = previous
+  return module
+
+
+def _to_torch(x: np.ndarray):
+  import torch  # pylint: disable=g-import-not-at-top
+  if x.dtype == jnp.bfloat16:  # numpy has no bfloat16 of its own: move the bits
+    return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+  return torch.from_numpy(np.array(x))
+
+
+def _to_numpy(x, dtype) -> np.ndarray:
+  import torch  # pylint: disable=g-import-not-at-top
+  if x.dtype == torch.bfloat16:
+    return x.view(torch.int16).numpy().view(dtype)
+  return x.numpy()
 
 
 # ----------------------------------------------------------------------------------------------
 
 
 def wkv_triton_reference(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None,
-                         *, block_sizes: BlockSizes = BlockSizes()) -> tuple[Array, WKVState]:
-  """The sequential scan the kernel must match; same signature as `wkv_triton`."""
-  del block_sizes
+                         *, block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None
+                         ) -> tuple[Array, WKVState]:
+  """The sequential scan the kernels must match; same signature as `wkv_triton`."""
+  del block_sizes, interpret
   return wkv_lib.wkv_scan(w, u, k, v, state)
 
 

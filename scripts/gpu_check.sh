@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of rwkv_jax in one run (at most 8 minutes): the GPU tests (`pytest -m gpu`:
-# compiled Pallas and jax-triton WKV kernels), the WKV benchmark and the training-step benchmark
+# compiled Pallas and Triton WKV kernels), the WKV benchmark and the training-step benchmark
 # (169M and 1.5B), results into one folder.
 #
 # Usage: scripts/gpu_check.sh [RESULTS_DIR]     (default: $OUT, else experiments/results/gpu)
@@ -32,15 +32,15 @@ export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS=cuda PYT
 } >"$RES/env.txt" 2>&1
 
 status=0
-timeout 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+timeout 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
   --junitxml="$RES/junit.xml" tests 2>&1 | tee "$RES/pytest.log" || status=1
-timeout 130 "$PY" -m experiments.bench_wkv --impls=scan,associative,pallas,triton \
+timeout 120 "$PY" -m experiments.bench_wkv --impls=scan,associative,pallas,triton \
   --budget_s=100 --out="$RES/bench" 2>&1 | tee "$RES/bench.log" || status=1
 # Training-step throughput (the 169M and 1.5B targets), per WKV implementation.
-timeout 75 "$PY" -m experiments.bench_train --model=169m --batch_size=16 --dtype=bfloat16 \
-  --impls=associative,pallas --steps=5 --repeats=2 --out="$RES/bench_train_169m.json" \
+timeout 90 "$PY" -m experiments.bench_train --model=169m --batch_size=16 --dtype=bfloat16 \
+  --impls=associative,pallas,triton --steps=5 --repeats=2 --out="$RES/bench_train_169m.json" \
   2>&1 | tee "$RES/bench_train_169m.log" || status=1
-timeout 75 "$PY" -m experiments.bench_train --model=1b5 --batch_size=8 --dtype=bfloat16 \
+timeout 65 "$PY" -m experiments.bench_train --model=1b5 --batch_size=8 --dtype=bfloat16 \
   --impls=associative --steps=3 --repeats=2 --out="$RES/bench_train_1b5.json" \
   2>&1 | tee "$RES/bench_train_1b5.log" || status=1
 exit $status

@@ -99,7 +99,7 @@ class _WKVKernelChecks:
   @pytest.mark.parametrize("time_decay,k_max", [((-3.0, 1.0), 3.0), ((-9.0, 4.0), 60.0)])
   def test_matches_float64_eq16(self, time_decay, k_max):
     w, u, k, v, state = random_inputs(1, 2, 21, 16, jnp.float32, time_decay, k_max)
-    y, out = self.wkv(w, u, k, v, state, block_sizes=wkv_pallas.BlockSizes(block_t=8))
+    y, out = self.wkv(w, u, k, v, state, block_sizes=(8, 32))
     y64, (num64, den64, max64) = _naive_eq16(w, u, k, v, state)
     assert rel_err(y, y64) < 2e-5
     # The state's split into mantissa and exponent is the same by construction (a max).
@@ -128,16 +128,16 @@ class _WKVKernelChecks:
 
 class TestWKVPallasInterpret(_WKVKernelChecks):
   INTERPRET = True
+  IMPL = "pallas"
 
   def wkv(self, w, u, k, v, state=None, block_sizes=None):
-    blocks = (wkv_pallas.BlockSizes(*block_sizes) if isinstance(block_sizes, tuple)
-              else block_sizes or wkv_pallas.BlockSizes())
+    blocks = wkv_pallas.BlockSizes(*block_sizes) if block_sizes else wkv_pallas.BlockSizes()
     return wkv_pallas.wkv_pallas(w, u, k, v, state, block_sizes=blocks,
                                  interpret=self.INTERPRET)
 
   def test_dispatcher_runs_it_by_name(self):
     w, u, k, v, state = random_inputs(4, 2, 5, 6, jnp.float32)
-    y, _ = wkv_lib.wkv(w, u, k, v, state, impl="pallas")
+    y, _ = wkv_lib.wkv(w, u, k, v, state, impl=self.IMPL)
     np.testing.assert_allclose(y, wkv_lib.wkv_scan(w, u, k, v, state)[0], rtol=1e-5, atol=1e-6)
 
   def test_rejects_block_sizes_that_are_not_powers_of_two(self):
@@ -159,15 +159,18 @@ class TestWKVPallasCompiled(TestWKVPallasInterpret):
   INTERPRET = False
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _ON_GPU, reason="the jax-triton kernel needs a GPU build of jax")
-class TestWKVTriton(_WKVKernelChecks):
+class TestWKVTritonInterpret(TestWKVPallasInterpret):
+  """The Triton kernels, launched from JAX through Triton's interpreter (jax-triton on a GPU)."""
+  IMPL = "triton"
 
   def wkv(self, w, u, k, v, state=None, block_sizes=None):
     from rwkv_jax_kernels import wkv_triton  # pylint: disable=g-import-not-at-top
-    return wkv_triton.wkv_triton(w, u, k, v, state)
+    blocks = wkv_triton.BlockSizes(*block_sizes) if block_sizes else wkv_triton.BlockSizes()
+    return wkv_triton.wkv_triton(w, u, k, v, state, block_sizes=blocks, interpret=self.INTERPRET)
 
-  def test_dispatcher_runs_it_by_name(self):
-    w, u, k, v, state = random_inputs(4, 2, 5, 6, jnp.float32)
-    y, _ = wkv_lib.wkv(w, u, k, v, state, impl="triton")
-    np.testing.assert_allclose(y, wkv_lib.wkv_scan(w, u, k, v, state)[0], rtol=1e-5, atol=1e-6)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="jax-triton needs a GPU build of jax; CPU runs the same "
+                    "checks in Triton's interpreter (TestWKVTritonInterpret)")
+class TestWKVTritonCompiled(TestWKVTritonInterpret):
+  INTERPRET = False
