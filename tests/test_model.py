@@ -85,17 +85,22 @@ def test_empty_state_equals_no_state(model):
   np.testing.assert_array_equal(a, b)
 
 
-def test_scan_and_associative_paths_agree_with_gradients():
+# The kernels run in their interpreters on CPU: the model's training path through each of them.
+@pytest.mark.parametrize("impl", ["associative", "pallas", "triton"])
+def test_every_wkv_path_gives_the_scans_logits_state_and_gradients(impl):
   model = random_model(seed=3)
   toks = tokens(2, 17, seed=2)
+  state = model(tokens(2, 5, seed=4), impl="scan")[1]
 
   def loss(m, impl):
-    logits, _ = m(toks, impl=impl)
-    return jnp.mean(jax.nn.logsumexp(logits, -1))
+    logits, out = m(toks, state, impl=impl)
+    return jnp.mean(jax.nn.logsumexp(logits, -1)) + jnp.mean(out.num), (logits, out)
 
-  g_scan = jax.grad(loss)(model, "scan")
-  g_assoc = jax.grad(loss)(model, "associative")
-  for a, b in zip(jax.tree.leaves(nnx.state(g_scan)), jax.tree.leaves(nnx.state(g_assoc))):
+  (_, (logits, out)), grads = jax.value_and_grad(loss, has_aux=True)(model, impl)
+  (_, (logits_ref, out_ref)), grads_ref = jax.value_and_grad(loss, has_aux=True)(model, "scan")
+  np.testing.assert_allclose(logits, logits_ref, atol=2e-5, rtol=1e-5)
+  assert_states_close(out, out_ref)
+  for a, b in zip(jax.tree.leaves(nnx.state(grads)), jax.tree.leaves(nnx.state(grads_ref))):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
