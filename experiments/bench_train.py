@@ -8,6 +8,16 @@ official optimizer, so the number is what `experiments.train` gets minus data lo
 implementation in --impls is compiled and timed in turn. MFU counts the matrix-product FLOPs of
 `RWKVConfig.flops_per_token` (6 per parameter-MAC, no WKV, no rematerialization) against the
 device's dense bf16 peak; it is left empty for devices whose peak is unknown (e.g. CPUs).
+Each result also carries XLA's memory plan of the compiled step (`memory_plan`: arguments,
+outputs, donated aliases, temporaries) next to the device's measured peak where it reports one.
+
+  python -m experiments.bench_train --model=1b5 --batch_size=8 --dtype=bfloat16 --plan_only
+
+compiles the step from shapes alone (nothing allocated, nothing run) and records only the memory
+plan: whether a configuration fits a device before it is allocated there. Plan on the device
+itself: XLA's CPU backend plans neither fusion nor rematerialization as a GPU does (with jax
+0.10.2 a chain of `jax.checkpoint`ed layers plans the same temporaries on CPU as without), so a
+CPU plan says little about a GPU.
 Writes experiments/results/bench_train_<device>.json (see --out).
 """
 
@@ -36,6 +46,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
   flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
   flags.DEFINE_bool("remat", None, "Rematerialize blocks; default: the model config's.")
+  flags.DEFINE_bool("plan_only", False, "Compile from shapes and record XLA's memory plan only: "
+                    "no allocation, no timing.")
   flags.DEFINE_string("out", None, "Output JSON; default experiments/results/"
                       "bench_train_<device>.json.")
 
@@ -66,6 +78,49 @@ def _peak_memory_bytes() -> int | None:
   return None if not stats else stats.get("peak_bytes_in_use")
 
 
+def memory_plan(compiled) -> dict[str, int] | None:
+  """XLA's buffer plan of a compiled step, in bytes per device."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  plan = {"argument_bytes": stats.argument_size_in_bytes,
+          "output_bytes": stats.output_size_in_bytes,
+          "alias_bytes": stats.alias_size_in_bytes,  # outputs written over donated arguments
+          "temp_bytes": stats.temp_size_in_bytes}
+  plan["total_bytes"] = (plan["argument_bytes"] + plan["output_bytes"] - plan["alias_bytes"]
+                         + plan["temp_bytes"])
+  return plan
+
+
+def _compile_step(config, impl: str, state, mesh, tx):
+  import jax
+  import jax.numpy as jnp
+
+  from rwkv_jax import train
+
+  step_fn = train.make_train_step(state, tx, mesh, accumulate_steps=1,
+                                  l2wrap=config.optim.l2wrap, impl=impl)
+  tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.model.ctx_len), jnp.int32)
+  start = time.perf_counter()
+  compiled = step_fn.lower(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params),
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.opt_state),
+      {"inputs": tokens, "targets": tokens}).compile()
+  return compiled, time.perf_counter() - start
+
+
+def plan_train_step(config, impl: str) -> dict[str, Any]:
+  """Compiles the training step of `config` from shapes alone; returns XLA's memory plan."""
+  from rwkv_jax import sharding, train, wkv
+
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  tx = train.build_optimizer(config)
+  compiled, compile_s = _compile_step(config, impl, train.abstract_state(config, mesh, tx), mesh,
+                                      tx)
+  return {"impl": impl, "impl_resolved": wkv.resolve(impl), "compile_s": compile_s,
+          "memory_plan": memory_plan(compiled)}
+
+
 def time_train_step(config, impl: str, steps: int, repeats: int) -> dict[str, Any]:
   """Compiles and times the training step of `config` with WKV implementation `impl`."""
   import jax
@@ -76,8 +131,7 @@ def time_train_step(config, impl: str, steps: int, repeats: int) -> dict[str, An
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   tx = train.build_optimizer(config)
   state = train.init_state(config, mesh, tx)
-  step_fn = train.make_train_step(state, tx, mesh, accumulate_steps=1,
-                                  l2wrap=config.optim.l2wrap, impl=impl)
+  step_fn, compile_s = _compile_step(config, impl, state, mesh, tx)
   b, t, v = config.train.batch_size, config.model.ctx_len, config.model.vocab_size
   tokens = np.random.default_rng(0).integers(0, v, (b, t + 1), dtype=np.int32)
   batch = sharding.shard_batch(mesh, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
@@ -104,19 +158,21 @@ def time_train_step(config, impl: str, steps: int, repeats: int) -> dict[str, An
       "impl_resolved": wkv.resolve(impl),
       "step_ms_median": step_s * 1e3,
       "step_ms_min": min(samples) * 1e3,
+      "compile_s": compile_s,
       "first_call_s": first_call_s,
       "tokens_per_s": tokens_per_s,
       "model_flops_per_s": tokens_per_s * cfg.flops_per_token(),
       "mfu": (tokens_per_s * cfg.flops_per_token() / (peak * jax.device_count())
               if peak else None),
       "peak_memory_bytes": _peak_memory_bytes(),
+      "memory_plan": memory_plan(step_fn),
       "final_loss": float(metrics["loss"]),
   }
 
 
 def run(model: str, batch_size: int, ctx_len: int | None, dtype: str | None, impls: list[str],
         steps: int, repeats: int, remat: bool | None, out: str | None,
-        command: list[str] | None = None) -> pathlib.Path:
+        command: list[str] | None = None, plan_only: bool = False) -> pathlib.Path:
   """Benchmarks every implementation in `impls` and writes the JSON record; returns its path."""
   from experiments import benchlib
   from rwkv_jax import train
@@ -126,7 +182,8 @@ def run(model: str, batch_size: int, ctx_len: int | None, dtype: str | None, imp
   results = []
   for impl in impls:
     try:
-      results.append(time_train_step(config, impl, steps, repeats))
+      results.append(plan_train_step(config, impl) if plan_only
+                     else time_train_step(config, impl, steps, repeats))
     except (ValueError, NotImplementedError, RuntimeError) as e:  # e.g. a GPU-only kernel
       results.append({"impl": impl, "error": f"{type(e).__name__}: {str(e)[:500]}"})
     print(results[-1], flush=True)
@@ -141,13 +198,15 @@ def run(model: str, batch_size: int, ctx_len: int | None, dtype: str | None, imp
       "ctx_len": cfg.ctx_len,
       "tokens_per_step": batch_size * cfg.ctx_len,
       "remat": bool(config.model.remat),
-      "steps": steps,
-      "repeats": repeats,
+      "plan_only": plan_only,
+      "steps": None if plan_only else steps,
+      "repeats": None if plan_only else repeats,
       "peak_flops_per_device": train.peak_flops(),
       "results": results,
   }
-  path = pathlib.Path(out) if out else (
-      _REPO / "experiments" / "results" / f"bench_train_{benchlib.default_tag()}.json")
+  default_name = (f"bench_train_plan_{model}_{benchlib.default_tag()}.json" if plan_only
+                  else f"bench_train_{benchlib.default_tag()}.json")
+  path = pathlib.Path(out) if out else _REPO / "experiments" / "results" / default_name
   return benchlib.write_json(path, record)
 
 
@@ -156,7 +215,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   path = run(f.model, f.batch_size, f.ctx_len, f.dtype, f.impls, f.steps, f.repeats, f.remat,
-             f.out, command=sys.argv)
+             f.out, command=sys.argv, plan_only=f.plan_only)
   print(f"Wrote {path}")
 
 

@@ -82,21 +82,27 @@ class TrainState:
   opt_shardings: Any
 
 
-def init_state(config: ml_collections.ConfigDict, mesh, tx) -> TrainState:
-  """Creates params and optimizer state directly in their sharded layout (no host copy)."""
+def abstract_state(config: ml_collections.ConfigDict, mesh, tx) -> TrainState:
+  """The TrainState's structure, shapes and shardings, with no array allocated."""
   abstract_model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  p_sh = sharding.param_shardings(mesh, abstract_params)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  return TrainState(graphdef, abstract_params, abstract_opt,
+                    sharding.param_shardings(mesh, abstract_params),
+                    sharding.tree_shardings(mesh, abstract_opt))
 
-  @functools.partial(jax.jit, out_shardings=p_sh)
+
+def init_state(config: ml_collections.ConfigDict, mesh, tx) -> TrainState:
+  """Creates params and optimizer state directly in their sharded layout (no host copy)."""
+  abstract = abstract_state(config, mesh, tx)
+
+  @functools.partial(jax.jit, out_shardings=abstract.param_shardings)
   def init_params():
     return nnx.state(build_model(config, nnx.Rngs(config.train.seed)), nnx.Param)
 
   params = init_params()
-  abstract_opt = jax.eval_shape(tx.init, params)
-  o_sh = sharding.tree_shardings(mesh, abstract_opt)
-  opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
-  return TrainState(graphdef, params, opt_state, p_sh, o_sh)
+  opt_state = jax.jit(tx.init, out_shardings=abstract.opt_shardings)(params)
+  return dataclasses.replace(abstract, params=params, opt_state=opt_state)
 
 
 def make_train_step(state: TrainState, tx, mesh, *, accumulate_steps: int, l2wrap: float,

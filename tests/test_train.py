@@ -112,7 +112,26 @@ def test_bench_train_writes_a_record_per_implementation(tmp_path, compile_cache)
   assert scan["impl"] == "scan" and scan["tokens_per_s"] > 0 and scan["step_ms_median"] > 0
   assert scan["mfu"] is None  # no known peak for a CPU
   assert np.isfinite(scan["final_loss"])
+  plan = scan["memory_plan"]
+  # The arguments are the fp32 parameters and the two Adam moments (plus the step count and the
+  # token batch); the donated state comes back in place.
+  param_bytes = 4 * train.model_config(bench_train.experiment_config(
+      "char_tiny", 8, 16, "float32", False)).num_params()
+  assert 3 * param_bytes <= plan["argument_bytes"] < 3 * param_bytes + 4096
+  assert plan["alias_bytes"] >= 3 * param_bytes and plan["temp_bytes"] > 0
   assert missing["impl"] == "no_such_impl" and "Unknown WKV implementation" in missing["error"]
+
+
+def test_bench_train_plan_only_is_the_plan_of_the_step_that_runs(tmp_path, compile_cache):
+  args = dict(model="char_tiny", batch_size=8, ctx_len=16, dtype="float32", impls=["scan"],
+              steps=1, repeats=1, remat=False, command=["bench_train"])
+  bench_train.run(**args, out=str(tmp_path / "timed.json"))
+  bench_train.run(**args, out=str(tmp_path / "plan.json"), plan_only=True)
+  (timed,) = json.loads((tmp_path / "timed.json").read_text())["results"]
+  record = json.loads((tmp_path / "plan.json").read_text())
+  (planned,) = record["results"]
+  assert record["plan_only"] and "tokens_per_s" not in planned
+  assert planned["memory_plan"] == timed["memory_plan"]
 
 
 @pytest.mark.parametrize("overrides, match", [
