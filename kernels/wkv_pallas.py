@@ -8,12 +8,17 @@ The grid is (batch, channel blocks, chunks), so even one long sequence fills the
 O(block_t) exponentials per token instead of one, which is cheap next to the memory traffic this
 op is bound by.
 
-Backend choice: the kernels use only refs, `BlockSpec`s and jnp arithmetic (broadcasts, exp,
-max/sum reductions), the subset that Pallas lowers through Triton on GPU (selected explicitly by
-`pallas.triton.CompilerParams`, with jax 0.10 and 0.11) and that runs anywhere with
-`interpret=True`, which is how CI checks the kernel logic on CPU. Pallas's Triton lowering is
-deprecated since JAX 0.11 in favour of Mosaic GPU; a Mosaic GPU port would keep the same
-three-step structure. Hand-written Triton lives in `wkv_triton.py`.
+Backend choice: Pallas's Triton lowering, selected explicitly by `pallas.triton.CompilerParams`,
+although JAX 0.11 deprecates it in favour of Mosaic GPU, because
+  * it runs on the GPUs users train RWKV on, A100 (sm_80) as well as H100/H200 (sm_90); Mosaic
+    GPU targets Hopper and later, and its API is documented as unstable from week to week;
+  * the same kernel source lowers with jax 0.10 (CI) and 0.11 (the GPU machines), and it can be
+    compiled to sm_80 and sm_90a machine code on a machine without a GPU (`gpu_compile.py`,
+    tests/test_kernel_compile.py), which is how CI checks that it still lowers;
+  * the kernels use only refs, `BlockSpec`s and jnp arithmetic (broadcasts, exp, max/sum
+    reductions), which also run anywhere with `interpret=True`: CI checks their numbers on CPU.
+A Mosaic GPU port would keep the same three steps (`chunked.py`) and only replace this file.
+Hand-written Triton lives in `wkv_triton.py`.
 
 Shapes: b = batch, t = time, c = channels, n = chunks, l = block_t (tokens of one chunk),
 cb = block_c.
