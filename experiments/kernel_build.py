@@ -28,7 +28,7 @@ def main(argv):
   import triton
 
   from experiments import benchlib
-  from rwkv_jax_kernels import gpu_compile, wkv_pallas, wkv_triton_kernel
+  from rwkv_jax_kernels import chunked, gpu_compile
 
   shape = tuple(int(x) for x in FLAGS.shape)
   archs = [int(a) for a in FLAGS.archs]
@@ -44,7 +44,7 @@ def main(argv):
 
   sweep = []
   for block_t, block_c, num_warps in itertools.product((8, 16, 32), (32, 64), (4, 8)):
-    blocks = wkv_pallas.BlockSizes(block_t=block_t, block_c=block_c, num_warps=num_warps)
+    blocks = chunked.BlockSizes(block_t=block_t, block_c=block_c, num_warps=num_warps)
     for build in gpu_compile.compile_wkv_pallas(shape, jnp.float32, max(archs), blocks):
       sweep.append({"block_t": block_t, "block_c": block_c, **build.as_dict()})
 
@@ -53,10 +53,7 @@ def main(argv):
       "environment": {**benchlib.environment(sys.argv), "triton": triton.__version__},
       "note": "Compiled ahead of time on the machine named in environment; nothing ran on a GPU.",
       "pallas_lowered_at_shape": list(shape),
-      "default_tiles": {"pallas": vars(wkv_pallas.BlockSizes()),
-                        "triton": {"block_t": wkv_triton_kernel.BLOCK_T,
-                                   "block_c": wkv_triton_kernel.BLOCK_C,
-                                   "num_warps": wkv_triton_kernel.NUM_WARPS}},
+      "default_tiles": vars(chunked.BlockSizes()),  # both backends
       "builds": defaults,
       "pallas_tile_sweep_fp32": sweep,
   }

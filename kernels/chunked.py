@@ -20,6 +20,7 @@ as a `ChunkKernels`; the arrays they see are [b, t, c] tokens and [b, n, c] per-
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -29,6 +30,34 @@ import jax.numpy as jnp
 from rwkv_jax import wkv as wkv_lib
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles of both backends: block_t and block_c must be powers of two (Triton's block shapes)."""
+
+  block_t: int = 16  # Tokens per chunk: each token costs O(block_t) exps.
+  block_c: int = 32  # Channels per program (clipped to C rounded up to a power of two).
+  num_warps: int = 4
+  num_stages: int = 1
+
+  def __post_init__(self):
+    for name in ("block_t", "block_c"):
+      size = getattr(self, name)
+      if size < 1 or size & (size - 1):
+        raise ValueError(f"BlockSizes.{name}={size} must be a power of two.")
+
+  def fit(self, channels: int) -> BlockSizes:
+    """block_c no larger than `channels` rounded up to a power of two."""
+    rounded = 1 << (max(channels, 1) - 1).bit_length()
+    return dataclasses.replace(self, block_c=min(self.block_c, rounded))
+
+
+def interpret_off_gpu(interpret: bool | None) -> bool:
+  """A kernel's `interpret` argument: None means "unless JAX runs on a GPU"."""
+  if interpret is None:
+    return jax.default_backend() not in ("gpu", "cuda", "rocm")
+  return interpret
 
 
 class ChunkKernels(NamedTuple):

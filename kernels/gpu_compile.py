@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import triton
 from triton.backends.compiler import GPUTarget
 
+from rwkv_jax_kernels import chunked
 from rwkv_jax_kernels import wkv_pallas
 from rwkv_jax_kernels import wkv_triton_kernel
 
@@ -92,7 +93,7 @@ def pallas_ttir(fn: Callable[..., Any], *args) -> list[str]:
 
 
 def wkv_pallas_ttir(shape: tuple[int, int, int], dtype=jnp.float32,
-                    block_sizes: wkv_pallas.BlockSizes = wkv_pallas.BlockSizes()) -> list[str]:
+                    block_sizes: chunked.BlockSizes = chunked.BlockSizes()) -> list[str]:
   """The four WKV Pallas kernels (forward: summary, output; backward: output, summary) as TTIR."""
   b, t, c = shape
   vec = jax.ShapeDtypeStruct((c,), jnp.float32)
@@ -147,7 +148,7 @@ def compile_ttir(ttir: str, arch: int = 90, num_warps: int = 4, num_stages: int 
 
 
 def compile_wkv_pallas(shape: tuple[int, int, int], dtype=jnp.float32, arch: int = 90,
-                       block_sizes: wkv_pallas.BlockSizes = wkv_pallas.BlockSizes()
+                       block_sizes: chunked.BlockSizes = chunked.BlockSizes()
                        ) -> list[KernelBuild]:
   """The four WKV Pallas kernels compiled for sm_<arch>, with the launch options they use."""
   return [compile_ttir(ttir, arch, block_sizes.num_warps, block_sizes.num_stages)
@@ -165,9 +166,8 @@ _TRITON_IO_POINTERS = {
 
 
 def compile_wkv_triton(dtype=jnp.float32, arch: int = 90,
-                       block_t: int = wkv_triton_kernel.BLOCK_T,
-                       block_c: int = wkv_triton_kernel.BLOCK_C,
-                       num_warps: int = wkv_triton_kernel.NUM_WARPS) -> list[KernelBuild]:
+                       block_sizes: chunked.BlockSizes = chunked.BlockSizes()
+                       ) -> list[KernelBuild]:
   """The four chunked WKV Triton kernels compiled for sm_<arch>, as `wkv_triton` launches them."""
   io = "*" + _TRITON_TYPES[jnp.dtype(dtype)]
   builds = []
@@ -177,8 +177,10 @@ def compile_wkv_triton(dtype=jnp.float32, arch: int = 90,
                           (io if p.name in io_pointers else "*fp32") if p.name.endswith("_ptr")
                           else "i32") for p in kernel.params}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature,
-                                       constexprs=dict(block_t=block_t, block_c=block_c))
+                                       constexprs=dict(block_t=block_sizes.block_t,
+                                                       block_c=block_sizes.block_c))
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=1))
-    builds.append(_build(compiled, arch, num_warps))
+                              options=dict(num_warps=block_sizes.num_warps,
+                                           num_stages=block_sizes.num_stages))
+    builds.append(_build(compiled, arch, block_sizes.num_warps))
   return builds

@@ -26,7 +26,6 @@ cb = block_c.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -44,20 +43,7 @@ Array = jax.Array
 _MASKED = wkv_lib.EMPTY_MAX_EXP
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tile sizes; both must be powers of two (Triton's block shapes)."""
-
-  block_t: int = 16  # Tokens per chunk: each token costs O(block_t) exps.
-  block_c: int = 32  # Channels per program (clipped to C rounded up to a power of two).
-  num_warps: int = 4
-  num_stages: int = 1
-
-  def __post_init__(self):
-    for name in ("block_t", "block_c"):
-      size = getattr(self, name)
-      if size < 1 or size & (size - 1):
-        raise ValueError(f"BlockSizes.{name}={size} must be a power of two.")
+BlockSizes = chunked.BlockSizes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,16 +67,14 @@ def wkv_pallas(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = 
   Returns:
     y [b, t, c] in k's dtype, and the float32 state after the last token.
   """
-  if interpret is None:
-    interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
+  interpret = chunked.interpret_off_gpu(interpret)
   state = wkv_lib.check_inputs(w, u, k, v, state)
   b, t, c = k.shape
   if t == 0:
     return k, state
 
-  block_t = block_sizes.block_t
-  block_c = min(block_sizes.block_c, pl.next_power_of_2(c))
-  blocks = dataclasses.replace(block_sizes, block_c=block_c)
+  blocks = block_sizes.fit(c)
+  block_t, block_c = blocks.block_t, blocks.block_c
   n = pl.cdiv(t, block_t)
   pad_t, pad_c = n * block_t - t, pl.cdiv(c, block_c) * block_c - c
   # Padded channels get a harmless w = 1, u = 0, k = v = 0 and an empty state; padded tokens are

@@ -20,7 +20,6 @@ Shapes: b = batch, t = time, c = channels, n = chunks.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import os
@@ -42,19 +41,7 @@ Array = jax.Array
 _INTERPRETER_LOCK = threading.Lock()
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tokens per chunk and channels per program (powers of two), and warps per program."""
-
-  block_t: int = kernels_lib.BLOCK_T
-  block_c: int = kernels_lib.BLOCK_C
-  num_warps: int = kernels_lib.NUM_WARPS
-
-  def __post_init__(self):
-    for name in ("block_t", "block_c"):
-      size = getattr(self, name)
-      if size < 1 or size & (size - 1):
-        raise ValueError(f"BlockSizes.{name}={size} must be a power of two.")
+BlockSizes = chunked.BlockSizes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,14 +65,12 @@ def wkv_triton(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = 
   Returns:
     y [b, t, c] in k's dtype, and the float32 state after the last token.
   """
-  if interpret is None:
-    interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
+  interpret = chunked.interpret_off_gpu(interpret)
   state = wkv_lib.check_inputs(w, u, k, v, state)
   t, c = k.shape[1:]
   if t == 0:
     return k, state
-  blocks = dataclasses.replace(block_sizes,
-                               block_c=min(block_sizes.block_c, triton.next_power_of_2(c)))
+  blocks = block_sizes.fit(c)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   on = dict(blocks=blocks, interpret=interpret)
   kernels = chunked.ChunkKernels(
@@ -153,7 +138,7 @@ def _launch(kernel, *args, seq: Array, out_shape: Sequence[jax.ShapeDtypeStruct]
   import jax_triton  # pylint: disable=g-import-not-at-top  (needs a GPU build of jax)
   return tuple(jax_triton.triton_call(
       *args, kernel=kernel, out_shape=tuple(out_shape), grid=grid,
-      num_warps=blocks.num_warps, num_stages=1, **constexprs))
+      num_warps=blocks.num_warps, num_stages=blocks.num_stages, **constexprs))
 
 
 def _interpret(kernel, args: Sequence[Any], out_shape: tuple[jax.ShapeDtypeStruct, ...],

@@ -23,11 +23,6 @@ import triton.language as tl
 # (rwkv_jax.wkv.EMPTY_MAX_EXP; a constexpr because Triton kernels read only constexpr globals).
 MASKED = tl.constexpr(-1e38)
 
-# Default tiles: tokens per chunk, channels per program (powers of two), warps per program.
-BLOCK_T = 16
-BLOCK_C = 32
-NUM_WARPS = 4
-
 
 def grid(batch: int, seq_len: int, channels: int, block_t: int, block_c: int
          ) -> tuple[int, int, int]:
