@@ -1,0 +1,170 @@
+r"""The paper's Figure 7: cumulative generation time against generated tokens, RWKV vs Transformer.
+
+RWKV generates with a constant-size state, so each token costs the same and the cumulative time
+grows linearly; a Transformer with a KV cache attends over every past token, so each token costs
+more than the last and the cumulative time grows quadratically. Both models here have the same
+width, depth and (within 1%) parameter count, random weights (speed does not depend on them), and
+generate greedily in one batch, in chunks of `--chunk` tokens run as one compiled `lax.scan`. The
+Transformer's cache grows by `--chunk` positions before each chunk (a copy, as a growing cache
+costs); every chunk program is compiled before the clock starts.
+
+  python -m experiments.figure7                      # L6 D512, 8,192 tokens: CPU, ~2 minutes
+  python -m experiments.figure7 --n_layer=24 --n_embd=2048 --tokens=16384   # an accelerator
+
+Writes experiments/results/figure7_<tag>.json and .png.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+
+from experiments import benchlib
+from experiments.baselines import transformer as tf_lib
+from rwkv_jax import model as model_lib
+from rwkv_jax.config import RWKVConfig
+
+_N_LAYER = flags.DEFINE_integer("n_layer", 6, "Layers of both models.")
+_N_EMBD = flags.DEFINE_integer("n_embd", 512, "Width of both models.")
+_N_HEAD = flags.DEFINE_integer("n_head", 8, "Attention heads of the Transformer.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 256, "Vocabulary of both models.")
+_TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens to generate.", lower_bound=1)
+_CHUNK = flags.DEFINE_integer("chunk", 512, "Tokens per compiled decode program.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch", 1, "Sequences generated together.", lower_bound=1)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_OUT = flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "results"),
+                           "Directory for the JSON and PNG.")
+_TAG = flags.DEFINE_string("tag", None, "File name suffix; default: the device, e.g. cpu.")
+
+
+def _greedy_chunk(graphdef, params, token_b, carry, n: int):
+  """n greedy steps of model.step from (token_b, carry); returns the last token and the carry."""
+  model = nnx.merge(graphdef, params)
+
+  def body(c, _):
+    tok, state = c
+    logits, state = model.step(tok, state)
+    return (jnp.argmax(logits, -1).astype(jnp.int32), state), None
+
+  (token_b, carry), _ = jax.lax.scan(body, (token_b, carry), None, length=n)
+  return token_b, carry
+
+
+_greedy_chunk_jit = jax.jit(_greedy_chunk, static_argnums=(0, 4))
+_grow_jit = jax.jit(tf_lib.grow, static_argnums=1)
+
+
+def _run(name, model, first_carry, next_carry, num_chunks, chunk, batch):
+  """Times `num_chunks` decode chunks; `next_carry(carry, i)` prepares chunk i's carry."""
+  graphdef, params = nnx.split(model)
+  token = jnp.zeros((batch,), jnp.int32)
+  # Compile every chunk program first (the Transformer's differ in cache size).
+  carry = jax.eval_shape(lambda: first_carry)  # shapes only: nothing runs while compiling
+  compiled, start = [], time.perf_counter()
+  for i in range(num_chunks):
+    carry = jax.eval_shape(lambda c, i=i: next_carry(c, i), carry)
+    compiled.append(_greedy_chunk_jit.lower(graphdef, params, token, carry, chunk).compile())
+  compile_s = time.perf_counter() - start
+  logging.info("%s: %d chunk programs compiled in %.1f s", name, num_chunks, compile_s)
+
+  carry, cumulative_s, elapsed = first_carry, [], 0.0
+  for i in range(num_chunks):
+    start = time.perf_counter()
+    carry = next_carry(carry, i)
+    token, carry = compiled[i](params, token, carry)
+    jax.block_until_ready((token, carry))
+    elapsed += time.perf_counter() - start
+    cumulative_s.append(elapsed)
+    logging.info("%s: %d tokens in %.2f s", name, (i + 1) * chunk, elapsed)
+  return cumulative_s, carry, compile_s
+
+
+def run(n_layer, n_embd, n_head, vocab_size, tokens, chunk, batch, dtype) -> dict:
+  num_chunks = -(-tokens // chunk)
+  tokens = num_chunks * chunk
+  rwkv_cfg = RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, ctx_len=tokens,
+                        dtype=dtype)
+  tf_cfg = tf_lib.TransformerConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                                    vocab_size=vocab_size, ctx_len=tokens, dtype=dtype)
+  rwkv = model_lib.RWKV(rwkv_cfg, rngs=nnx.Rngs(0))
+  tf = tf_lib.Transformer(tf_cfg, rngs=nnx.Rngs(0))
+
+  state0 = model_lib.empty_state(rwkv_cfg, batch)
+  rwkv_s, _, rwkv_compile = _run("rwkv", rwkv, state0, lambda c, i: c, num_chunks, chunk, batch)
+  cache0 = tf_lib.empty_cache(tf_cfg, batch, 0)
+  grow = lambda c, i: _grow_jit(c, (i + 1) * chunk)
+  tf_s, _, tf_compile = _run("transformer", tf, cache0, grow, num_chunks, chunk, batch)
+
+  positions = [(i + 1) * chunk for i in range(num_chunks)]
+  state_bytes = sum(x.nbytes for x in state0) // batch
+  head = tf_cfg.head_size
+  cache_bytes = [2 * n_layer * p * n_head * head * jnp.dtype(dtype).itemsize for p in positions]
+
+  def per_token_ms(cum):
+    return [1e3 * (b - a) / chunk for a, b in zip([0.0] + cum[:-1], cum)]
+
+  return {
+      "benchmark": "figure7_generation_time",
+      "environment": benchlib.environment(),
+      "models": {
+          "rwkv": {**rwkv_cfg.to_dict(), "num_params": rwkv_cfg.num_params()},
+          "transformer": {**tf_cfg.__dict__, "num_params": tf_cfg.num_params()},
+      },
+      "batch": batch, "chunk": chunk, "tokens": tokens, "decoding": "greedy, random weights",
+      "generated_tokens": positions,
+      "rwkv_cumulative_s": rwkv_s,
+      "transformer_cumulative_s": tf_s,
+      "rwkv_ms_per_token": per_token_ms(rwkv_s),
+      "transformer_ms_per_token": per_token_ms(tf_s),
+      "compile_s": {"rwkv": rwkv_compile, "transformer": tf_compile},
+      "memory_per_sequence_bytes": {"rwkv_state": state_bytes, "transformer_kv_cache": cache_bytes},
+  }
+
+
+def plot(record: dict, path: pathlib.Path) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  x = record["generated_tokens"]
+  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+  a.plot(x, record["rwkv_cumulative_s"], "o-", label="RWKV (constant-size state)")
+  a.plot(x, record["transformer_cumulative_s"], "s-", label="Transformer (KV cache)")
+  a.set(xlabel="generated tokens", ylabel="cumulative time (s)", title="Generation time")
+  a.legend()
+  mem = record["memory_per_sequence_bytes"]
+  b.plot(x, [mem["rwkv_state"] / 2**20] * len(x), "o-", label="RWKV state")
+  b.plot(x, [m / 2**20 for m in mem["transformer_kv_cache"]], "s-", label="Transformer KV cache")
+  b.set(xlabel="generated tokens", ylabel="MiB per sequence", title="Memory per sequence")
+  b.legend()
+  env = record["environment"]
+  fig.suptitle(f"L{record['models']['rwkv']['n_layer']} D{record['models']['rwkv']['n_embd']}, "
+               f"batch {record['batch']}, {env.get('device_kind', '')}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  record = run(_N_LAYER.value, _N_EMBD.value, _N_HEAD.value, _VOCAB.value, _TOKENS.value,
+               _CHUNK.value, _BATCH.value, _DTYPE.value)
+  tag = _TAG.value or benchlib.default_tag()
+  out = pathlib.Path(_OUT.value)
+  path = benchlib.write_json(out / f"figure7_{tag}.json", record)
+  plot(record, out / f"figure7_{tag}.png")
+  r, t = record["rwkv_ms_per_token"], record["transformer_ms_per_token"]
+  print(f"ms per token, first and last chunk: RWKV {r[0]:.3f} -> {r[-1]:.3f}, "
+        f"Transformer {t[0]:.3f} -> {t[-1]:.3f}; total {record['rwkv_cumulative_s'][-1]:.1f} s "
+        f"vs {record['transformer_cumulative_s'][-1]:.1f} s. Wrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)
