@@ -1,11 +1,12 @@
-"""Training data: token sources (raw bytes, Megatron binidx) and the grain sample pipeline.
+"""Training data: token sources, their tokenization, and the grain sample pipeline.
 
 A source turns files into one 1-D token stream (`source.tokens`, memory-mapped where it can be):
 
     ByteSource(path_or_dir)   any file(s) as bytes, vocab 256 (enwik8, the Wikipedia sample)
-    BinidxSource(prefix)      PREFIX.bin + PREFIX.idx, the Megatron/GPT-NeoX indexed dataset that
-                              the official RWKV trainer reads; documents are concatenated
+    BinidxSource(prefix)      a Megatron binidx pair (rwkv_jax/binidx.py), documents joined
     open_source(path)         picks one of the two from the path
+    encode_text_file(...)     tokenizes a text file into a binidx pair, once
+    open_training_source(config.data, ...)   all of the above, as an experiment config names it
 
 `make_dataset(tokens, ctx_len, batch_size, seed, ...)` turns a stream into a grain `IterDataset`
 of {"inputs": int32 [b, t], "targets": int32 [b, t]} (b = per-host batch, t = ctx_len), built
@@ -23,8 +24,6 @@ With Orbax, grain's handler saves that state next to the model (one JSON file pe
         model=ocp.args.StandardSave(model_state), data=grain.checkpoint.CheckpointSave(it)))
     mngr.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(it)))
-
-`encode_text_file` and `write_binidx` turn text into binidx with any tokenizer.
 """
 
 from __future__ import annotations
@@ -32,27 +31,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import struct
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal, Protocol
 
 import grain
 import numpy as np
 
+from rwkv_jax import binidx
+
 # Shape legend: b = per-host batch, t = ctx_len (tokens per example), n = stream length.
 
-BINIDX_MAGIC = b"MMIDIDX\x00\x00"
-BINIDX_VERSION = 1
-# Megatron's dtype codes, as stored in the .idx header.
-BINIDX_DTYPES: dict[int, np.dtype] = {
-    1: np.dtype(np.uint8), 2: np.dtype(np.int8), 3: np.dtype(np.int16), 4: np.dtype(np.int32),
-    5: np.dtype(np.int64), 6: np.dtype(np.float32), 7: np.dtype(np.float64),
-    8: np.dtype(np.uint16),
-}
-_BINIDX_CODES = {dtype: code for code, dtype in BINIDX_DTYPES.items()}
-# magic, version (uint64), dtype code (uint8), number of sequences, number of documents (uint64).
-_HEADER = struct.Struct("<9sQBQQ")
 # The official RWKV make_data.py ends every document with token 0 (<|endoftext|> in the NeoX
 # 20B and World vocabularies), so documents stay separated once the trainer concatenates them.
 END_OF_DOCUMENT = 0
@@ -115,119 +103,7 @@ class ByteSource:
     return f"ByteSource({str(self.path)!r}, {len(self)} tokens)"
 
 
-def _binidx_paths(prefix: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
-  prefix = str(pathlib.Path(prefix).expanduser())
-  for suffix in (".bin", ".idx"):
-    if prefix.endswith(suffix):
-      prefix = prefix[: -len(suffix)]
-  return pathlib.Path(prefix + ".bin"), pathlib.Path(prefix + ".idx")
-
-
-@dataclasses.dataclass(frozen=True)
-class _BinidxIndex:
-  dtype: np.dtype
-  sizes: np.ndarray     # int32 [num_sequences]
-  pointers: np.ndarray  # int64 [num_sequences], byte offsets into .bin
-  doc_idx: np.ndarray   # int64 [num_documents], sequence index where each document starts
-
-
-def _read_binidx_index(idx_path: pathlib.Path, bin_path: pathlib.Path) -> _BinidxIndex:
-  """Parses and validates an .idx file against its .bin."""
-  pair = f"{bin_path} / {idx_path}"
-  raw = idx_path.read_bytes()
-  if len(raw) < _HEADER.size:
-    raise ValueError(f"Index {idx_path} has {len(raw)} bytes, too short for a binidx header; "
-                     f"rewrite the pair {pair} (experiments/make_binidx.py).")
-  magic, version, code, num_seq, num_docs = _HEADER.unpack_from(raw)
-  if magic != BINIDX_MAGIC:
-    raise ValueError(f"Index {idx_path} does not start with {BINIDX_MAGIC!r} (got {magic!r}): "
-                     f"not a Megatron mmap binidx index. Pass the prefix of a .bin/.idx pair.")
-  if version != BINIDX_VERSION:
-    raise ValueError(f"Index {idx_path} has version {version}; only version {BINIDX_VERSION} "
-                     f"is supported.")
-  if code not in BINIDX_DTYPES:
-    raise ValueError(f"Index {idx_path} has unknown dtype code {code}; expected one of "
-                     f"{sorted(BINIDX_DTYPES)}.")
-  dtype = BINIDX_DTYPES[code]
-  expected = _HEADER.size + 4 * num_seq + 8 * num_seq + 8 * num_docs
-  if len(raw) != expected:
-    raise ValueError(f"Index {idx_path} has {len(raw)} bytes but its header promises {num_seq} "
-                     f"sequences and {num_docs} documents ({expected} bytes); the file is "
-                     f"truncated or corrupt. Rewrite the pair {pair}.")
-  offset = _HEADER.size
-  sizes = np.frombuffer(raw, np.int32, num_seq, offset)
-  offset += sizes.nbytes
-  pointers = np.frombuffer(raw, np.int64, num_seq, offset)
-  offset += pointers.nbytes
-  doc_idx = np.frombuffer(raw, np.int64, num_docs, offset)
-
-  bin_bytes = bin_path.stat().st_size
-  ends = np.cumsum(sizes.astype(np.int64)) * dtype.itemsize
-  starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-  if np.any(sizes < 0) or not np.array_equal(pointers, starts):
-    raise ValueError(f"Index {idx_path}: sequence pointers do not match sequence sizes; the "
-                     f"pair {pair} is corrupt. Rewrite it.")
-  total = int(ends[-1]) if num_seq else 0
-  if total != bin_bytes:
-    raise ValueError(
-        f"The binidx pair does not match: {idx_path} describes {total} bytes of {dtype.name} "
-        f"tokens but {bin_path} has {bin_bytes} bytes. The two files come from different "
-        f"datasets or one is truncated; regenerate both together.")
-  if num_docs and (np.any(np.diff(doc_idx) < 0) or doc_idx[0] != 0 or doc_idx[-1] > num_seq):
-    raise ValueError(f"Index {idx_path}: document index is not increasing within "
-                     f"[0, {num_seq}]; the pair {pair} is corrupt. Rewrite it.")
-  return _BinidxIndex(dtype, sizes, pointers, doc_idx)
-
-
-class BinidxSource:
-  """A Megatron/GPT-NeoX binidx pair: PREFIX.bin (raw tokens) and PREFIX.idx (index).
-
-  The token stream is every sequence concatenated in file order, which is what the official
-  RWKV trainer samples from. The .bin is memory-mapped, never read whole.
-
-  Attributes:
-    bin_path, idx_path: the two files.
-    tokens: [n] token stream in the file's dtype (np.memmap).
-    sizes: int32 [num_sequences] tokens per sequence.
-    doc_idx: int64 [num_documents] the sequence where each document starts (Megatron's
-      convention: [0, 1, ..., num_sequences] when every document is one sequence).
-    vocab_size: None (binidx does not record it).
-  """
-
-  vocab_size = None
-
-  def __init__(self, prefix: str | os.PathLike):
-    self.bin_path, self.idx_path = _binidx_paths(prefix)
-    for path in (self.bin_path, self.idx_path):
-      _check_exists(path, "Binidx file")
-    index = _read_binidx_index(self.idx_path, self.bin_path)
-    self.dtype = index.dtype
-    self.sizes = index.sizes
-    self.pointers = index.pointers
-    self.doc_idx = index.doc_idx
-    if self.bin_path.stat().st_size == 0:
-      self.tokens = np.zeros((0,), self.dtype)
-    else:
-      self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r")
-    self.path = self.bin_path
-
-  def __len__(self) -> int:
-    return len(self.tokens)
-
-  @property
-  def num_sequences(self) -> int:
-    return len(self.sizes)
-
-  def sequence(self, i: int) -> np.ndarray:
-    """Returns sequence `i` (a view into the memory-mapped .bin)."""
-    start = int(self.pointers[i]) // self.dtype.itemsize
-    return self.tokens[start:start + int(self.sizes[i])]
-
-  def __repr__(self) -> str:
-    return f"BinidxSource({str(self.bin_path)!r}, {len(self)} {self.dtype.name} tokens)"
-
-
-def open_source(path: str | os.PathLike) -> ByteSource | BinidxSource:
+def open_source(path: str | os.PathLike) -> ByteSource | binidx.BinidxSource:
   """Opens `path` as binidx when it names a .bin/.idx pair (or its prefix), else as bytes.
 
   Args:
@@ -236,70 +112,65 @@ def open_source(path: str | os.PathLike) -> ByteSource | BinidxSource:
   Returns:
     A `BinidxSource` or a `ByteSource`.
   """
-  path = pathlib.Path(path).expanduser()
-  bin_path, idx_path = _binidx_paths(path)
-  if path.suffix in (".bin", ".idx") or (not path.exists() and idx_path.exists()):
-    return BinidxSource(path)
+  if binidx.is_binidx(path):
+    return binidx.BinidxSource(path)
   return ByteSource(path)
 
 
-def write_binidx(prefix: str | os.PathLike, documents: Iterable[np.ndarray],
-                 dtype: np.dtype | type = np.uint16) -> tuple[pathlib.Path, pathlib.Path]:
-  """Writes documents as a Megatron binidx pair, one sequence per document.
+def open_training_source(data_config: Any, workdir: str | os.PathLike,
+                         vocab_size: int) -> ByteSource | binidx.BinidxSource:
+  """The token source an experiment config's `data` section names, tokenized if it must be.
 
-  The .bin is streamed (documents may come from a generator); both files are written to temp
-  names and renamed at the end, so a crash never leaves a mismatched pair.
+  A text file with a tokenizer other than "bytes" is encoded once into WORKDIR/data/NAME.bin/.idx
+  (by process 0, the others wait) and read from there on every later run.
 
   Args:
-    prefix: output path without suffix; PREFIX.bin and PREFIX.idx are written.
-    documents: 1-D integer arrays (or lists) of token ids.
-    dtype: token dtype stored in the files; every token must fit in it.
+    data_config: `config.data` (rwkv_jax/train_config.py): source, path and tokenizer.
+    workdir: the run's directory.
+    vocab_size: the model's vocabulary; a stream with a larger token id is an error.
 
   Returns:
-    (bin_path, idx_path).
+    The opened source.
   """
-  dtype = np.dtype(dtype)
-  if dtype not in _BINIDX_CODES:
-    raise ValueError(f"dtype {dtype} has no binidx code; use one of "
-                     f"{sorted(d.name for d in _BINIDX_CODES)}.")
-  bin_path, idx_path = _binidx_paths(prefix)
-  bin_path.parent.mkdir(parents=True, exist_ok=True)
-  info = np.iinfo(dtype) if dtype.kind in "iu" else None
-  sizes = []
-  tmp_bin = tempfile.NamedTemporaryFile(dir=bin_path.parent, prefix=f".{bin_path.name}.",
-                                        suffix=".tmp", delete=False)
-  tmp_idx = pathlib.Path(str(tmp_bin.name)[:-4] + ".idx.tmp")
-  try:
-    with tmp_bin:
-      for i, doc in enumerate(documents):
-        doc = np.asarray(doc)
-        if doc.ndim != 1:
-          raise ValueError(f"Document {i} has shape {doc.shape}; documents must be 1-D.")
-        if info is not None and doc.size and (doc.min() < info.min or doc.max() > info.max):
-          raise ValueError(
-              f"Document {i} has token ids in [{doc.min()}, {doc.max()}], outside {dtype.name} "
-              f"[{info.min}, {info.max}]; pass a wider dtype (e.g. dtype=np.int32).")
-        tmp_bin.write(doc.astype(dtype, copy=False).tobytes())
-        sizes.append(doc.size)
-    sizes_arr = np.asarray(sizes, np.int32)
-    ends = np.cumsum(sizes_arr.astype(np.int64)) * dtype.itemsize
-    pointers = np.concatenate([[0], ends[:-1]]).astype(np.int64) if sizes else np.zeros(0, np.int64)
-    doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)
-    with open(tmp_idx, "wb") as f:
-      f.write(_HEADER.pack(BINIDX_MAGIC, BINIDX_VERSION, _BINIDX_CODES[dtype], len(sizes),
-                           len(doc_idx)))
-      f.write(sizes_arr.tobytes())
-      f.write(pointers.tobytes())
-      f.write(doc_idx.tobytes())
-    for tmp in (tmp_bin.name, tmp_idx):
-      os.chmod(tmp, 0o644)  # temp files are created owner-only
-    os.replace(tmp_bin.name, bin_path)
-    os.replace(tmp_idx, idx_path)
-  except BaseException:
-    pathlib.Path(tmp_bin.name).unlink(missing_ok=True)
-    tmp_idx.unlink(missing_ok=True)
-    raise
-  return bin_path, idx_path
+  from rwkv_jax import corpus  # pylint: disable=g-import-not-at-top  (downloads on demand)
+
+  d = data_config
+  if d.source == "wiki_sample":
+    path = corpus.wiki_sample()
+  elif d.source == "enwik8":
+    path = corpus.enwik8()
+  elif d.source == "file":
+    if not d.path:
+      raise ValueError("--config.data.source=file needs --config.data.path=FILE_OR_DIR_OR_PREFIX.")
+    path = pathlib.Path(d.path)
+  else:
+    raise ValueError(f"--config.data.source={d.source!r}; use wiki_sample, enwik8 or file.")
+  if d.tokenizer != "bytes" and not binidx.is_binidx(path):
+    path = _encode_once(path, d.tokenizer, pathlib.Path(workdir) / "data" / pathlib.Path(path).name)
+  source = open_source(path)
+  # A bounded prefix: a full scan of a Pile-sized memmap would read it all from disk.
+  top = int(np.max(source.tokens[: min(len(source.tokens), 1 << 24)])) + 1
+  if top > vocab_size:
+    raise ValueError(f"{source.path} holds token ids up to {top - 1} but "
+                     f"--config.model.vocab_size={vocab_size}; raise the vocabulary "
+                     f"size or use the matching tokenizer.")
+  return source
+
+
+def _encode_once(path: pathlib.Path, tokenizer_name: str, prefix: pathlib.Path) -> pathlib.Path:
+  """Encodes text `path` into binidx PREFIX unless done before; process 0 writes, all wait."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if not binidx.binidx_paths(prefix)[1].exists():
+    if jax.process_index() == 0:
+      from rwkv_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+
+      encode_text_file(path, load_tokenizer(tokenizer_name), prefix)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      multihost_utils.sync_global_devices("encoded_data")
+  return prefix
 
 
 def _iter_text_documents(path: pathlib.Path, split: str) -> Iterator[str]:
@@ -326,7 +197,7 @@ def encode_text_file(path: str | os.PathLike, tokenizer: Tokenizer,
                      split: Literal["paragraph", "line"] = "paragraph",
                      dtype: np.dtype | type | None = None,
                      end_of_document: int | None = END_OF_DOCUMENT,
-                     ) -> BinidxSource:
+                     ) -> binidx.BinidxSource:
   """Tokenizes a UTF-8 text file into a binidx pair, one document per paragraph or line.
 
   Documents are paragraphs separated by one or more blank lines (split="paragraph", the
@@ -367,8 +238,8 @@ def encode_text_file(path: str | os.PathLike, tokenizer: Tokenizer,
         ids.append(end_of_document)
       yield np.asarray(ids, np.int64)
 
-  write_binidx(out_prefix, documents(), dtype=dtype)
-  return BinidxSource(out_prefix)
+  binidx.write_binidx(out_prefix, documents(), dtype=dtype)
+  return binidx.BinidxSource(out_prefix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,8 +309,8 @@ def split_stream(num_tokens: int, ctx_len: int, val_fraction: float) -> Split:
   return Split(num_tokens, num_tokens - int(num_tokens * val_fraction), ctx_len)
 
 
-def make_dataset(tokens: np.ndarray | ByteSource | BinidxSource, ctx_len: int, batch_size: int,
-                 seed: int, *, split: Literal["train", "val"] = "train",
+def make_dataset(tokens: np.ndarray | ByteSource | binidx.BinidxSource, ctx_len: int,
+                 batch_size: int, seed: int, *, split: Literal["train", "val"] = "train",
                  val_fraction: float = 0.01, shard_index: int = 0, shard_count: int = 1,
                  worker_count: int = 0,
                  read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
@@ -472,9 +343,9 @@ def make_dataset(tokens: np.ndarray | ByteSource | BinidxSource, ctx_len: int, b
     A `grain.IterDataset` of {"inputs": int32 [b, t], "targets": int32 [b, t]}; `iter()` of it
     is a `grain.DatasetIterator` with `get_state()` / `set_state()`.
   """
-  name = (str(tokens.path) if isinstance(tokens, (ByteSource, BinidxSource))
+  name = (str(tokens.path) if isinstance(tokens, (ByteSource, binidx.BinidxSource))
           else "The token stream")
-  if isinstance(tokens, (ByteSource, BinidxSource)):
+  if isinstance(tokens, (ByteSource, binidx.BinidxSource)):
     tokens = tokens.tokens
   if np.ndim(tokens) != 1:
     raise ValueError(f"tokens must be 1-D; got shape {np.shape(tokens)}.")

@@ -1,4 +1,4 @@
-"""Tests for rwkv_jax.data (sources, binidx, grain pipeline) and rwkv_jax.corpus."""
+"""Tests for rwkv_jax.binidx (the format), rwkv_jax.data (sources, grain pipeline) and corpus."""
 
 import bz2
 import json
@@ -14,6 +14,7 @@ import grain
 import numpy as np
 import pytest
 
+from rwkv_jax import binidx
 from rwkv_jax import corpus
 from rwkv_jax import data
 
@@ -24,8 +25,8 @@ def _stream_file(tmp_path, n, dtype=np.uint16):
   """A binidx whose stream is 0, 1, ..., n-1: every token names its own position."""
   prefix = tmp_path / "stream"
   tokens = np.arange(n)
-  data.write_binidx(prefix, [tokens[: n // 3], tokens[n // 3:]], dtype=dtype)
-  return data.BinidxSource(prefix)
+  binidx.write_binidx(prefix, [tokens[: n // 3], tokens[n // 3:]], dtype=dtype)
+  return binidx.BinidxSource(prefix)
 
 
 def _take(it, k):
@@ -53,9 +54,9 @@ class ByteTokenizer:
 def test_binidx_round_trip_reads_documents_back_exactly(tmp_path):
   rng = np.random.default_rng(0)
   docs = [rng.integers(0, 50277, size=int(s)) for s in (5, 0, 17, 1, 300)]
-  bin_path, idx_path = data.write_binidx(tmp_path / "ds", docs, dtype=np.uint16)
+  bin_path, idx_path = binidx.write_binidx(tmp_path / "ds", docs, dtype=np.uint16)
   assert (bin_path.name, idx_path.name) == ("ds.bin", "ds.idx")
-  src = data.BinidxSource(tmp_path / "ds")
+  src = binidx.BinidxSource(tmp_path / "ds")
   assert src.dtype == np.uint16 and isinstance(src.tokens, np.memmap)
   assert src.num_sequences == len(docs)
   for i, doc in enumerate(docs):
@@ -63,7 +64,7 @@ def test_binidx_round_trip_reads_documents_back_exactly(tmp_path):
   np.testing.assert_array_equal(src.tokens, np.concatenate(docs))
   np.testing.assert_array_equal(src.doc_idx, np.arange(len(docs) + 1))
   # The .bin and .idx suffixes name the same pair.
-  np.testing.assert_array_equal(data.BinidxSource(bin_path).tokens, src.tokens)
+  np.testing.assert_array_equal(binidx.BinidxSource(bin_path).tokens, src.tokens)
   np.testing.assert_array_equal(data.open_source(idx_path).tokens, src.tokens)
 
 
@@ -73,7 +74,7 @@ def test_binidx_files_follow_the_megatron_layout(tmp_path):
   expected_idx = (b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", 8)
                   + struct.pack("<QQ", 2, 3) + np.array([3, 2], np.int32).tobytes()
                   + np.array([0, 6], np.int64).tobytes() + np.array([0, 1, 2], np.int64).tobytes())
-  bin_path, idx_path = data.write_binidx(tmp_path / "ds", docs, dtype=np.uint16)
+  bin_path, idx_path = binidx.write_binidx(tmp_path / "ds", docs, dtype=np.uint16)
   assert idx_path.read_bytes() == expected_idx
   assert bin_path.read_bytes() == np.array([7, 8, 9, 65535, 1], "<u2").tobytes()
 
@@ -81,55 +82,55 @@ def test_binidx_files_follow_the_megatron_layout(tmp_path):
 @pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64])
 def test_binidx_round_trip_in_other_dtypes(tmp_path, dtype):
   docs = [np.array([1, 2, 3]), np.array([255, 0])]
-  data.write_binidx(tmp_path / "ds", docs, dtype=dtype)
-  src = data.BinidxSource(tmp_path / "ds")
+  binidx.write_binidx(tmp_path / "ds", docs, dtype=dtype)
+  src = binidx.BinidxSource(tmp_path / "ds")
   assert src.dtype == dtype
   np.testing.assert_array_equal(src.tokens, [1, 2, 3, 255, 0])
 
 
 def test_binidx_mismatched_pair_names_both_files(tmp_path):
-  data.write_binidx(tmp_path / "a", [np.arange(100)])
-  data.write_binidx(tmp_path / "b", [np.arange(60)])
+  binidx.write_binidx(tmp_path / "a", [np.arange(100)])
+  binidx.write_binidx(tmp_path / "b", [np.arange(60)])
   (tmp_path / "a.bin").write_bytes((tmp_path / "b.bin").read_bytes())
   with pytest.raises(ValueError, match="does not match") as e:
-    data.BinidxSource(tmp_path / "a")
+    binidx.BinidxSource(tmp_path / "a")
   assert str(tmp_path / "a.bin") in str(e.value) and str(tmp_path / "a.idx") in str(e.value)
 
 
 def test_binidx_truncated_index_is_reported(tmp_path):
-  _, idx_path = data.write_binidx(tmp_path / "a", [np.arange(10), np.arange(5)])
+  _, idx_path = binidx.write_binidx(tmp_path / "a", [np.arange(10), np.arange(5)])
   idx_path.write_bytes(idx_path.read_bytes()[:-8])
   with pytest.raises(ValueError, match="truncated or corrupt"):
-    data.BinidxSource(tmp_path / "a")
+    binidx.BinidxSource(tmp_path / "a")
 
 
 def test_binidx_wrong_magic_is_reported(tmp_path):
-  _, idx_path = data.write_binidx(tmp_path / "a", [np.arange(10)])
+  _, idx_path = binidx.write_binidx(tmp_path / "a", [np.arange(10)])
   idx_path.write_bytes(b"NOTANIDX!" + idx_path.read_bytes()[9:])
   with pytest.raises(ValueError, match="not a Megatron mmap binidx index"):
-    data.BinidxSource(tmp_path / "a")
+    binidx.BinidxSource(tmp_path / "a")
 
 
 def test_binidx_inconsistent_pointers_are_reported(tmp_path):
-  _, idx_path = data.write_binidx(tmp_path / "a", [np.arange(10), np.arange(5)])
+  _, idx_path = binidx.write_binidx(tmp_path / "a", [np.arange(10), np.arange(5)])
   raw = bytearray(idx_path.read_bytes())
   pointer_1 = 34 + 2 * 4 + 8  # header, sizes, first pointer
   raw[pointer_1:pointer_1 + 8] = struct.pack("<q", 4)
   idx_path.write_bytes(bytes(raw))
   with pytest.raises(ValueError, match="pointers do not match"):
-    data.BinidxSource(tmp_path / "a")
+    binidx.BinidxSource(tmp_path / "a")
 
 
 def test_binidx_missing_file_is_reported(tmp_path):
-  data.write_binidx(tmp_path / "a", [np.arange(10)])
+  binidx.write_binidx(tmp_path / "a", [np.arange(10)])
   (tmp_path / "a.idx").unlink()
   with pytest.raises(FileNotFoundError, match=r"a\.idx does not exist"):
-    data.BinidxSource(tmp_path / "a")
+    binidx.BinidxSource(tmp_path / "a")
 
 
 def test_write_binidx_rejects_tokens_that_do_not_fit_the_dtype(tmp_path):
   with pytest.raises(ValueError, match=r"outside uint16.*dtype=np.int32"):
-    data.write_binidx(tmp_path / "a", [np.array([1, 70000])], dtype=np.uint16)
+    binidx.write_binidx(tmp_path / "a", [np.array([1, 70000])], dtype=np.uint16)
   assert not list(tmp_path.iterdir()), "a failed write must leave no files behind"
 
 
@@ -175,7 +176,7 @@ def test_make_binidx_script_writes_a_readable_pair(tmp_path):
       [sys.executable, "-m", "experiments.make_binidx", f"--input={text}",
        f"--output_prefix={tmp_path / 'out'}", "--tokenizer=bytes"],
       cwd=REPO, check=True, capture_output=True, timeout=120)
-  src = data.BinidxSource(tmp_path / "out")
+  src = binidx.BinidxSource(tmp_path / "out")
   np.testing.assert_array_equal(src.tokens, list(b"one\x00two\x00"))
 
 
