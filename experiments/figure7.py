@@ -103,8 +103,7 @@ def run(n_layer, n_embd, n_head, vocab_size, tokens, chunk, batch, dtype) -> dic
 
   positions = [(i + 1) * chunk for i in range(num_chunks)]
   state_bytes = sum(x.nbytes for x in state0) // batch
-  head = tf_cfg.head_size
-  cache_bytes = [2 * n_layer * p * n_head * head * jnp.dtype(dtype).itemsize for p in positions]
+  cache_bytes = [2 * n_layer * p * n_embd * jnp.dtype(dtype).itemsize for p in positions]
 
   def per_token_ms(cum):
     return [1e3 * (b - a) / chunk for a, b in zip([0.0] + cum[:-1], cum)]

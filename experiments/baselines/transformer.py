@@ -7,8 +7,8 @@ convention, so the same trainer, losses and benchmarks run it:
   logits, cache = model(tokens [b, t], cache=None)   # parallel over t (training, prefill)
   logits, cache = model.step(token [b], cache)       # one token with a KV cache (generation)
 
-The KV cache holds every past key and value ([l, b, capacity, h, d]); `grow` copies it into a
-larger one. Generation therefore costs O(position) per token in time and memory, where RWKV's is
+The KV cache holds every past key and value (per layer [b, h, capacity, d], the layout the
+attention reads without a transpose); `grow` copies it into a larger one. Generation therefore costs O(position) per token in time and memory, where RWKV's is
 constant: the contrast of the paper's Figure 7.
 
 Shapes: b = batch, t = time, s = cached positions, c = n_embd, h = n_head, d = head size,
@@ -65,26 +65,25 @@ class TransformerConfig:
 
 
 class KVCache(NamedTuple):
-  """Past keys and values, [l, b, s, h, d] each, and how many positions are filled (int32)."""
+  """Past keys and values, one [b, h, s, d] array per layer, and the filled length (int32).
 
-  k: Array
-  v: Array
+  One array per layer (not one [l, ...] array) so that a decode loop updates each in place.
+  """
+
+  k: tuple[Array, ...]
+  v: tuple[Array, ...]
   length: Array
 
   @property
   def capacity(self) -> int:
-    return self.k.shape[2]
-
-  def nbytes_per_sequence(self) -> int:
-    """Bytes of the cache's filled part for one sequence."""
-    l, _, _, h, d = self.k.shape
-    return 2 * l * int(self.length) * h * d * self.k.dtype.itemsize
+    return self.k[0].shape[2]
 
 
 def empty_cache(config: TransformerConfig, batch: int, capacity: int) -> KVCache:
-  shape = (config.n_layer, batch, capacity, config.n_head, config.head_size)
+  shape = (batch, config.n_head, capacity, config.head_size)
   dtype = _DTYPES[config.dtype]
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
+  return KVCache(zeros(), zeros(), jnp.zeros((), jnp.int32))
 
 
 def grow(cache: KVCache, capacity: int) -> KVCache:
@@ -92,8 +91,8 @@ def grow(cache: KVCache, capacity: int) -> KVCache:
   extra = capacity - cache.capacity
   if extra < 0:
     raise ValueError(f"grow: {capacity=} is smaller than the cache's {cache.capacity}.")
-  pad = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
-  return KVCache(jnp.pad(cache.k, pad), jnp.pad(cache.v, pad), cache.length)
+  pad = lambda xs: tuple(jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) for x in xs)
+  return KVCache(pad(cache.k), pad(cache.v), cache.length)
 
 
 def _rotary(x_bthd: Array, positions_t: Array) -> Array:
@@ -123,19 +122,21 @@ class Attention(nnx.Module):
     q, k, v = jnp.split(self.qkv(x_btc).reshape(b, t, 3 * self.n_head, self.head_size), 3, axis=2)
     positions_t = start + jnp.arange(t)
     q, k = _rotary(q, positions_t), _rotary(k, positions_t)
-    # Written into the whole [l, ...] buffer so that XLA updates it in place inside a decode loop.
-    at = (layer, 0, start, 0, 0)
-    k_all = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at)
-    v_all = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at)
-    k_cache, v_cache = k_all[layer], v_all[layer]
+    k_bhtd, v_bhtd = (x.transpose(0, 2, 1, 3) for x in (k, v))
+    k_cache = jax.lax.dynamic_update_slice_in_dim(
+        cache.k[layer], k_bhtd.astype(cache.k[layer].dtype), start, axis=2)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(
+        cache.v[layer], v_bhtd.astype(cache.v[layer].dtype), start, axis=2)
     # Query at position p attends to cached positions <= p (the rest of the buffer is empty).
-    visible_ts = jnp.arange(k_cache.shape[1])[None, :] <= positions_t[:, None]
-    logits_bhts = jnp.einsum("bthd,bshd->bhts", q, k_cache).astype(jnp.float32)
+    visible_ts = jnp.arange(k_cache.shape[2])[None, :] <= positions_t[:, None]
+    logits_bhts = jnp.einsum("bthd,bhsd->bhts", q, k_cache).astype(jnp.float32)
     logits_bhts = logits_bhts / jnp.sqrt(jnp.float32(self.head_size))
     logits_bhts = jnp.where(visible_ts[None, None], logits_bhts, -jnp.inf)
     probs = jax.nn.softmax(logits_bhts, axis=-1).astype(v_cache.dtype)
-    y = jnp.einsum("bhts,bshd->bthd", probs, v_cache).reshape(b, t, c)
-    return self.out(y.astype(x_btc.dtype)), KVCache(k_all, v_all, cache.length)
+    y = jnp.einsum("bhts,bhsd->bthd", probs, v_cache).reshape(b, t, c)
+    replace = lambda xs, x: xs[:layer] + (x,) + xs[layer + 1:]
+    cache = KVCache(replace(cache.k, k_cache), replace(cache.v, v_cache), cache.length)
+    return self.out(y.astype(x_btc.dtype)), cache
 
 
 class MLP(nnx.Module):
