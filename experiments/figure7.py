@@ -60,29 +60,31 @@ _greedy_chunk_jit = jax.jit(_greedy_chunk, static_argnums=(0, 4))
 _grow_jit = jax.jit(tf_lib.grow, static_argnums=1)
 
 
-def _run(name, model, first_carry, next_carry, num_chunks, chunk, batch):
-  """Times `num_chunks` decode chunks; `next_carry(carry, i)` prepares chunk i's carry."""
-  graphdef, params = nnx.split(model)
-  token = jnp.zeros((batch,), jnp.int32)
-  # Compile every chunk program first (the Transformer's differ in cache size).
-  carry = jax.eval_shape(lambda: first_carry)  # shapes only: nothing runs while compiling
-  compiled, start = [], time.perf_counter()
-  for i in range(num_chunks):
-    carry = jax.eval_shape(lambda c, i=i: next_carry(c, i), carry)
-    compiled.append(_greedy_chunk_jit.lower(graphdef, params, token, carry, chunk).compile())
-  compile_s = time.perf_counter() - start
-  logging.info("%s: %d chunk programs compiled in %.1f s", name, num_chunks, compile_s)
+class _Decoder:
+  """One model's chunk programs, compiled before timing, and its running clock."""
 
-  carry, cumulative_s, elapsed = first_carry, [], 0.0
-  for i in range(num_chunks):
+  def __init__(self, name, model, first_carry, next_carry, num_chunks, chunk, batch):
+    self.name, self.next_carry = name, next_carry
+    graphdef, self.params = nnx.split(model)
+    self.token = jnp.zeros((batch,), jnp.int32)
+    # Compile every chunk program first (the Transformer's differ in cache size).
+    shapes = jax.eval_shape(lambda: first_carry)  # shapes only: nothing runs while compiling
+    self.programs, start = [], time.perf_counter()
+    for i in range(num_chunks):
+      shapes = jax.eval_shape(lambda c, i=i: next_carry(c, i), shapes)
+      self.programs.append(
+          _greedy_chunk_jit.lower(graphdef, self.params, self.token, shapes, chunk).compile())
+    self.compile_s = time.perf_counter() - start
+    logging.info("%s: %d chunk programs compiled in %.1f s", name, num_chunks, self.compile_s)
+    self.carry, self.elapsed, self.cumulative_s = first_carry, 0.0, []
+
+  def run_chunk(self, i: int) -> None:
     start = time.perf_counter()
-    carry = next_carry(carry, i)
-    token, carry = compiled[i](params, token, carry)
-    jax.block_until_ready((token, carry))
-    elapsed += time.perf_counter() - start
-    cumulative_s.append(elapsed)
-    logging.info("%s: %d tokens in %.2f s", name, (i + 1) * chunk, elapsed)
-  return cumulative_s, carry, compile_s
+    self.carry = self.next_carry(self.carry, i)
+    self.token, self.carry = self.programs[i](self.params, self.token, self.carry)
+    jax.block_until_ready((self.token, self.carry))
+    self.elapsed += time.perf_counter() - start
+    self.cumulative_s.append(self.elapsed)
 
 
 def run(n_layer, n_embd, n_head, vocab_size, tokens, chunk, batch, dtype) -> dict:
@@ -96,10 +98,19 @@ def run(n_layer, n_embd, n_head, vocab_size, tokens, chunk, batch, dtype) -> dic
   tf = tf_lib.Transformer(tf_cfg, rngs=nnx.Rngs(0))
 
   state0 = model_lib.empty_state(rwkv_cfg, batch)
-  rwkv_s, _, rwkv_compile = _run("rwkv", rwkv, state0, lambda c, i: c, num_chunks, chunk, batch)
   cache0 = tf_lib.empty_cache(tf_cfg, batch, 0)
-  grow = lambda c, i: _grow_jit(c, (i + 1) * chunk)
-  tf_s, _, tf_compile = _run("transformer", tf, cache0, grow, num_chunks, chunk, batch)
+  decoders = [
+      _Decoder("rwkv", rwkv, state0, lambda c, i: c, num_chunks, chunk, batch),
+      _Decoder("transformer", tf, cache0, lambda c, i: _grow_jit(c, (i + 1) * chunk),
+               num_chunks, chunk, batch),
+  ]
+  # Chunks alternate between the models, so that other load on the host slows both alike.
+  for i in range(num_chunks):
+    for d in decoders:
+      d.run_chunk(i)
+    logging.info("%d tokens: rwkv %.2f s, transformer %.2f s", (i + 1) * chunk,
+                 decoders[0].elapsed, decoders[1].elapsed)
+  (rwkv_s, rwkv_compile), (tf_s, tf_compile) = ((d.cumulative_s, d.compile_s) for d in decoders)
 
   positions = [(i + 1) * chunk for i in range(num_chunks)]
   state_bytes = sum(x.nbytes for x in state0) // batch

@@ -68,3 +68,15 @@ def test_a_full_cache_is_refused_with_what_to_do():
 def test_heads_must_split_the_width_evenly():
   with pytest.raises(ValueError, match="n_head"):
     tf.TransformerConfig(n_layer=1, n_embd=30, n_head=4, vocab_size=10)
+
+
+def test_figure7_records_cumulative_time_and_memory_for_both_models():
+  from experiments import figure7  # pylint: disable=g-import-not-at-top
+  rec = figure7.run(n_layer=1, n_embd=32, n_head=4, vocab_size=17, tokens=20, chunk=8, batch=2,
+                    dtype="float32")
+  assert rec["generated_tokens"] == [8, 16, 24]
+  for name in ("rwkv_cumulative_s", "transformer_cumulative_s"):
+    assert len(rec[name]) == 3 and all(b > a > 0 for a, b in zip(rec[name], rec[name][1:]))
+  mem = rec["memory_per_sequence_bytes"]
+  assert mem["rwkv_state"] == 5 * 1 * 32 * 4  # five float32 [C] vectors per layer
+  assert mem["transformer_kv_cache"] == [2 * 1 * n * 32 * 4 for n in (8, 16, 24)]
