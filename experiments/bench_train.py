@@ -7,7 +7,8 @@ The step is `train.make_train_step` on the mesh of all devices (data parallel), 
 official optimizer, so the number is what `experiments.train` gets minus data loading. Each WKV
 implementation in --impls is compiled and timed in turn. MFU counts the matrix-product FLOPs of
 `RWKVConfig.flops_per_token` (6 per parameter-MAC, no WKV, no rematerialization) against the
-device's dense bf16 peak; it is left empty for devices whose peak is unknown (e.g. CPUs).
+device's dense bf16 peak (`benchlib.peak_flops`); it is left empty for devices whose peak is
+unknown (e.g. CPUs).
 Each result also carries XLA's memory plan of the compiled step (`memory_plan`: arguments,
 outputs, donated aliases, temporaries) next to the device's measured peak where it reports one.
 
@@ -114,7 +115,7 @@ def plan_train_step(config, impl: str) -> dict[str, Any]:
   from rwkv_jax import sharding, train, wkv
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  tx = train.build_optimizer(config)
+  tx, _ = train.build_optimizer(config)
   compiled, compile_s = _compile_step(config, impl, train.abstract_state(config, mesh, tx), mesh,
                                       tx)
   return {"impl": impl, "impl_resolved": wkv.resolve(impl), "compile_s": compile_s,
@@ -126,10 +127,11 @@ def time_train_step(config, impl: str, steps: int, repeats: int) -> dict[str, An
   import jax
   import numpy as np
 
+  from experiments import benchlib
   from rwkv_jax import sharding, train, wkv
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  tx = train.build_optimizer(config)
+  tx, _ = train.build_optimizer(config)
   state = train.init_state(config, mesh, tx)
   step_fn, compile_s = _compile_step(config, impl, state, mesh, tx)
   b, t, v = config.train.batch_size, config.model.ctx_len, config.model.vocab_size
@@ -152,7 +154,7 @@ def time_train_step(config, impl: str, steps: int, repeats: int) -> dict[str, An
   step_s = float(np.median(samples))
   cfg = train.model_config(config)
   tokens_per_s = b * t / step_s
-  peak = train.peak_flops()
+  peak = benchlib.peak_flops()
   return {
       "impl": impl,
       "impl_resolved": wkv.resolve(impl),
@@ -201,7 +203,7 @@ def run(model: str, batch_size: int, ctx_len: int | None, dtype: str | None, imp
       "plan_only": plan_only,
       "steps": None if plan_only else steps,
       "repeats": None if plan_only else repeats,
-      "peak_flops_per_device": train.peak_flops(),
+      "peak_flops_per_device": benchlib.peak_flops(),
       "results": results,
   }
   default_name = (f"bench_train_plan_{model}_{benchlib.default_tag()}.json" if plan_only

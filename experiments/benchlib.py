@@ -2,8 +2,9 @@
 
 A benchmark here is a script that writes a JSON record (and usually a plot), never an assertion:
 `time_fn` times a jitted callable, `environment` says where and from what code the numbers came,
-`copy_bandwidth` measures the memory roofline on the same device in the same run, and
-`write_json` stores the record atomically so a run killed midway keeps what it had written.
+`copy_bandwidth` measures the memory roofline on the same device in the same run, `peak_flops`
+gives the device's dense bf16 peak for model FLOPs utilization, and `write_json` stores the
+record atomically so a run killed midway keeps what it had written.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from rwkv_jax import files
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,6 +38,11 @@ _VENDOR_PEAK_GBPS: tuple[tuple[str, float], ...] = (
     (r"H100.*NVL", 3900.0),
     (r"H100", 3350.0),  # SXM5, HBM3 (device_kind "NVIDIA H100 80GB HBM3").
 )
+
+# Dense bf16 peak FLOP/s per chip, for model FLOPs utilization, matched against `device_kind`
+# as substrings; unknown devices (CPUs included) report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +149,15 @@ def vendor_peak_gbps(device_kind: str) -> float | None:
   return None
 
 
+def peak_flops(device_kind: str | None = None) -> float | None:
+  """Dense bf16 peak FLOP/s of one device (default: this process's first), else None."""
+  kind = (device_kind or jax.devices()[0].device_kind).lower()
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind:
+      return flops
+  return None
+
+
 def _git(*args: str) -> str | None:
   try:
     out = subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True, timeout=10,
@@ -192,10 +208,7 @@ def default_tag() -> str:
 
 def write_json(path: str | os.PathLike[str], record: Any) -> pathlib.Path:
   """Writes `record` as indented JSON, atomically (a reader never sees half a file)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   text = json.dumps(record, indent=1, allow_nan=False) + "\n"  # Raises before any file exists.
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+  with files.atomic_write(path, "w") as f:
     f.write(text)
-  os.replace(f.name, path)
-  return path
+  return pathlib.Path(path)

@@ -25,7 +25,7 @@ def main(argv):
   import jax
   import numpy as np
 
-  from experiments import _logs, benchlib
+  from experiments import _logs, benchlib, plots
   from experiments.configs import char_tiny
   from rwkv_jax import checkpoint, corpus, data, sampling, scoring, train
   from rwkv_jax.tokenizer import ByteTokenizer
@@ -40,9 +40,10 @@ def main(argv):
   text_path = corpus.wiki_sample()
   print(f"corpus: {text_path} ({text_path.stat().st_size / 1e6:.2f} MB of Wikipedia XML)")
 
-  final = train.train_and_evaluate(config, workdir)
+  final = train.train_and_evaluate(config, workdir, peak_flops=benchlib.peak_flops())
+  curve = plots.plot_loss(workdir, plots.model_title(config))
   print(f"\nvalidation: {final['val/bits_per_token']:.3f} bits per character "
-        f"after {final['step']} steps ({workdir / 'loss.png'})")
+        f"after {final['step']} steps ({curve})")
 
   # Held-out text: the start of the validation part, which training never saw.
   tokens = data.ByteSource(text_path).tokens

@@ -26,7 +26,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from experiments import _logs
+  import jax
+
+  from experiments import _logs, benchlib, plots
   from rwkv_jax import sharding, train
 
   _logs.quiet_third_party()
@@ -34,11 +36,14 @@ def main(argv):
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   try:
-    final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                     peak_flops=benchlib.peak_flops())
   except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  if jax.process_index() == 0:
+    plots.plot_loss(FLAGS.workdir, plots.model_title(FLAGS.config))
   print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in sorted(final.items())))
 

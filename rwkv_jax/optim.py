@@ -1,19 +1,19 @@
 """The optimizer of the official RWKV-4 trainer, as one optax transformation.
 
-    updates = clip_by_global_norm(grad_clip)      # on the (accumulated) gradient
+    updates = clip_by_global_norm(grad_clip)      # on the update's (mean) gradient
             -> Adam(b1, b2, eps)                  # bias-corrected, eps outside the sqrt
             -> + weight_decay * param             # decoupled (AdamW), >= 2-D parameters only
-            -> * -learning_rate_schedule(step)
+            -> * -schedule(step)
             -> * per-parameter multiplier         # time_decay x2, time_first x3, others x1
 
 The multiplier scales a parameter's whole step (decay included), like the official per-group
 learning rate `lr * my_lr_scale`. Because Adam normalizes each gradient, two parameters that see
 identical gradients move by exactly the ratio of their multipliers.
 
-Gradient accumulation wraps all of this in optax.MultiSteps: the train step calls `update` once
-per micro-batch with that micro-batch's gradient; every `accumulate_steps`-th call applies the
-mean gradient, the others return zero updates (so `optax.apply_updates` leaves the parameters
-unchanged). The schedule counts real updates, not micro-batches.
+The schedule is one object: `learning_rate_schedule` builds it, `make_optimizer` follows it, and
+the trainer logs the rate from the same object. Gradient accumulation is not here: the train step
+(rwkv_jax/train.py) averages the micro-batches' gradients in a `lax.scan` and calls `update` once
+per optimizer step, so the schedule counts real updates.
 """
 
 from __future__ import annotations
@@ -124,31 +124,25 @@ def scale_by_multipliers(layerwise_lr: bool = True) -> optax.GradientTransformat
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(*, lr_init: float, lr_final: float, warmup_steps: int, total_steps: int,
-                   betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
-                   weight_decay: float = 0.0, grad_clip: float = 1.0, layerwise_lr: bool = True,
-                   accumulate_steps: int = 1) -> optax.GradientTransformation:
+def make_optimizer(schedule: optax.Schedule, *, betas: tuple[float, float] = (0.9, 0.99),
+                   eps: float = 1e-8, weight_decay: float = 0.0, grad_clip: float = 1.0,
+                   layerwise_lr: bool = True) -> optax.GradientTransformation:
   """The official RWKV-4 optimizer (see the module docstring for the chain).
 
   Args:
-    lr_init, lr_final, warmup_steps, total_steps: the schedule (`learning_rate_schedule`).
+    schedule: the learning rate by optimizer step (`learning_rate_schedule`).
     betas: Adam (b1, b2); official (0.9, 0.99).
     eps: Adam epsilon; official 1e-8.
     weight_decay: decoupled weight decay on >= 2-D parameters; 0 (official default) disables it.
     grad_clip: max global gradient norm; <= 0 disables clipping.
     layerwise_lr: time_decay x2 and time_first x3 learning-rate multipliers.
-    accumulate_steps: micro-batches per update (optax.MultiSteps when > 1).
 
   Returns:
     An optax.GradientTransformation over the parameters' pytree (e.g. an nnx.State of
     nnx.Param). Its `update` needs `params` when weight_decay > 0.
   """
-  if accumulate_steps < 1:
-    raise ValueError(f"accumulate_steps={accumulate_steps} must be >= 1.")
   if weight_decay < 0:
     raise ValueError(f"weight_decay={weight_decay} must be >= 0.")
-  schedule = learning_rate_schedule(lr_init=lr_init, lr_final=lr_final,
-                                    warmup_steps=warmup_steps, total_steps=total_steps)
   parts = []
   if grad_clip > 0:
     parts.append(optax.clip_by_global_norm(grad_clip))
@@ -157,10 +151,7 @@ def make_optimizer(*, lr_init: float, lr_final: float, warmup_steps: int, total_
     parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
   parts.append(optax.scale_by_learning_rate(schedule))
   parts.append(scale_by_multipliers(layerwise_lr))
-  tx = optax.chain(*parts)
-  if accumulate_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accumulate_steps).gradient_transformation()
-  return tx
+  return optax.chain(*parts)
 
 
 class GroupRates(NamedTuple):

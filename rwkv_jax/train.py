@@ -1,10 +1,12 @@
 """Training: sharded state, the jitted step, evaluation and the loop with checkpoints and logs.
 
-The loop (`train_and_evaluate`) is driven by an ml_collections config (see
-experiments/configs/). Parameters and optimizer state are created directly on the mesh by a
-jitted init with out_shardings from `sharding.py`; the step is `jax.jit` with in/out shardings
-and donated state. Step N is dispatched before step N-1's metrics are fetched, so the host never
-waits for the device except at logging, evaluation and checkpoint boundaries.
+The loop (`train_and_evaluate`) is driven by an ml_collections config whose keys and defaults
+are rwkv_jax/train_config.py's. Parameters and optimizer state are created directly on the mesh
+by a jitted init with out_shardings from `sharding.py`; the step is `jax.jit` with in/out
+shardings and donated state, and accumulates gradients over micro-batches itself (a `lax.scan`,
+one micro-batch's activations alive at a time) before its one optimizer update. Step N is
+dispatched before step N-1's metrics are fetched, so the host never waits for the device except
+at logging, evaluation and checkpoint boundaries. Metrics go to rwkv_jax/metrics.py's writer.
 
 A non-finite loss stops the run with an error and writes nothing: the last checkpoint on disk
 is the last good state.
@@ -19,7 +21,7 @@ import math
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +33,10 @@ from flax import nnx
 
 from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import data as data_lib
-from rwkv_jax import losses, optim, sharding
+from rwkv_jax import files, losses, optim, sharding, train_config
+from rwkv_jax import metrics as metrics_lib
 from rwkv_jax import model as model_lib
 from rwkv_jax.config import RWKVConfig
-
-# Dense bf16 peak FLOP/s per chip, for model FLOPs utilization. Unknown devices report no MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,10 +44,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 def model_config(config: ml_collections.ConfigDict) -> RWKVConfig:
+  """The model's frozen config from an experiment config's `model` section."""
   m = config.model
   return RWKVConfig(n_layer=m.n_layer, n_embd=m.n_embd, vocab_size=m.vocab_size,
-                    dim_att=m.get("dim_att", 0), dim_ffn=m.get("dim_ffn", 0), ctx_len=m.ctx_len,
-                    dtype=m.dtype, param_dtype=m.get("param_dtype", "float32"))
+                    dim_att=m.dim_att, dim_ffn=m.dim_ffn, ctx_len=m.ctx_len, dtype=m.dtype,
+                    param_dtype=m.param_dtype)
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> model_lib.RWKV:
@@ -56,19 +56,23 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> model_lib.
                         emb_scale=config.optim.lr_init, remat=config.model.remat)
 
 
-def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  o, t = config.optim, config.train
-  if o.lr_final != o.lr_init and t.steps <= o.warmup_steps:
-    raise ValueError(f"--config.train.steps={t.steps} must exceed --config.optim.warmup_steps="
-                     f"{o.warmup_steps} (the learning rate decays after the warmup); lower the "
-                     f"warmup or train longer.")
-  if t.accumulate_steps < 1 or t.batch_size % t.accumulate_steps:
-    raise ValueError(f"--config.train.batch_size={t.batch_size} must be a multiple of "
-                     f"--config.train.accumulate_steps={t.accumulate_steps} (>= 1).")
-  return optim.make_optimizer(
-      lr_init=o.lr_init, lr_final=o.lr_final, warmup_steps=o.warmup_steps,
-      total_steps=config.train.steps, betas=tuple(o.betas), eps=o.eps,
-      weight_decay=o.weight_decay, grad_clip=o.grad_clip, layerwise_lr=o.layerwise_lr)
+def build_optimizer(config: ml_collections.ConfigDict
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer of `config` and the one schedule it follows (the loop logs its rate).
+
+  Raises:
+    ValueError: the config is invalid (`train_config.check`), e.g. its steps do not outlast
+      the warmup.
+  """
+  train_config.check(config)
+  o = config.optim
+  schedule = optim.learning_rate_schedule(lr_init=o.lr_init, lr_final=o.lr_final,
+                                          warmup_steps=o.warmup_steps,
+                                          total_steps=config.train.steps)
+  tx = optim.make_optimizer(schedule, betas=tuple(o.betas), eps=o.eps,
+                            weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+                            layerwise_lr=o.layerwise_lr)
+  return tx, schedule
 
 
 @dataclasses.dataclass
@@ -109,8 +113,10 @@ def make_train_step(state: TrainState, tx, mesh, *, accumulate_steps: int, l2wra
                     impl: str) -> Callable:
   """Returns step(params, opt_state, batch) -> (params, opt_state, metrics), jitted and sharded.
 
-  With accumulate_steps = k the batch [b, t] is split into k micro-batches whose gradients are
-  averaged (lax.scan, so activations of one micro-batch live at a time) before one update.
+  This is the one gradient-accumulation path: with accumulate_steps = k the batch [b, t] is
+  split into k micro-batches whose gradients are averaged before one optimizer update. A
+  `lax.scan` runs them, so one micro-batch's activations are alive at a time, and each
+  micro-batch stays spread over the data axes of the mesh.
   """
   graphdef = state.graphdef
 
@@ -162,127 +168,15 @@ def make_eval_step(state: TrainState, mesh, impl: str) -> Callable:
   return jax.jit(step, in_shardings=(state.param_shardings, sharding.batch_sharding(mesh)))
 
 
-# ----------------------------------------------------------------------------------------------
-# Data.
-
-def open_training_source(config: ml_collections.ConfigDict, workdir: pathlib.Path):
-  """The token source named by config.data (a corpus name, or a file / directory / binidx)."""
-  from rwkv_jax import corpus
-
-  d = config.data
-  if d.source == "wiki_sample":
-    path = corpus.wiki_sample()
-  elif d.source == "enwik8":
-    path = corpus.enwik8()
-  elif d.source == "file":
-    if not d.path:
-      raise ValueError("--config.data.source=file needs --config.data.path=FILE_OR_DIR_OR_PREFIX.")
-    path = pathlib.Path(d.path)
-  else:
-    raise ValueError(f"--config.data.source={d.source!r}; use wiki_sample, enwik8 or file.")
-  tokenizer = d.get("tokenizer", "bytes")
-  is_binidx = str(path).endswith((".bin", ".idx")) or pathlib.Path(str(path) + ".idx").exists()
-  if tokenizer != "bytes" and not is_binidx:
-    # Text with a real tokenizer: encode once into binidx next to the run (process 0 writes it).
-    from rwkv_jax.tokenizer import load_tokenizer
-
-    prefix = workdir / "data" / pathlib.Path(path).name
-    if not pathlib.Path(str(prefix) + ".idx").exists():
-      if jax.process_index() == 0:
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        data_lib.encode_text_file(path, load_tokenizer(tokenizer), prefix)
-      _sync("encoded_data")
-    path = prefix
-  source = data_lib.open_source(path)
-  vocab = int(np.max(source.tokens[: min(len(source.tokens), 1 << 24)])) + 1
-  if vocab > config.model.vocab_size:
-    raise ValueError(f"{source.path} holds token ids up to {vocab - 1} but "
-                     f"--config.model.vocab_size={config.model.vocab_size}; raise the vocabulary "
-                     f"size or use the matching tokenizer.")
-  return source
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-def make_iterators(config, source):
+def make_datasets(config: ml_collections.ConfigDict, source):
+  """This host's training iterator and validation dataset over `source`."""
   d, t = config.data, config.train
   common = dict(ctx_len=config.model.ctx_len, batch_size=t.batch_size, seed=d.seed,
                 val_fraction=d.val_fraction, shard_index=jax.process_index(),
-                shard_count=jax.process_count(), worker_count=d.get("worker_count", 0))
+                shard_count=jax.process_count(), worker_count=d.worker_count)
   train_ds = data_lib.make_dataset(source, split="train", **common)
   val_ds = data_lib.make_dataset(source, split="val", **common)
   return iter(train_ds), val_ds
-
-
-# ----------------------------------------------------------------------------------------------
-# Logging.
-
-class MetricWriter:
-  """Terminal, TensorBoard event files and metrics.jsonl (process 0 only)."""
-
-  def __init__(self, workdir: pathlib.Path, enabled: bool):
-    self.enabled = enabled
-    self.history: list[dict] = []
-    self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(str(workdir / "tb"))
-      self._jsonl = open(workdir / "metrics.jsonl", "a")
-
-  def write(self, step: int, metrics: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-    self.history.append(record)
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
-    for k, v in metrics.items():
-      if v is not None and math.isfinite(float(v)):
-        self._tb.add_scalar(k, float(v), step)
-
-  def close(self):
-    if self.enabled:
-      self._tb.close()
-      self._jsonl.close()
-
-
-def plot_history(path: pathlib.Path, metrics_file: pathlib.Path, title: str) -> None:
-  """Loss curve PNG (train and validation bits per token) from metrics.jsonl."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  records = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()]
-  train = [(r["step"], r["train/bits_per_token"]) for r in records if "train/bits_per_token" in r]
-  val = [(r["step"], r["val/bits_per_token"]) for r in records if "val/bits_per_token" in r]
-  fig, ax = plt.subplots(figsize=(7, 4))
-  if train:
-    ax.plot(*zip(*train), label="train")
-  if val:
-    ax.plot(*zip(*val), "o-", label="validation")
-  ax.set_xlabel("step")
-  ax.set_ylabel("bits per token")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def peak_flops() -> float | None:
-  kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return flops
-  return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,6 +204,7 @@ def _non_finite_message(loss: float, at_step: int, ckpt: ckpt_lib.TrainCheckpoin
 
 
 def evaluate(eval_step, params, val_ds, mesh, max_batches: int) -> float:
+  """Mean loss over the first `max_batches` validation batches (all of them if 0)."""
   total, n = 0.0, 0
   for i, batch in enumerate(val_ds):
     if max_batches and i >= max_batches:
@@ -319,9 +214,20 @@ def evaluate(eval_step, params, val_ds, mesh, max_batches: int) -> float:
   return total / max(n, 1)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
-                       ) -> dict[str, float]:
-  """Trains (resuming from WORKDIR's latest checkpoint if any) and returns final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       peak_flops: float | None = None) -> dict[str, float]:
+  """Trains (resuming from WORKDIR's latest checkpoint if any) and returns final metrics.
+
+  Args:
+    config: a training config (rwkv_jax/train_config.py); checked before anything is written.
+    workdir: where the config, checkpoints, metrics (rwkv_jax/metrics.py) and export go.
+    peak_flops: dense peak FLOP/s of one device; when given, the logs carry model FLOPs
+      utilization (perf/mfu). experiments/benchlib.py knows the common accelerators'.
+
+  Returns:
+    The last logged training and validation metrics, and "step".
+  """
+  train_config.check(config)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
@@ -329,16 +235,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   cfg = model_config(config)
   if lead:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    with files.atomic_write(workdir / "config.json", "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   logging.info("Mesh %s over %d devices (%d processes); model %s, %.2fM parameters.",
                dict(mesh.shape), mesh.size, jax.process_count(), cfg, cfg.num_params() / 1e6)
 
-  source = open_training_source(config, workdir)
-  train_it, val_ds = make_iterators(config, source)
-  tx = build_optimizer(config)
+  source = data_lib.open_training_source(config.data, workdir, config.model.vocab_size)
+  train_it, val_ds = make_datasets(config, source)
+  tx, schedule = build_optimizer(config)
   state = init_state(config, mesh, tx)
   ckpt = ckpt_lib.TrainCheckpointer(workdir, keep=t.keep_checkpoints,
-                                    async_save=t.get("async_checkpoints", True))
+                                    async_save=t.async_checkpoints)
   step = 0
   latest = ckpt.latest_step()
   if latest is not None:
@@ -350,13 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   train_step = make_train_step(state, tx, mesh, accumulate_steps=t.accumulate_steps,
                                l2wrap=config.optim.l2wrap, impl=t.impl)
   eval_step = make_eval_step(state, mesh, t.impl)
-  schedule = optim.learning_rate_schedule(
-      lr_init=config.optim.lr_init, lr_final=config.optim.lr_final,
-      warmup_steps=config.optim.warmup_steps, total_steps=t.steps)
-  writer = MetricWriter(workdir, lead)
+  writer = metrics_lib.MetricWriter(workdir, lead)
   tokens_per_step = t.batch_size * config.model.ctx_len
-  flops_per_step = cfg.flops_per_token() * tokens_per_step
-  peak = peak_flops()
   meta = {"model": cfg.to_dict(), "config": json.loads(config.to_json_best_effort())}
 
   def save(at_step):
@@ -364,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   progress = None
   # A bar on a terminal; log lines (every log_every steps) when output goes to a file or CI log.
-  if lead and t.get("progress_bar", True) and sys.stderr.isatty():
+  if lead and t.progress_bar and sys.stderr.isatty():
     from tqdm import tqdm
 
     progress = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True)
@@ -374,9 +276,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   window_losses: list[float] = []  # since the last log line: one step's loss is noisy
   final: dict[str, float] = {}
 
-  def fetch(pending_step, metrics):
+  def fetch(pending_step, step_metrics):
     nonlocal window_start, window_steps
-    m = jax.device_get(metrics)
+    m = jax.device_get(step_metrics)
     window_steps += 1  # counted once finished, so back-to-back fetches do not report 0 tokens/s
     loss = float(m["loss"])
     window_losses.append(loss)
@@ -391,8 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 "train/bits_per_token": mean_loss / math.log(2),
                 "train/accuracy": float(m["accuracy"]), "train/grad_norm": float(m["grad_norm"]),
                 "train/lr": float(schedule(pending_step - 1)), "perf/tokens_per_s": tok_s}
-      if peak:
-        record["perf/mfu"] = tok_s * flops_per_step / tokens_per_step / (peak * jax.device_count())
+      if peak_flops:
+        record["perf/mfu"] = tok_s * cfg.flops_per_token() / (peak_flops * jax.device_count())
       writer.write(pending_step, record)
       final.update(record)
       if progress is not None:
@@ -406,11 +308,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   try:
     while step < t.steps:
       batch = sharding.make_global_batch(mesh, next(train_it))
-      state.params, state.opt_state, metrics = train_step(state.params, state.opt_state, batch)
+      state.params, state.opt_state, step_metrics = train_step(state.params, state.opt_state,
+                                                               batch)
       step += 1
       if pending is not None:
         fetch(*pending)
-      pending = (step, metrics)
+      pending = (step, step_metrics)
       if progress is not None:
         progress.update(1)
       boundary = step == t.steps
@@ -436,11 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     ckpt.close()
     writer.close()
 
-  if lead:
-    plot_history(workdir / "loss.png", workdir / "metrics.jsonl",
-                 f"{cfg.n_layer} layers x {cfg.n_embd}, ctx {cfg.ctx_len}")
-  model = nnx.merge(state.graphdef, state.params)
-  if t.get("export", True):
-    ckpt_lib.export(model, workdir / "export")
+  if t.export:
+    ckpt_lib.export(nnx.merge(state.graphdef, state.params), workdir / "export")
   final["step"] = step
   return final

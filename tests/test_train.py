@@ -22,7 +22,7 @@ CONFIGS = REPO / "experiments" / "configs"
 
 def _one_step(config, batch_np):
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  tx = train.build_optimizer(config)
+  tx, _ = train.build_optimizer(config)
   state = train.init_state(config, mesh, tx)
   step = train.make_train_step(state, tx, mesh, accumulate_steps=config.train.accumulate_steps,
                                l2wrap=config.optim.l2wrap, impl=config.train.impl)

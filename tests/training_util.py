@@ -20,9 +20,8 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
-from experiments.configs import common
 from rwkv_jax import checkpoint as ckpt_lib
-from rwkv_jax import sharding, train
+from rwkv_jax import sharding, train, train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Steps of the short runs: N before the interruption, TOTAL at the end.
@@ -53,7 +52,7 @@ def tiny_config(data_path: pathlib.Path, **train_overrides) -> ml_collections.Co
   The decay end is tied to train.steps, so lr_final == lr_init keeps the schedule independent of
   the total step count: a run stopped at N and continued to TOTAL sees the same rates as one run.
   """
-  c = common.base()
+  c = train_config.default_config()
   c.model.update(n_layer=2, n_embd=32, vocab_size=256, ctx_len=16, dtype="float32")
   c.data.update(source="file", path=str(data_path), val_fraction=0.05)
   c.optim.update(lr_init=3e-3, lr_final=3e-3, warmup_steps=2)

@@ -1,10 +1,10 @@
 """The demo: a small character-level model on the Wikipedia sample, minutes on 2 CPU cores."""
 
-from experiments.configs import common
+from rwkv_jax import train_config
 
 
 def get_config():
-  c = common.base()
+  c = train_config.default_config()
   c.model.update(n_layer=4, n_embd=192, vocab_size=256, ctx_len=256, dtype="float32")
   c.data.update(source="wiki_sample", tokenizer="bytes", val_fraction=0.02)
   c.optim.update(lr_init=4e-3, lr_final=3e-4, warmup_steps=30)

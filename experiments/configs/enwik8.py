@@ -6,11 +6,11 @@ Bytes are the tokens (vocabulary 256); the corpus is downloaded on first use (se
 rwkv_jax/corpus.py), and the last 5% of it is held out, the usual 90/5/5 split's test part.
 """
 
-from experiments.configs import common
+from rwkv_jax import train_config
 
 
 def get_config():
-  c = common.base()
+  c = train_config.default_config()
   c.model.update(n_layer=12, n_embd=512, vocab_size=256, ctx_len=1024, dtype="bfloat16")
   c.data.update(source="enwik8", tokenizer="bytes", val_fraction=0.05)
   # The official RWKV-4 enwik8 run's rates (Adam, exponential decay after warmup).

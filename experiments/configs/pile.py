@@ -8,9 +8,8 @@ GPT-NeoX 20B tokens, as the official trainer reads); a plain text file is encode
 tokenizer once, into WORKDIR/data. Learning rates are the paper's Table 3; context 1024, bf16.
 """
 
+from rwkv_jax import train_config
 from rwkv_jax.config import Preset
-
-from experiments.configs import common
 
 # size -> (preset, lr_init, lr_final), paper Table 3.
 SIZES = {
@@ -29,7 +28,7 @@ def get_config(size: str = "169m"):
                      f"pile.py:SIZE with SIZE one of {sorted(SIZES)}.")
   preset, lr_init, lr_final = SIZES[size]
   n_layer, n_embd = preset.value
-  c = common.base()
+  c = train_config.default_config()
   c.model.update(n_layer=n_layer, n_embd=n_embd, vocab_size=50277, ctx_len=1024,
                  dtype="bfloat16", param_dtype="float32", remat=n_embd >= 2048)
   c.data.update(source="file", path="", tokenizer="neox", val_fraction=0.001)
