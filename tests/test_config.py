@@ -1,9 +1,15 @@
-"""Config: presets against the paper's parameter formula, and validation."""
+"""Config: presets against the paper's parameter formula, validation, the training config."""
+
+import pathlib
 
 import jax
+import ml_collections
 import pytest
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
+from rwkv_jax import train_config
 from rwkv_jax.config import PILE_VOCAB_SIZE, Preset, RWKVConfig, paper_param_count
 from rwkv_jax.model import RWKV
 
@@ -49,3 +55,47 @@ def test_invalid_configs_are_rejected(kwargs, match):
 def test_unknown_fields_are_rejected():
   with pytest.raises(ValueError, match="Unknown RWKVConfig fields"):
     RWKVConfig.from_dict({"n_layer": 2, "n_embd": 8, "n_head": 4})
+
+
+# ---------------------------------------------------------------------------------------------
+# The training config (rwkv_jax/train_config.py)
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
+
+
+def _parse_config_flags(*args: str) -> ml_collections.ConfigDict:
+  """Parses `--config=FILE --config.x=y ...` as experiments/train.py's flags do."""
+  argv = ["prog", *args]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize("name", ["char_tiny", "enwik8", "pile"])
+def test_every_experiment_config_passes_the_training_config_check(name):
+  train_config.check(_parse_config_flags(f"--config={CONFIGS / name}.py"))
+
+
+def test_command_line_overrides_reach_the_config_and_unknown_keys_are_refused():
+  config = _parse_config_flags(f"--config={CONFIGS / 'char_tiny.py'}", "--config.train.steps=7",
+                               "--config.optim.betas=(0.9, 0.95)", "--config.data.path=/data/x")
+  assert (config.train.steps, tuple(config.optim.betas), config.data.path) == (
+      7, (0.9, 0.95), "/data/x")
+  with pytest.raises(AttributeError, match='Did you mean "steps"'):  # not a new key
+    _parse_config_flags(f"--config={CONFIGS / 'char_tiny.py'}", "--config.train.stepz=7")
+
+
+def test_a_config_with_an_unknown_key_names_it():
+  config = train_config.default_config()
+  config.train.learning_rate = 1e-3
+  with pytest.raises(ValueError, match=r"Unknown config key\(s\) config\.train\.learning_rate"):
+    train_config.check(config)
+
+
+def test_a_config_missing_a_key_names_it_and_where_defaults_live():
+  config = train_config.default_config().to_dict()
+  del config["data"]["worker_count"]
+  with pytest.raises(ValueError, match=r"lacks config\.data\.worker_count.*default_config\(\)"):
+    train_config.check(ml_collections.ConfigDict(config))

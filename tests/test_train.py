@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,7 +15,7 @@ from flax import nnx
 
 from experiments import bench_train
 from rwkv_jax import data as data_lib
-from rwkv_jax import sharding, train
+from rwkv_jax import metrics, sharding, train
 from rwkv_jax.config import Preset, RWKVConfig
 from training_util import (REPO, compile_cache, corpus, full_run, losses,  # noqa: F401
                            tiny_config)
@@ -143,3 +146,24 @@ def test_inconsistent_training_flags_are_named(overrides, match):
   config.train.update(overrides)
   with pytest.raises(ValueError, match=match):
     train.build_optimizer(config)
+
+
+def test_metric_writer_keeps_every_record_and_non_finite_values_in_the_json(tmp_path):
+  writer = metrics.MetricWriter(tmp_path)
+  writer.write(1, {"train/loss": 2.5})
+  writer.write(2, {"train/loss": float("nan"), "val/loss": 3.0})
+  writer.close()
+  history = metrics.read_history(tmp_path)
+  assert history[0] == {"step": 1, "train/loss": 2.5}
+  assert history[1]["step"] == 2 and np.isnan(history[1]["train/loss"])
+  assert list((tmp_path / "tb").iterdir())  # TensorBoard event files
+  metrics.MetricWriter(tmp_path / "other", enabled=False).write(1, {"x": 1.0})
+  assert not (tmp_path / "other").exists()  # processes other than 0 write nothing
+
+
+def test_the_library_trains_without_importing_matplotlib():
+  code = ("import sys; from rwkv_jax import data, metrics, optim, train, train_config; "
+          "assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-2000:]
