@@ -94,7 +94,7 @@ def wkv_step(w: Array, u: Array, k: Array, v: Array, state: WKVState) -> tuple[A
 
 def wkv_scan(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None
              ) -> tuple[Array, WKVState]:
-  """Sequential WKV with `lax.scan` over time: the reference, O(t) depth.
+  """Sequential WKV by `lax.scan` over time, O(t) depth: the RNN form, the kernels' reference.
 
   Args:
     w: [c] per-step decay rate, exp(time_decay) > 0.
