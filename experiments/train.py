@@ -4,6 +4,7 @@ r"""Trains RWKV-4.
   python -m experiments.train --config=experiments/configs/pile_169m.py --workdir=gs://... \
       --config.data.path=/data/pile_text_document --config.mesh.fsdp=8
 
+Metrics go to WORKDIR/metrics.jsonl and WORKDIR/tb, the loss curve to WORKDIR/loss.png.
 Re-running with the same --workdir resumes from its latest checkpoint. Multi-host: start one
 process per host with --coordinator_address, --num_processes and --process_id (or the
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
