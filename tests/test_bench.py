@@ -99,6 +99,12 @@ def test_vendor_peak(kind, gbps):
   assert benchlib.vendor_peak_gbps(kind) == gbps
 
 
+@pytest.mark.parametrize("kind, flops", [("NVIDIA H100 80GB HBM3", 989e12), ("TPU v5 lite", 197e12),
+                                         ("cpu", None)])
+def test_peak_flops(kind, flops):
+  assert benchlib.peak_flops(kind) == flops
+
+
 def test_time_fn_reports_ordered_positive_times():
   timing = benchlib.time_fn(jax.jit(lambda x: x * 2), jnp.ones(8), repeats=3)
   assert 0 < timing.min_ms <= timing.median_ms and timing.calls_per_repeat >= 1
