@@ -50,6 +50,11 @@ def model_config(config: ml_collections.ConfigDict) -> RWKVConfig:
                     param_dtype=m.param_dtype)
 
 
+# Builds the model to train from the config; `build_model` (RWKV) unless the caller passes another
+# with RWKV's calling convention, e.g. the Transformer baseline of experiments/baselines.
+ModelBuilder = Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
+
+
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> model_lib.RWKV:
   return model_lib.RWKV(model_config(config), rngs=rngs, init=config.model.init,
                         emb_scale=config.optim.lr_init, remat=config.model.remat)
@@ -85,9 +90,10 @@ class TrainState:
   opt_shardings: Any
 
 
-def abstract_state(config: ml_collections.ConfigDict, mesh, tx) -> TrainState:
+def abstract_state(config: ml_collections.ConfigDict, mesh, tx,
+                   make_model: ModelBuilder = build_model) -> TrainState:
   """The TrainState's structure, shapes and shardings, with no array allocated."""
-  abstract_model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
+  abstract_model = nnx.eval_shape(lambda: make_model(config, nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   return TrainState(graphdef, abstract_params, abstract_opt,
@@ -95,13 +101,14 @@ def abstract_state(config: ml_collections.ConfigDict, mesh, tx) -> TrainState:
                     sharding.tree_shardings(mesh, abstract_opt))
 
 
-def init_state(config: ml_collections.ConfigDict, mesh, tx) -> TrainState:
+def init_state(config: ml_collections.ConfigDict, mesh, tx,
+               make_model: ModelBuilder = build_model) -> TrainState:
   """Creates params and optimizer state directly in their sharded layout (no host copy)."""
-  abstract = abstract_state(config, mesh, tx)
+  abstract = abstract_state(config, mesh, tx, make_model)
 
   @functools.partial(jax.jit, out_shardings=abstract.param_shardings)
   def init_params():
-    return nnx.state(build_model(config, nnx.Rngs(config.train.seed)), nnx.Param)
+    return nnx.state(make_model(config, nnx.Rngs(config.train.seed)), nnx.Param)
 
   params = init_params()
   opt_state = jax.jit(tx.init, out_shardings=abstract.opt_shardings)(params)
@@ -214,7 +221,8 @@ def evaluate(eval_step, params, val_ds, mesh, max_batches: int) -> float:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                       peak_flops: float | None = None) -> dict[str, float]:
+                       peak_flops: float | None = None,
+                       make_model: ModelBuilder = build_model) -> dict[str, float]:
   """Trains (resuming from WORKDIR's latest checkpoint if any) and returns final metrics.
 
   Args:
@@ -222,6 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir: where the config, checkpoints, metrics (rwkv_jax/metrics.py) and export go.
     peak_flops: dense peak FLOP/s of one device; when given, the logs carry model FLOPs
       utilization (perf/mfu). experiments/benchlib.py knows the common accelerators'.
+    make_model: builds the model from the config (default: RWKV). Another model trains with the
+      same data, optimizer and loop; only RWKV is exported at the end.
 
   Returns:
     The last logged training and validation metrics, and "step".
@@ -242,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   source = data_lib.open_training_source(config.data, workdir, config.model.vocab_size)
   train_it, val_ds = make_datasets(config, source)
   tx, schedule = build_optimizer(config)
-  state = init_state(config, mesh, tx)
+  state = init_state(config, mesh, tx, make_model)
   ckpt = ckpt_lib.TrainCheckpointer(workdir, keep=t.keep_checkpoints,
                                     async_save=t.async_checkpoints)
   step = 0
@@ -338,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     ckpt.close()
     writer.close()
 
-  if t.export:
+  if t.export and make_model is build_model:
     ckpt_lib.export(nnx.merge(state.graphdef, state.params), workdir / "export")
   final["step"] = step
   return final
