@@ -54,9 +54,19 @@ class BlockSizes:
 
 
 def interpret_off_gpu(interpret: bool | None) -> bool:
-  """A kernel's `interpret` argument: None means "unless JAX runs on a GPU"."""
+  """A GPU kernel's `interpret` argument: None means "only if JAX runs on CPU".
+
+  An interpreter never runs unasked on an accelerator: on a TPU this is an error that names the
+  TPU kernel.
+  """
   if interpret is None:
-    return jax.default_backend() not in ("gpu", "cuda", "rocm")
+    backend = jax.default_backend()
+    if backend not in ("cpu", "gpu", "cuda", "rocm"):
+      raise ValueError(
+          f"This WKV kernel is compiled for GPUs and JAX runs on {backend!r}: use "
+          "wkv(..., impl='pallas'), which runs rwkv_jax_kernels.wkv_pallas_tpu on TPUs, or "
+          "impl='associative'; pass interpret=True to run this kernel's interpreter anyway.")
+    return backend == "cpu"
   return interpret
 
 
@@ -118,7 +128,8 @@ def chain_chunks(summary, state, w, seq_len: int, block_t: int):
   """Step 2: the states entering each chunk ([b, n, c] x 3) and the final state ([b, c] x 3)."""
   num, den, max_exp = summary
   n = num.shape[1]
-  chunk_len = jnp.minimum(block_t, seq_len - block_t * jnp.arange(n)).astype(jnp.float32)
+  # Chunks wholly past seq_len (a backend's padding to whole tiles) last zero steps.
+  chunk_len = jnp.clip(seq_len - block_t * jnp.arange(n), 0, block_t).astype(jnp.float32)
   log_decay = jnp.broadcast_to(-chunk_len[None, :, None] * w, num.shape)
   # pylint: disable-next=protected-access
   num, den, max_exp, decay = jax.lax.associative_scan(

@@ -62,7 +62,8 @@ def wkv_pallas(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = 
     k, v: [b, t, c] keys and values, float32 or bfloat16.
     state: incoming WKVState (float32 [b, c] each) or None for an empty one.
     block_sizes: tile sizes.
-    interpret: run the kernels in the Pallas interpreter; None means "unless on a GPU".
+    interpret: run the kernels in the Pallas interpreter; None means "only if JAX runs on CPU"
+      (on a TPU that is an error: the TPU kernel is `wkv_pallas_tpu`).
 
   Returns:
     y [b, t, c] in k's dtype, and the float32 state after the last token.
@@ -281,4 +282,7 @@ def wkv_pallas_reference(w: Array, u: Array, k: Array, v: Array, state: WKVState
   return wkv_lib.wkv_scan(w, u, k, v, state)
 
 
-wkv_lib.register("pallas", wkv_pallas)
+# Explicit per platform, so that tracing on any machine never picks the interpreter by accident:
+# compiled on GPUs, interpreted on CPU; TPUs get the Mosaic kernel (wkv_pallas_tpu.py).
+wkv_lib.register("pallas", functools.partial(wkv_pallas, interpret=False), ("cuda", "rocm"))
+wkv_lib.register("pallas", functools.partial(wkv_pallas, interpret=True), ("cpu",))

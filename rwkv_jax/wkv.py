@@ -153,54 +153,88 @@ def wkv_associative(w: Array, u: Array, k: Array, v: Array, state: WKVState | No
 WKVFn = Callable[..., tuple[Array, WKVState]]
 
 _REGISTRY: dict[str, WKVFn] = {"scan": wkv_scan, "associative": wkv_associative}
+# Implementations that differ by platform: name -> {lowering platform: fn}. `wkv` stages them with
+# `lax.platform_dependent`, so the kernel is chosen by where the code is lowered (a TPU export
+# from a CPU machine gets the TPU kernel), not by the machine that traces it.
+_BY_PLATFORM: dict[str, dict[str, WKVFn]] = {}
+# name -> the module that registers it on import, and further ones that register the same name
+# for other platforms.
 _PLUGINS = {"pallas": "rwkv_jax_kernels.wkv_pallas", "triton": "rwkv_jax_kernels.wkv_triton"}
+_MORE_PLUGINS = {"pallas": ("rwkv_jax_kernels.wkv_pallas_tpu",)}
 # Fastest first; the first one that is registered (or importable) wins.
 # GPU: the fused Pallas kernel passed its compiled tests on an H200 and was the fastest WKV at every
 # shape measured there (experiments/results/gpu/bench/bench_wkv_gpu_h200.json: 8x1024x768 fp32
 # forward+backward 0.70 ms against 1.20 ms for the associative scan and 1.95 ms for the Triton
 # kernel; 32x1024x768 2.6 ms against 5.2 and 7.4). The associative scan is the fallback where the
-# Pallas module does not import. TPUs have no Pallas WKV kernel yet: associative (the default).
+# Pallas module does not import.
+# TPU: associative (the default) until the Pallas TPU kernel (impl="pallas") has run on a TPU. It
+# passes its checks in Pallas's TPU interpreter and lowers to a Mosaic call on a CPU machine, but
+# Mosaic's layout passes, which run only when a TPU compiles it, and its speed are unchecked
+# (scripts/tpu_check.sh checks both); a kernel that fails to compile there would break "auto".
 # CPU: the sequential scan wins (no parallel hardware to spend the associative scan's extra work
 # on; experiments/results/bench_wkv_cpu.json measures it about 5x faster at 8x1024x768).
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("scan",), "gpu": ("pallas", "associative")}
 _DEFAULT_AUTO = ("associative",)
+# jax.default_backend() names -> `lax.platform_dependent` names.
+_PLATFORM_NAMES = {"gpu": {"cuda", "rocm"}}
 
 _log = logging.getLogger(__name__)
 
 
-def register(name: str, fn: WKVFn) -> None:
-  """Makes `fn` selectable as wkv(..., impl=name). It must honour the wkv_scan contract."""
-  _REGISTRY[name] = fn
+def register(name: str, fn: WKVFn, platforms: tuple[str, ...] | None = None) -> None:
+  """Makes `fn` selectable as wkv(..., impl=name). It must honour the wkv_scan contract.
+
+  Args:
+    name: the `impl` name.
+    fn: the implementation.
+    platforms: lowering platforms ("cpu", "cuda", "rocm", "tpu") that `fn` serves under `name`;
+      None means all of them.
+  """
+  if platforms is None:
+    _REGISTRY[name] = fn
+  else:
+    _BY_PLATFORM.setdefault(name, {}).update(dict.fromkeys(platforms, fn))
 
 
-def _load(name: str) -> WKVFn | None:
-  if name not in _REGISTRY and name in _PLUGINS:
-    try:
-      importlib.import_module(_PLUGINS[name])
-    except ImportError as e:
-      _log.info("WKV backend %r unavailable: %s", name, e)
-  return _REGISTRY.get(name)
+def _registered(name: str) -> bool:
+  return name in _REGISTRY or name in _BY_PLATFORM
+
+
+def _load(name: str) -> bool:
+  if not _registered(name) and name in _PLUGINS:
+    for module in (_PLUGINS[name], *_MORE_PLUGINS.get(name, ())):
+      try:
+        importlib.import_module(module)
+      except ImportError as e:
+        _log.info("WKV backend %r (%s) unavailable: %s", name, module, e)
+  return _registered(name)
 
 
 def implementations() -> list[str]:
   """Names accepted by `impl`, besides "auto"."""
-  return sorted(set(_REGISTRY) | set(_PLUGINS))
+  return sorted(set(_REGISTRY) | set(_BY_PLATFORM) | set(_PLUGINS))
 
 
 @functools.lru_cache(maxsize=None)
 def resolve(impl: str = "auto", platform: str | None = None) -> str:
   """Maps "auto" to the fastest implementation for `platform` (default: jax's backend)."""
   if impl != "auto":
-    if impl not in _REGISTRY and impl not in _PLUGINS:
+    if not _registered(impl) and impl not in _PLUGINS:
       raise ValueError(f"Unknown WKV implementation {impl!r}; choose from "
                        f"{['auto'] + implementations()}.")
-    if _load(impl) is None:
+    if not _load(impl):
       raise ValueError(f"WKV implementation {impl!r} cannot be loaded on this machine "
                        f"(see the log for the import error); try impl='associative'.")
+    platform = platform or jax.default_backend()
+    served = _BY_PLATFORM.get(impl, {})
+    if impl not in _REGISTRY and not served.keys() & _PLATFORM_NAMES.get(platform, {platform}):
+      raise ValueError(f"WKV implementation {impl!r} has no kernel for {platform!r} (only for "
+                       f"{sorted(served)}; see the log for import errors); try "
+                       f"impl='associative'.")
     return impl
   platform = platform or jax.default_backend()
   for name in _AUTO_ORDER.get(platform, _DEFAULT_AUTO):
-    if _load(name) is not None:
+    if _load(name):
       _log.info("WKV impl='auto' on %s resolved to %r.", platform, name)
       return name
   raise RuntimeError("No WKV implementation is available.")  # unreachable: associative exists
@@ -209,4 +243,8 @@ def resolve(impl: str = "auto", platform: str | None = None) -> str:
 def wkv(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None,
         impl: str = "auto") -> tuple[Array, WKVState]:
   """WKV by the implementation named `impl` (see `implementations()`); contract of wkv_scan."""
-  return _REGISTRY[resolve(impl)](w, u, k, v, state)
+  name = resolve(impl)
+  if name not in _BY_PLATFORM:
+    return _REGISTRY[name](w, u, k, v, state)
+  return jax.lax.platform_dependent(w, u, k, v, state, default=_REGISTRY.get(name),
+                                    **_BY_PLATFORM[name])
