@@ -122,8 +122,8 @@ def test_optimizer_state_mirrors_parameter_shardings():
   _, state, _, _ = _model_and_batch()
   params = nnx.filter_state(state, nnx.Param)
   mesh = sharding.make_mesh(2, 2, 2)
-  tx = optim.make_optimizer(lr_init=1e-3, lr_final=1e-4, warmup_steps=2, total_steps=10,
-                            accumulate_steps=2)
+  tx = optim.make_optimizer(optim.learning_rate_schedule(
+      lr_init=1e-3, lr_final=1e-4, warmup_steps=2, total_steps=10))
   opt_sh = sharding.tree_shardings(mesh, jax.eval_shape(tx.init, params))
   param_sh = sharding.param_shardings(mesh, params)
   by_path = {sharding.path_name(p): s.spec
@@ -137,13 +137,14 @@ def test_optimizer_state_mirrors_parameter_shardings():
       seen += 1
     else:
       assert s.spec == P(), name  # counters
-  assert seen == 3 * len(by_path)  # mu, nu and the accumulated gradient
+  assert seen == 2 * len(by_path)  # mu and nu
 
 
 def test_sharded_train_step_matches_single_device():
   graphdef, state, inputs, targets = _model_and_batch()
-  tx = optim.make_optimizer(lr_init=1e-2, lr_final=1e-3, warmup_steps=0, total_steps=10,
-                            weight_decay=0.1, eps=1e-3)  # eps: no sign(g) of rounding noise
+  tx = optim.make_optimizer(
+      optim.learning_rate_schedule(lr_init=1e-2, lr_final=1e-3, warmup_steps=0, total_steps=10),
+      weight_decay=0.1, eps=1e-3)  # eps: no sign(g) of rounding noise
 
   def train_step(state, opt_state, inputs, targets):
     grads = jax.grad(functools.partial(_loss, graphdef))(state, inputs, targets)
