@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
 
+from rwkv_jax import sharding
 from rwkv_jax import wkv as wkv_lib
 from rwkv_jax.wkv import WKVState
 from rwkv_jax_kernels import chunked
@@ -77,7 +80,14 @@ def _interpret_mode(interpret: bool | None):
           "rwkv_jax_kernels.wkv_pallas there (or wkv(..., impl='pallas'), which picks the "
           "kernel by platform), or pass interpret=True to run the TPU kernel's interpreter.")
     interpret = backend == "cpu"
-  return pltpu.InterpretParams() if interpret else False
+  if not interpret:
+    return False
+  if jax.sharding.get_abstract_mesh().manual_axes:
+    # Inside a shard_map the TPU interpreter meets its simulated devices at thread barriers,
+    # which can hang when XLA:CPU runs fewer device threads at once; the kernels do no
+    # communication, so the generic interpreter checks the same thing there.
+    return True
+  return pltpu.InterpretParams()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,6 +119,9 @@ def wkv_pallas_tpu(w: Array, u: Array, k: Array, v: Array, state: WKVState | Non
     return k, state
 
   block_t = block_sizes.block_t
+  if jnp.dtype(k.dtype).itemsize < 4 and block_t % 16:
+    raise ValueError(f"BlockSizes.block_t={block_t} must be a multiple of 16 for {k.dtype} "
+                     "inputs: each chunk must start on a whole (16, 128) tile of 16-bit values.")
   n = pl.cdiv(t, block_t)
   # Short sequences: one program holds all their chunks (a block equal to the array's dim).
   cpb = min(block_sizes.chunks_per_block, n)
@@ -210,42 +223,49 @@ def _summary_bwd_call(k, v, w, dnum, dden, dmax, dk_in, dv_in, seq_len, tiles, i
 # ----------------------------------------------------------------------------------------------
 # Kernel bodies. Every value is [l, cb] (tokens of one chunk) or [1, cb] (one per chunk); inside a
 # chunk s = token index in [0, l), and the pair (s, s - d) is an earlier token at distance d.
-# The g chunks of a program are a static loop: static slices of the tiles stay sublane-aligned,
-# and per-chunk rows are gathered and scattered with masks, which need no relayout.
+# A program walks its g chunks in a loop (code size independent of g): chunk i is the
+# sublane-aligned rows [i l, (i + 1) l) of a token tile, and row i of a per-chunk tile, which is
+# read and written through masks (no dynamic single-row access, no relayout).
 
 
 def _rows(shape) -> Array:
   return jax.lax.broadcasted_iota(jnp.int32, shape, 0)
 
 
-def _load_chunks(ref, tiles: _Tiles) -> list[Array]:
-  """A [g l, cb] token tile as g float32 [l, cb] chunks (one load, converted once)."""
-  x, l = ref[...].astype(jnp.float32), tiles.block_t
-  return [x[i * l:(i + 1) * l] for i in range(tiles.chunks)]
+def _for_each_chunk(tiles: _Tiles, body, *carry):
+  return jax.lax.fori_loop(0, tiles.chunks, lambda i, c: body(i, *c), carry)
 
 
-def _store_chunks(ref, chunks: list[Array]) -> None:
-  ref[...] = jnp.concatenate(chunks, axis=0).astype(ref.dtype)
+def _chunk(ref, i, tiles: _Tiles) -> Array:
+  """Chunk i of a [g l, cb] token tile, as float32 [l, cb]."""
+  l = tiles.block_t
+  return ref[pl.ds(pl.multiple_of(i * l, l), l), :].astype(jnp.float32)
 
 
-def _chunk_row(tile: Array, i: int) -> Array:
-  """Row i of a [g, cb] per-chunk tile as [1, cb]."""
+def _set_chunk(ref, i, tiles: _Tiles, x: Array) -> None:
+  l = tiles.block_t
+  ref[pl.ds(pl.multiple_of(i * l, l), l), :] = x.astype(ref.dtype)
+
+
+def _chunk_row(ref, i) -> Array:
+  """Row i of a [g, cb] per-chunk tile, as [1, cb]."""
+  tile = ref[...]
   return jnp.sum(jnp.where(_rows(tile.shape) == i, tile, 0.0), axis=0, keepdims=True)
 
 
-def _rows_to_tile(rows: list[Array]) -> Array:
-  """g rows [1, cb] stacked into the [g, cb] tile of per-chunk values."""
-  shape = (len(rows), rows[0].shape[1])
-  index, tile = _rows(shape), jnp.zeros(shape, jnp.float32)
-  for i, row in enumerate(rows):
-    tile = jnp.where(index == i, row, tile)
-  return tile
+def _set_row(tile: Array, i, row: Array) -> Array:
+  """The [g, cb] tile with row i replaced by `row` [1, cb]."""
+  return jnp.where(_rows(tile.shape) == i, row, tile)
 
 
-def _chunk_len(seq_len: int, tiles: _Tiles, i: int) -> Array:
-  """Tokens of chunk i of this program that are inside the sequence (0 for wholly padded ones)."""
-  start = (pl.program_id(2) * tiles.chunks + i) * tiles.block_t
-  return jnp.clip(seq_len - start, 0, tiles.block_t)
+def _empty_rows(ref, count: int) -> tuple[Array, ...]:
+  return (jnp.zeros(ref.shape, jnp.float32),) * count
+
+
+def _chunk_lens(seq_len: int, tiles: _Tiles):
+  """i -> the tokens of this program's chunk i inside the sequence (0 for wholly padded ones)."""
+  first = pl.program_id(2) * tiles.chunks  # read outside the chunk loop
+  return lambda i: jnp.clip(seq_len - (first + i) * tiles.block_t, 0, tiles.block_t)
 
 
 def _summary_terms(k, w, chunk_len):
@@ -260,36 +280,38 @@ def _summary_terms(k, w, chunk_len):
 
 
 def _summary_kernel(k_ref, v_ref, w_ref, num_ref, den_ref, max_ref, *, seq_len, tiles):
-  w, nums, dens, maxes = w_ref[...], [], [], []
-  for i, (k, v) in enumerate(zip(_load_chunks(k_ref, tiles), _load_chunks(v_ref, tiles))):
-    _, _, _, max_exp, weight = _summary_terms(k, w, _chunk_len(seq_len, tiles, i))
-    nums.append(jnp.sum(weight * v, axis=0, keepdims=True))
-    dens.append(jnp.sum(weight, axis=0, keepdims=True))
-    maxes.append(max_exp)
-  num_ref[...], den_ref[...], max_ref[...] = map(_rows_to_tile, (nums, dens, maxes))
+  w, chunk_len = w_ref[...], _chunk_lens(seq_len, tiles)
+
+  def chunk(i, nums, dens, maxes):
+    k, v = _chunk(k_ref, i, tiles), _chunk(v_ref, i, tiles)
+    _, _, _, max_exp, weight = _summary_terms(k, w, chunk_len(i))
+    return (_set_row(nums, i, jnp.sum(weight * v, axis=0, keepdims=True)),
+            _set_row(dens, i, jnp.sum(weight, axis=0, keepdims=True)),
+            _set_row(maxes, i, max_exp))
+
+  num_ref[...], den_ref[...], max_ref[...] = _for_each_chunk(tiles, chunk,
+                                                             *_empty_rows(num_ref, 3))
 
 
 def _summary_bwd_kernel(k_ref, v_ref, w_ref, dnum_ref, dden_ref, dmax_ref, dk_in_ref, dv_in_ref,
                         dk_ref, dv_ref, dw_ref, *, seq_len, tiles):
-  w = w_ref[...]
-  dks, dvs, dws = [], [], []
-  chunks = zip(_load_chunks(k_ref, tiles), _load_chunks(v_ref, tiles),
-               _load_chunks(dk_in_ref, tiles), _load_chunks(dv_in_ref, tiles))
-  for i, (k, v, dk_in, dv_in) in enumerate(chunks):
-    dnum, dden, dmax_out = (_chunk_row(ref[...], i) for ref in (dnum_ref, dden_ref, dmax_ref))
-    e, valid, dist, max_exp, weight = _summary_terms(k, w, _chunk_len(seq_len, tiles, i))
+  w, chunk_len = w_ref[...], _chunk_lens(seq_len, tiles)
+
+  def chunk(i, dws):
+    k, v = _chunk(k_ref, i, tiles), _chunk(v_ref, i, tiles)
+    dnum, dden, dmax_out = (_chunk_row(ref, i) for ref in (dnum_ref, dden_ref, dmax_ref))
+    e, valid, dist, max_exp, weight = _summary_terms(k, w, chunk_len(i))
     de = weight * (dnum * v + dden)                        # through weight = exp(e - max_exp)
     # max_exp is both an output and the shift inside weight; it depends on the argmax exponent.
     dmax = dmax_out - jnp.sum(de, axis=0, keepdims=True)
     is_max = jnp.where(valid & (e == max_exp), 1.0, 0.0)
     ties = jnp.maximum(jnp.sum(is_max, axis=0, keepdims=True), 1.0)  # 0 in a masked chunk
     de = de + is_max * (dmax / ties)
-    dks.append(dk_in + de)
-    dvs.append(dv_in + weight * dnum)
-    dws.append(-jnp.sum(de * dist, axis=0, keepdims=True))
-  _store_chunks(dk_ref, dks)
-  _store_chunks(dv_ref, dvs)
-  dw_ref[...] = _rows_to_tile(dws)
+    _set_chunk(dk_ref, i, tiles, _chunk(dk_in_ref, i, tiles) + de)
+    _set_chunk(dv_ref, i, tiles, _chunk(dv_in_ref, i, tiles) + weight * dnum)
+    return (_set_row(dws, i, -jnp.sum(de * dist, axis=0, keepdims=True)),)
+
+  dw_ref[...], = _for_each_chunk(tiles, chunk, *_empty_rows(dw_ref, 1))
 
 
 class _OutputTerms:
@@ -325,23 +347,25 @@ class _OutputTerms:
 
 
 def _output_kernel(num_ref, den_ref, max_ref, k_ref, v_ref, w_ref, u_ref, y_ref, *, tiles):
-  w, u, ys = w_ref[...], u_ref[...], []
-  for i, (k, v) in enumerate(zip(_load_chunks(k_ref, tiles), _load_chunks(v_ref, tiles))):
-    state = (_chunk_row(ref[...], i) for ref in (num_ref, den_ref, max_ref))
-    terms = _OutputTerms(*state, k, v, w, u)
-    ys.append(terms.num / terms.den)
-  _store_chunks(y_ref, ys)
+  w, u = w_ref[...], u_ref[...]
+
+  def chunk(i):
+    state = (_chunk_row(ref, i) for ref in (num_ref, den_ref, max_ref))
+    terms = _OutputTerms(*state, _chunk(k_ref, i, tiles), _chunk(v_ref, i, tiles), w, u)
+    _set_chunk(y_ref, i, tiles, terms.num / terms.den)
+    return ()
+
+  _for_each_chunk(tiles, chunk)
 
 
 def _output_bwd_kernel(num_ref, den_ref, max_ref, k_ref, v_ref, w_ref, u_ref, dy_ref,
                        dk_ref, dv_ref, dnum_ref, dden_ref, dmax_ref, dw_ref, du_ref, *, tiles):
   w, u, l = w_ref[...], u_ref[...], tiles.block_t
-  dks, dvs, per_chunk = [], [], {name: [] for name in ("dnum", "dden", "dmax", "dw", "du")}
   sum_rows = lambda x: jnp.sum(x, axis=0, keepdims=True)
-  chunks = zip(_load_chunks(k_ref, tiles), _load_chunks(v_ref, tiles),
-               _load_chunks(dy_ref, tiles))
-  for i, (k, v, dy) in enumerate(chunks):
-    num0, den0, max0 = (_chunk_row(ref[...], i) for ref in (num_ref, den_ref, max_ref))
+
+  def chunk(i, *per_chunk):
+    num0, den0, max0 = (_chunk_row(ref, i) for ref in (num_ref, den_ref, max_ref))
+    k, v, dy = (_chunk(ref, i, tiles) for ref in (k_ref, v_ref, dy_ref))
     terms = _OutputTerms(num0, den0, max0, k, v, w, u)
     # y = num / den and the shift cancels, so each term with weight W, exponent e and
     # coefficients (c_num, c_den) gets dL/dW = g (c_num - y c_den) with g = dy / den, and
@@ -361,17 +385,15 @@ def _output_bwd_kernel(num_ref, den_ref, max_ref, k_ref, v_ref, w_ref, u_ref, dy
       dk += pltpu.roll(de_pair, l - d, 0)
       dv += pltpu.roll(g_pair, l - d, 0)
       de_lag += de_pair * (d - 1)
-    dks.append(dk)
-    dvs.append(dv)
-    per_chunk["dnum"].append(sum_rows(g_state))
-    per_chunk["dden"].append(-sum_rows(g_state * y))
-    per_chunk["dmax"].append(sum_rows(de_state))
-    per_chunk["dw"].append(-sum_rows(de_lag + de_state * terms.s))
-    per_chunk["du"].append(sum_rows(de_bonus))
-  _store_chunks(dk_ref, dks)
-  _store_chunks(dv_ref, dvs)
-  for ref, name in zip((dnum_ref, dden_ref, dmax_ref, dw_ref, du_ref), per_chunk):
-    ref[...] = _rows_to_tile(per_chunk[name])
+    _set_chunk(dk_ref, i, tiles, dk)
+    _set_chunk(dv_ref, i, tiles, dv)
+    rows = (sum_rows(g_state), -sum_rows(g_state * y), sum_rows(de_state),
+            -sum_rows(de_lag + de_state * terms.s), sum_rows(de_bonus))
+    return tuple(_set_row(tile, i, row) for tile, row in zip(per_chunk, rows))
+
+  outs = (dnum_ref, dden_ref, dmax_ref, dw_ref, du_ref)
+  for ref, tile in zip(outs, _for_each_chunk(tiles, chunk, *_empty_rows(dnum_ref, 5))):
+    ref[...] = tile
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,4 +408,28 @@ def wkv_pallas_tpu_reference(w: Array, u: Array, k: Array, v: Array,
   return wkv_lib.wkv_scan(w, u, k, v, state)
 
 
-wkv_lib.register("pallas", functools.partial(wkv_pallas_tpu, interpret=False), ("tpu",))
+def wkv_pallas_tpu_sharded(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None,
+                           *, interpret: bool = False) -> tuple[Array, WKVState]:
+  """The compiled kernel, called once per shard under a multi-device mesh (`jax.set_mesh`).
+
+  Mosaic kernels cannot be partitioned automatically, and WKV needs no communication across
+  batch or channels: under a mesh the call runs in a `shard_map` with the batch split over the
+  data axes and the channels over "tensor" (rwkv_jax.sharding's layout of k, v and the state),
+  each only where it divides evenly. Without a mesh in context a sharded jit cannot lower it.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  kernel = functools.partial(wkv_pallas_tpu, interpret=interpret)
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return kernel(w, u, k, v, state)
+  state = wkv_lib.check_inputs(w, u, k, v, state)
+  b, _, c = k.shape
+  batch = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
+  if not batch or b % math.prod(mesh.shape[a] for a in batch):
+    batch = None
+  channels = "tensor" if "tensor" in mesh.axis_names and c % mesh.shape["tensor"] == 0 else None
+  kv, per_row = P(batch, None, channels), WKVState(*(P(batch, channels),) * 3)
+  return jax.shard_map(kernel, in_specs=(P(channels), P(channels), kv, kv, per_row),
+                       out_specs=(kv, per_row), check_vma=False)(w, u, k, v, state)
+
+
+wkv_lib.register("pallas", wkv_pallas_tpu_sharded, ("tpu",))
