@@ -30,17 +30,19 @@ from experiments.baselines import transformer as tf_lib
 from rwkv_jax import model as model_lib
 from rwkv_jax.config import RWKVConfig
 
-_N_LAYER = flags.DEFINE_integer("n_layer", 6, "Layers of both models.")
-_N_EMBD = flags.DEFINE_integer("n_embd", 512, "Width of both models.")
-_N_HEAD = flags.DEFINE_integer("n_head", 8, "Attention heads of the Transformer.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 256, "Vocabulary of both models.")
-_TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens to generate.", lower_bound=1)
-_CHUNK = flags.DEFINE_integer("chunk", 512, "Tokens per compiled decode program.", lower_bound=1)
-_BATCH = flags.DEFINE_integer("batch", 1, "Sequences generated together.", lower_bound=1)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_OUT = flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "results"),
-                           "Directory for the JSON and PNG.")
-_TAG = flags.DEFINE_string("tag", None, "File name suffix; default: the device, e.g. cpu.")
+def _define_flags() -> None:
+  """Flags exist only when this file runs as a program (no clash with other runners in a test)."""
+  flags.DEFINE_integer("n_layer", 6, "Layers of both models.")
+  flags.DEFINE_integer("n_embd", 512, "Width of both models.")
+  flags.DEFINE_integer("n_head", 8, "Attention heads of the Transformer.")
+  flags.DEFINE_integer("vocab_size", 256, "Vocabulary of both models.")
+  flags.DEFINE_integer("tokens", 8192, "Tokens to generate.", lower_bound=1)
+  flags.DEFINE_integer("chunk", 512, "Tokens per compiled decode program.", lower_bound=1)
+  flags.DEFINE_integer("batch", 1, "Sequences generated together.", lower_bound=1)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+  flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "results"),
+                      "Directory for the JSON and PNG.")
+  flags.DEFINE_string("tag", None, "File name suffix; default: the device, e.g. cpu.")
 
 
 def _greedy_chunk(graphdef, params, token_b, carry, n: int):
@@ -164,10 +166,10 @@ def plot(record: dict, path: pathlib.Path) -> None:
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  record = run(_N_LAYER.value, _N_EMBD.value, _N_HEAD.value, _VOCAB.value, _TOKENS.value,
-               _CHUNK.value, _BATCH.value, _DTYPE.value)
-  tag = _TAG.value or benchlib.default_tag()
-  out = pathlib.Path(_OUT.value)
+  f = flags.FLAGS
+  record = run(f.n_layer, f.n_embd, f.n_head, f.vocab_size, f.tokens, f.chunk, f.batch, f.dtype)
+  tag = f.tag or benchlib.default_tag()
+  out = pathlib.Path(f.out)
   path = benchlib.write_json(out / f"figure7_{tag}.json", record)
   plot(record, out / f"figure7_{tag}.png")
   r, t = record["rwkv_ms_per_token"], record["transformer_ms_per_token"]
@@ -177,4 +179,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
