@@ -14,10 +14,14 @@ Channel mixing does the same with its C -> F -> C MLP; its receptance [C, C] gat
 replicated output, so its output dimension stays whole. Embedding and head are split along the
 vocabulary. LayerNorms and time_mix vectors are small and replicated.
 
-Rules match the '/'-joined key path of a leaf (e.g. 'blocks/3/att/key/kernel') with `re.search`,
-so they also place optimizer state whose leaves mirror the parameters (Adam's mu and nu sit under
-paths like '0/mu/blocks/3/att/key/kernel'). A dimension is only split over mesh axes whose size
-divides it; otherwise that dimension is replicated, so any model size runs on any mesh.
+Every parameter must match a rule, including the deliberately replicated ones: renaming an
+attribute then fails loudly (ValueError naming the path) instead of quietly replicating a large
+matrix. Rules match the '/'-joined key path of a leaf (e.g. 'blocks/3/att/key/kernel') with
+`re.search`, so they also place optimizer state whose leaves mirror the parameters (Adam's mu and
+nu sit under paths like '1/mu/blocks/3/att/key/kernel'); scalar leaves (step counts) are
+replicated. A dimension is only split over mesh axes whose size divides it; otherwise that
+dimension is replicated, so any model size runs on any mesh. Another model (e.g. a baseline)
+passes its own `rules`.
 
 Shapes: b = batch, t = time, c = n_embd, a = dim_att, f = dim_ffn, v = vocab, l = n_layer.
 """
@@ -38,6 +42,8 @@ _log = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
 
+Rules = Sequence[tuple[str, P]]
+
 # (regex on the '/'-joined path, spec); first match wins. nnx.Linear kernels are [in, out].
 PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"(^|/)att/(key|value|receptance)/kernel$", P("fsdp", "tensor")),  # [c, a]
@@ -48,20 +54,10 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"(^|/)ffn/receptance/kernel$", P("fsdp", None)),  # [c, c]
     (r"(^|/)emb/embedding$", P("tensor", "fsdp")),  # [v, c]
     (r"(^|/)head/kernel$", P("fsdp", "tensor")),  # [c, v]
-    # Everything else (LayerNorms, time_mix [c], optimizer counters) is replicated.
+    # Small vectors, replicated on purpose.
+    (r"(^|/)(att|ffn)/time_mix_[kvr]$", P()),  # [c]
+    (r"(^|/)ln(0|1|2|_out)/(scale|bias)$", P()),  # [c]
 )
-
-# Activations, for sharding constraints and for jit in/out shardings of the recurrent state.
-ACTIVATION_SPECS: dict[str, P] = {
-    "tokens_bt": P(BATCH_AXES, None),
-    "act_btc": P(BATCH_AXES, None, None),  # residual stream
-    "act_bta": P(BATCH_AXES, None, "tensor"),  # k, v, r and the WKV output
-    "act_btf": P(BATCH_AXES, None, "tensor"),  # channel-mixing hidden layer
-    "logits_btv": P(BATCH_AXES, None, "tensor"),
-    "state_lbc": P(None, BATCH_AXES, None),  # att_x_prev, ffn_x_prev
-    "state_lba": P(None, BATCH_AXES, "tensor"),  # num, den, max_exp
-}
-
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -103,33 +99,30 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
 
 def path_name(key_path: Sequence[Any]) -> str:
   """'blocks/3/att/key/kernel' for a jax key path; drops nnx.Variable's trailing '.value'."""
-  keys = list(key_path)
+  keys = tuple(key_path)
   if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
     keys = keys[:-1]  # nnx.State leaves are Variable(value=...)
-  parts = []
-  for k in keys:
-    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  return jax.tree_util.keystr(keys, simple=True, separator="/")
 
 
-def spec_for(name: str, shape: Sequence[int], mesh: Mesh,
-             rules: Sequence[tuple[str, P]] = PARAM_RULES) -> P:
+def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules: Rules = PARAM_RULES) -> P:
   """The PartitionSpec of the array `name` with `shape`: the first matching rule, fitted.
 
   A rule whose spec has more entries than the array has dimensions does not apply (e.g. a
   factored optimizer statistic) and the array is replicated; a dimension whose size is not a
   multiple of its mesh axes' size is replicated.
+
+  Raises:
+    ValueError: no rule matches `name`.
   """
   for pattern, spec in rules:
     if re.search(pattern, name):
       break
   else:
-    return P()
+    raise ValueError(
+        f"No sharding rule matches the array {name!r} {tuple(shape)}; add a (regex, "
+        f"PartitionSpec) rule for it to PARAM_RULES in rwkv_jax/sharding.py (P() to replicate), "
+        f"or pass rules= for a model other than RWKV.")
   if len(spec) > len(shape):
     return P()
   fitted = []
@@ -140,44 +133,44 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh,
   return P(*fitted)
 
 
-def tree_shardings(mesh: Mesh, tree: Any, rules: Sequence[tuple[str, P]] = PARAM_RULES) -> Any:
+def tree_shardings(mesh: Mesh, tree: Any, rules: Rules = PARAM_RULES) -> Any:
   """A NamedSharding for every leaf of `tree`, by key path (see the module docstring).
 
   Works on an nnx.State (concrete or from nnx.eval_shape), a pure dict of arrays, and optimizer
   states whose leaves mirror the parameters (their path ends with the parameter's path).
+  Scalars (optimizer step counts) are replicated; every other leaf must match a rule.
 
   Args:
     mesh: from `make_mesh`.
     tree: pytree of arrays or ShapeDtypeStructs.
-    rules: (regex, PartitionSpec) pairs; defaults to PARAM_RULES.
+    rules: (regex, PartitionSpec) pairs, first match wins; defaults to PARAM_RULES. To shard
+      another model, pass its own rules (`my_rules + PARAM_RULES` to fall back on RWKV's).
 
   Returns:
     A pytree of the same structure with NamedSharding leaves.
+
+  Raises:
+    ValueError: a leaf of rank >= 1 matches no rule.
   """
   def one(path, leaf):
-    return NamedSharding(mesh, spec_for(path_name(path), np.shape(leaf), mesh, rules))
+    shape = np.shape(leaf)
+    spec = P() if not shape else spec_for(path_name(path), shape, mesh, rules)
+    return NamedSharding(mesh, spec)
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def param_shardings(mesh: Mesh, state: Any) -> Any:
-  """NamedShardings for an nnx.State of parameters (or any tree with parameter paths)."""
-  return tree_shardings(mesh, state)
+def param_shardings(mesh: Mesh, state: Any, rules: Rules = PARAM_RULES) -> Any:
+  """NamedShardings for an nnx.State of parameters (see `tree_shardings`)."""
+  return tree_shardings(mesh, state, rules)
 
 
-def shard_tree(mesh: Mesh, tree: Any, rules: Sequence[tuple[str, P]] = PARAM_RULES) -> Any:
+def shard_tree(mesh: Mesh, tree: Any, rules: Rules = PARAM_RULES) -> Any:
   """Places `tree` (parameters or optimizer state) on `mesh` according to the rules.
 
   With several processes every process must pass the same values (e.g. the same init seed); to
   avoid a full copy per host, create the state inside `jax.jit(..., out_shardings=...)` instead.
   """
   return jax.device_put(tree, tree_shardings(mesh, tree, rules))
-
-
-def activation_sharding(mesh: Mesh, name: str) -> NamedSharding:
-  """The NamedSharding of a named activation (a key of ACTIVATION_SPECS)."""
-  if name not in ACTIVATION_SPECS:
-    raise KeyError(f"No activation named {name!r}; known: {sorted(ACTIVATION_SPECS)}.")
-  return NamedSharding(mesh, ACTIVATION_SPECS[name])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rwkv_jax import losses, optim, sharding
-from rwkv_jax.config import RWKVConfig
+from rwkv_jax.config import Preset, RWKVConfig
 from rwkv_jax.model import RWKV
 
 B, T = 8, 16
@@ -116,6 +116,49 @@ def test_indivisible_dimensions_fall_back_to_replicated():
   assert sharding.spec_for("blocks/0/ln1/scale", (32,), mesh) == P()
   # A rule longer than the array's rank (e.g. a factored statistic) replicates it.
   assert sharding.spec_for("head/kernel", (32,), mesh) == P()
+
+
+@pytest.mark.parametrize("preset", list(Preset), ids=lambda p: p.name)
+def test_every_preset_parameter_matches_a_rule_and_big_matrices_are_split(preset):
+  abstract = nnx.eval_shape(lambda: RWKV(preset.config(), rngs=nnx.Rngs(0)))
+  params = nnx.state(abstract, nnx.Param)
+  mesh = sharding.make_mesh(1, 2, 4)
+  specs = {sharding.path_name(p): s.spec
+           for p, s in jax.tree_util.tree_leaves_with_path(sharding.param_shardings(mesh, params))}
+  shapes = {sharding.path_name(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  assert specs.keys() == shapes.keys()
+  for name, shape in shapes.items():
+    axes = set(jax.tree.leaves(tuple(specs[name])))
+    if len(shape) == 1:
+      continue
+    assert "fsdp" in axes, (name, specs[name])
+    # The vocabulary (50277) is odd, so embedding and head can only be split over fsdp.
+    if name.startswith("blocks/") and not name.endswith("ffn/receptance/kernel"):
+      assert axes == {"fsdp", "tensor"}, (name, specs[name])
+  assert specs["blocks/0/att/time_decay"] == P("tensor")
+  assert specs["blocks/0/ln1/scale"] == P()
+
+
+def test_a_parameter_without_a_rule_is_an_error_not_replicated():
+  mesh = sharding.make_mesh(1, 2, 4)
+  renamed = {"blocks": [{"att": {"keys": {"kernel": jnp.zeros((32, 32))}}}]}
+  with pytest.raises(ValueError, match=r"'blocks/0/att/keys/kernel'.*PARAM_RULES"):
+    sharding.param_shardings(mesh, renamed)
+
+
+def test_callers_can_shard_another_model_with_their_own_rules():
+  mesh = sharding.make_mesh(1, 2, 4)
+  rules = ((r"(^|/)mlp/up/kernel$", P("fsdp", "tensor")), (r"(^|/)mlp/up/bias$", P("tensor")),
+           *sharding.PARAM_RULES)
+  params = {"mlp": {"up": {"kernel": jnp.zeros((32, 64)), "bias": jnp.zeros((64,))}},
+            "ln_out": {"scale": jnp.zeros((32,))}, "count": jnp.zeros((), jnp.int32)}
+  got = sharding.param_shardings(mesh, params, rules=rules)
+  assert got["mlp"]["up"]["kernel"].spec == P("fsdp", "tensor")
+  assert got["mlp"]["up"]["bias"].spec == P("tensor")
+  assert got["ln_out"]["scale"].spec == P()
+  assert got["count"].spec == P()  # scalars need no rule
+  with pytest.raises(ValueError, match="mlp/up/"):
+    sharding.param_shardings(mesh, params)
 
 
 def test_optimizer_state_mirrors_parameter_shardings():
