@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every TPU check of rwkv_jax in one run, the counterpart of gpu_check.sh: the compiled Mosaic WKV
+# kernel's tests (`pytest -m tpu`: the checks that CPU runs in Pallas's TPU interpreter, now
+# compiled), the WKV benchmark at the target shapes (scan, associative scan, Pallas kernel) and the
+# training-step benchmark (169M, Pallas against the associative scan), results into one folder.
+#
+# Usage: scripts/tpu_check.sh [RESULTS_DIR]     (default: $OUT, else experiments/results/tpu)
+#        STAGES="wkv train169" scripts/tpu_check.sh ...   runs only the named stages
+#        (tests, wkv, train169; default: all), e.g. to rerun the ones that failed.
+#
+# Set up beforehand on the TPU VM: `pip install -e .[test]` (or wheels in $WHEELS, installed as in
+# gpu_check.sh) with jax[tpu] of the pinned range.
+#
+# One chip (SINGLE_CHIP=1, the default): the target is one v5e chip, and the training step only
+# runs the Mosaic kernel per shard when it is traced under `jax.set_mesh` (a Mosaic call cannot be
+# partitioned automatically); SINGLE_CHIP=0 uses every chip of the host.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RES="${1:-${OUT:-experiments/results/tpu}}"
+WHEELS="${WHEELS:-wheels}"
+PY="${PYTHON:-python3}"
+STAGES="${STAGES:-tests wkv train169}"
+SITE=/tmp/rwkv_jax_site
+mkdir -p "$RES" "$SITE"
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" \
+    "$WHEELS"/*.whl || exit 1
+fi
+# kernels/ is the package rwkv_jax_kernels (pyproject.toml's package-dir): link it, no install.
+ln -sfn "$PWD/kernels" "$SITE/rwkv_jax_kernels"
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS=tpu PYTHONUNBUFFERED=1
+if [[ "${SINGLE_CHIP:-1}" == 1 ]]; then
+  export TPU_VISIBLE_CHIPS=0 TPU_CHIPS_PER_PROCESS_BOUNDS=1,1,1 TPU_PROCESS_BOUNDS=1,1,1
+fi
+
+"$PY" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__,
+jax.devices(), jax.devices()[0].device_kind)" >"$RES/env.txt" 2>&1
+
+status=0
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
+if stage tests; then
+  timeout 600 "$PY" -m pytest -q -m tpu -p no:cacheprovider --junitxml="$RES/junit.xml" \
+    tests/test_kernels_tpu.py 2>&1 | tee "$RES/pytest.log" || status=1
+fi
+if stage wkv; then
+  # The target shape first, so that a spent budget skips only the extra ones.
+  timeout 600 "$PY" -m experiments.bench_wkv --impls=scan,associative,pallas \
+    --shapes=8x1024x768,8x1024x4096,1x16384x768,32x1024x768 --budget_s=500 \
+    --out="$RES/bench" 2>&1 | tee "$RES/bench.log" || status=1
+fi
+if stage train169; then
+  timeout 600 "$PY" -m experiments.bench_train --model=169m --batch_size=16 --dtype=bfloat16 \
+    --impls=pallas,associative --steps=5 --repeats=2 --out="$RES/bench_train_169m.json" \
+    2>&1 | tee "$RES/bench_train_169m.log" || status=1
+fi
+exit $status
