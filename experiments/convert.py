@@ -38,21 +38,6 @@ def output_format(output: str, fmt: str | None) -> str:
   return "pth" if output.endswith(".pth") else "hf"
 
 
-def _cast(model, config, dtype: str):
-  """The same weights stored in `dtype` (an export keeps the model's parameter dtype)."""
-  import jax
-  from flax import nnx
-
-  from rwkv_jax.model import RWKV
-
-  config = config.replace(param_dtype=dtype)
-  params = nnx.state(model, nnx.Param)
-  cast = jax.tree.map(lambda x: x.astype(config.storage_dtype), params)
-  new = nnx.eval_shape(lambda: RWKV(config, rngs=nnx.Rngs(0)))
-  nnx.update(new, cast)
-  return new, config
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -69,27 +54,20 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--output={dst} is a directory, but the pth format writes a file.")
 
   try:
-    if fmt in ("pth", "hf") and not _is_native(src):
+    if fmt in ("pth", "hf") and not checkpoint.is_rwkv_jax_dir(src):
       # .pth <-> HF is a renaming: stream it tensor by tensor without building a model.
       config = weights.convert_checkpoint(src, dst, fmt, dtype=_DTYPE.value)
       _report(dst, fmt, config)
       return
-    model, config = weights.load(src, dtype=None)
+    model, config = weights.load(src, dtype=_DTYPE.value)  # None: the input's own dtype
   except weights.CheckpointError as e:
     raise app.UsageError(str(e)) from None
   if fmt == "orbax":
-    if _DTYPE.value:
-      model, config = _cast(model, config, _DTYPE.value)
     checkpoint.export(model, dst)
   else:
     save = weights.save_pth if fmt == "pth" else weights.save_hf
-    save(model, dst, dtype=_DTYPE.value)
+    save(model, dst)
   _report(dst, fmt, config)
-
-
-def _is_native(path: pathlib.Path) -> bool:
-  """An Orbax export or training work directory (not an HF directory or .pth file)."""
-  return path.is_dir() and not (path / "config.json").is_file()
 
 
 def _report(dst, fmt, config) -> None:

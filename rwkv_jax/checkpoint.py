@@ -11,8 +11,8 @@ ignored on the next start. Restoring takes abstract arrays carrying the target s
 checkpoint written on one mesh restores onto any other.
 
 An export (WORKDIR/export/) is the inference-only form: params plus rwkv_jax.json with the model
-config. `rwkv_jax.weights.load` (and so `experiments.score`, `experiments.generate`,
-`experiments.convert`) reads exports and training work directories once this module is imported.
+config. `load_export` reads either form, in any parameter dtype; `rwkv_jax.weights.load` calls it
+for them.
 """
 
 from __future__ import annotations
@@ -26,16 +26,17 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from rwkv_jax import files
 from rwkv_jax import model as model_lib
-from rwkv_jax import weights
 from rwkv_jax.config import RWKVConfig
+from rwkv_jax.tensor_names import CheckpointError
 
 EXPORT_MARKER = "rwkv_jax.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointMismatchError(ValueError):
-  """A checkpoint that cannot be used with the requested configuration."""
+# The name this module used before the readers shared one error class.
+CheckpointMismatchError = CheckpointError
 
 
 def _abstract(tree: Any) -> Any:
@@ -93,8 +94,8 @@ class TrainCheckpointer:
       raise self._damaged(step, e) from e
     return restored["meta"]
 
-  def _damaged(self, step: int, cause: Exception) -> CheckpointMismatchError:
-    return CheckpointMismatchError(
+  def _damaged(self, step: int, cause: Exception) -> CheckpointError:
+    return CheckpointError(
         f"Could not restore checkpoint step {step} in {self.directory}. If it is damaged, "
         f"delete {self.directory / str(step)} to resume from the previous step, or use a new "
         f"--workdir. Cause: {type(cause).__name__}: {str(cause)[:500]}")
@@ -126,15 +127,15 @@ class TrainCheckpointer:
 
 
 def check_compatible(meta: dict, config: RWKVConfig, where: str) -> None:
-  """Raises CheckpointMismatchError unless the checkpoint's model config equals `config`."""
+  """Raises CheckpointError unless the checkpoint's model config equals `config`."""
   saved = meta.get("model")
   if saved is None:
-    raise CheckpointMismatchError(f"{where} has no model config; it was not written by rwkv_jax.")
+    raise CheckpointError(f"{where} has no model config; it was not written by rwkv_jax.")
   saved_cfg = RWKVConfig.from_dict(saved)
   if saved_cfg != config:
     diff = {k: (v, getattr(config, k)) for k, v in saved_cfg.to_dict().items()
             if getattr(config, k) != v}
-    raise CheckpointMismatchError(
+    raise CheckpointError(
         f"{where} was written for a different model: (checkpoint, requested) = {diff}. Use the "
         f"same --config.model settings, or a new --workdir to start a fresh run.")
 
@@ -154,15 +155,13 @@ def export(model: model_lib.RWKV, directory: str | os.PathLike) -> pathlib.Path:
           "model": model.config.to_dict()}
   # The params save above is collective; the marker is one file, so one process writes it.
   if jax.process_index() == 0:
-    tmp = directory / (EXPORT_MARKER + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, directory / EXPORT_MARKER)  # written last: its presence means complete
+    with files.atomic_write(directory / EXPORT_MARKER, "w") as f:  # last: means complete
+      f.write(json.dumps(meta, indent=2))
   return directory
 
 
 def _model_from_params(config: RWKVConfig, load_params) -> model_lib.RWKV:
-  abstract = nnx.eval_shape(lambda: model_lib.RWKV(config, rngs=nnx.Rngs(0)))
-  graphdef, abstract_state = nnx.split(abstract)
+  graphdef, abstract_state = nnx.split(model_lib.abstract_model(config))
   # An explicit target sharding: without one Orbax reuses the saved sharding, which fails on a
   # machine with other devices than the one that trained (e.g. scoring on a laptop).
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -173,12 +172,26 @@ def _model_from_params(config: RWKVConfig, load_params) -> model_lib.RWKV:
   return nnx.merge(graphdef, abstract_state)
 
 
-def load_export(directory: str | os.PathLike) -> tuple[model_lib.RWKV, RWKVConfig]:
-  """Loads an export written by `export`, or the latest checkpoint of a training workdir."""
+def load_export(directory: str | os.PathLike, dtype: str | None = None
+                ) -> tuple[model_lib.RWKV, RWKVConfig]:
+  """Loads an export written by `export`, or the latest checkpoint of a training workdir.
+
+  Args:
+    directory: the export, or the work directory (or its checkpoints/ folder).
+    dtype: parameter dtype; None keeps the saved one. Orbax casts while restoring into the
+      abstract model of this dtype, so no second copy in the saved dtype is made.
+
+  Returns:
+    (model, config), config.param_dtype the parameters' dtype.
+
+  Raises:
+    CheckpointError: no complete checkpoint in `directory`.
+  """
   directory = pathlib.Path(directory).absolute()
+  with_dtype = lambda config: config.replace(param_dtype=dtype) if dtype else config
   if (directory / EXPORT_MARKER).is_file():
     meta = json.loads((directory / EXPORT_MARKER).read_text())
-    config = RWKVConfig.from_dict(meta["model"])
+    config = with_dtype(RWKVConfig.from_dict(meta["model"]))
     with ocp.StandardCheckpointer() as ckptr:
       model = _model_from_params(config, lambda t: ckptr.restore(directory / "params", t))
     return model, config
@@ -186,22 +199,20 @@ def load_export(directory: str | os.PathLike) -> tuple[model_lib.RWKV, RWKVConfi
   manager = ocp.CheckpointManager(ckpt_dir)
   step = manager.latest_step()
   if step is None:
-    raise weights.CheckpointError(f"{directory} holds no complete rwkv_jax checkpoint.")
+    raise CheckpointError(f"{directory} holds no complete rwkv_jax checkpoint.")
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  config = RWKVConfig.from_dict(meta["model"])
+  config = with_dtype(RWKVConfig.from_dict(meta["model"]))
   model = _model_from_params(config, lambda t: manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(t)))["params"])
   manager.close()
   return model, config
 
 
-def _is_rwkv_jax_dir(path: pathlib.Path) -> bool:
+def is_rwkv_jax_dir(path: pathlib.Path) -> bool:
+  """True for an export or a training work directory (what `load_export` reads)."""
   if not path.is_dir():
     return False
   if (path / EXPORT_MARKER).is_file():
     return True
   ckpt = path / "checkpoints" if (path / "checkpoints").is_dir() else path
   return any(p.is_dir() and p.name.isdigit() and (p / "meta").exists() for p in ckpt.iterdir())
-
-
-weights.register_format("orbax", _is_rwkv_jax_dir, load_export)

@@ -223,6 +223,14 @@ class RWKV(nnx.Module):
     return logits[:, 0], state
 
 
+def abstract_model(config: RWKVConfig) -> RWKV:
+  """The model's structure with shape-only parameters (jax.ShapeDtypeStruct); nothing allocated.
+
+  The target that checkpoint readers fill; parameters have `config.param_dtype`.
+  """
+  return nnx.eval_shape(lambda: RWKV(config, rngs=nnx.Rngs(0)))
+
+
 def check_tokens(tokens, vocab_size: int) -> None:
   """Raises ValueError for a malformed token array; checks values when they are concrete."""
   shape = getattr(tokens, "shape", None)

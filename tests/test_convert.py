@@ -44,3 +44,18 @@ def test_pth_to_orbax_and_back_is_bit_exact(tmp_path):
   for name in a:
     assert a[name].dtype == b[name].dtype == torch.bfloat16, name
     assert torch.equal(a[name], b[name]), name
+
+
+def test_dtype_flag_applies_to_an_orbax_output(tmp_path):
+  model = RWKV(RWKVConfig(n_layer=1, n_embd=16, vocab_size=50), rngs=nnx.Rngs(0))
+  weights.save_pth(model, tmp_path / "a.pth")
+
+  result = convert(f"--input={tmp_path / 'a.pth'}", f"--output={tmp_path / 'orbax'}",
+                   "--format=orbax", "--dtype=float16")
+  assert result.returncode == 0, result.stderr
+
+  loaded, config = checkpoint.load_export(tmp_path / "orbax")
+  assert config.param_dtype == "float16"
+  assert loaded.head.kernel.get_value().dtype == np.float16
+  np.testing.assert_array_equal(np.asarray(loaded.head.kernel.get_value()),
+                                np.asarray(model.head.kernel.get_value()).astype(np.float16))

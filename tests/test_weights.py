@@ -11,7 +11,8 @@ import pytest
 import torch
 from flax import nnx
 
-from rwkv_jax import weights
+from rwkv_jax import checkpoint, weights
+from rwkv_jax import model as model_lib
 from rwkv_jax.config import RWKVConfig
 
 L, C, A, F, V = 2, 32, 24, 96, 64  # dim_att != n_embd: catches A/C mix-ups in the table
@@ -137,7 +138,7 @@ def test_sharded_safetensors_directory_loads(pth, tmp_path):
 
 def test_table_covers_every_model_parameter_once():
   config = RWKVConfig(n_layer=L, n_embd=C, vocab_size=V, dim_att=A, dim_ffn=F)
-  abstract = nnx.eval_shape(lambda: weights.model_lib.RWKV(config, rngs=nnx.Rngs(0)))
+  abstract = model_lib.abstract_model(config)
   paths = [p for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
   entries = weights.mapping(L)
   assert sorted(map(str, paths)) == sorted(str(e.path) for e in entries)
@@ -262,16 +263,34 @@ def test_save_replaces_atomically_and_leaves_no_temp_files(pth, tmp_path):
   assert sorted(p.name for p in (out / "hf").iterdir()) == ["config.json", "model.safetensors"]
 
 
-def test_register_format_is_tried_first(pth, tmp_path):
-  calls = []
-  weights.register_format("fake", lambda p: p.suffix == ".fake",
-                          lambda p: calls.append(p) or ("model", "config"))
-  try:
-    assert weights.load(tmp_path / "x.fake") == ("model", "config")
-    weights.load(pth[0])  # other paths still reach the built-in loaders
-    assert calls == [tmp_path / "x.fake"]
-  finally:
-    weights._EXTRA_FORMATS.pop()
+@pytest.mark.parametrize("fmt", ["pth", "hf", "orbax"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_load_gives_the_requested_dtype_for_every_format(pth, tmp_path, fmt, dtype):
+  model, _ = weights.load_pth(pth[0])  # float32
+  path = {"pth": pth[0], "hf": tmp_path / "hf", "orbax": tmp_path / "orbax"}[fmt]
+  if fmt == "hf":
+    weights.save_hf(model, path)
+  elif fmt == "orbax":
+    checkpoint.export(model, path)
+
+  loaded, config = weights.load(path, dtype=dtype)
+
+  assert config.param_dtype == dtype
+  want = {p: np.asarray(v.get_value()).astype(jnp.dtype(dtype))
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  got = dict(nnx.to_flat_state(nnx.state(loaded, nnx.Param)))
+  assert got.keys() == want.keys()
+  for p, v in got.items():
+    assert v.get_value().dtype == jnp.dtype(dtype), p
+    np.testing.assert_array_equal(np.asarray(v.get_value()), want[p], err_msg=str(p))
+
+
+def test_load_keeps_an_exports_dtype_with_dtype_none(pth, tmp_path):
+  model, _ = weights.load_pth(pth[0], dtype="bfloat16")
+  checkpoint.export(model, tmp_path / "orbax")
+  loaded, config = weights.load(tmp_path / "orbax", dtype=None)
+  assert config.param_dtype == "bfloat16"
+  assert loaded.head.kernel.get_value().dtype == jnp.bfloat16
 
 
 def test_bf16_parameters_survive_hf_round_trip(pth, tmp_path):
