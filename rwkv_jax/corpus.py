@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 import zipfile
 
-from rwkv_jax import assets
+from rwkv_jax import assets, files
 
 WIKI_SAMPLE_NAME = "enwiki_sample.xml"
 GENSIM_REQUIREMENT = "gensim==4.4.0"
@@ -36,26 +36,6 @@ ENWIK8_BYTES = 100_000_000
 
 class DownloadError(RuntimeError):
   """A corpus could not be fetched; the message says how to provide it by hand."""
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-  """Returns (and creates) the cache directory; the same one as `assets.resolve_cache_dir`."""
-  path = assets.resolve_cache_dir(cache_dir)
-  path.mkdir(parents=True, exist_ok=True)
-  return path
-
-
-def _atomic_write_from(dst: pathlib.Path, src_stream, chunk: int = 1 << 20) -> None:
-  """Copies a binary stream to `dst` through a temp file so readers never see half a file."""
-  fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as out:
-      shutil.copyfileobj(src_stream, out, chunk)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared
-    os.replace(tmp, dst)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def _download_gensim_wheel(workdir: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
@@ -73,7 +53,7 @@ def wiki_sample(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   used.
 
   Args:
-    cache_dir: where to keep `enwiki_sample.xml` (see `resolve_cache_dir()` for the default).
+    cache_dir: where to keep `enwiki_sample.xml` (default: `files.cache_dir()`).
 
   Returns:
     Path to the decompressed XML, which starts with `<mediawiki`.
@@ -81,7 +61,7 @@ def wiki_sample(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   Raises:
     DownloadError: the wheel could not be downloaded; the message says where to put it by hand.
   """
-  root = resolve_cache_dir(cache_dir)
+  root = files.cache_dir(cache_dir)
   target = root / WIKI_SAMPLE_NAME
   if target.exists():
     return target
@@ -95,8 +75,9 @@ def wiki_sample(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
           f"To provide it by hand, download any {GENSIM_REQUIREMENT} wheel from PyPI into "
           f"{root}, or extract {GENSIM_MEMBER} from it, decompress it (bunzip2) and save it as "
           f"{target}.") from e
-    with zipfile.ZipFile(wheel) as zf, zf.open(GENSIM_MEMBER) as member:
-      _atomic_write_from(target, bz2.BZ2File(member))
+    with zipfile.ZipFile(wheel) as zf, zf.open(GENSIM_MEMBER) as member, \
+         files.atomic_write(target) as out:
+      shutil.copyfileobj(bz2.BZ2File(member), out, 1 << 20)
   return target
 
 
@@ -105,7 +86,7 @@ def enwik8(cache_dir: str | os.PathLike | None = None, *, url: str = ENWIK8_URL,
   """Returns the path of enwik8 (10^8 bytes of Wikipedia XML), downloading it once.
 
   Args:
-    cache_dir: where to keep `enwik8` (see `resolve_cache_dir()` for the default).
+    cache_dir: where to keep `enwik8` (default: `files.cache_dir()`).
     url: where to download `enwik8.zip` from.
     timeout: seconds to wait for the server before giving up.
 
@@ -115,7 +96,7 @@ def enwik8(cache_dir: str | os.PathLike | None = None, *, url: str = ENWIK8_URL,
   Raises:
     DownloadError: no internet access or a bad download; the message says what to do instead.
   """
-  root = resolve_cache_dir(cache_dir)
+  root = files.cache_dir(cache_dir)
   target = root / ENWIK8_NAME
   if target.exists():
     return target
@@ -124,8 +105,9 @@ def enwik8(cache_dir: str | os.PathLike | None = None, *, url: str = ENWIK8_URL,
     try:
       with urllib.request.urlopen(url, timeout=timeout) as response, open(zip_path, "wb") as out:
         shutil.copyfileobj(response, out, 1 << 20)
-      with zipfile.ZipFile(zip_path) as zf, zf.open(ENWIK8_NAME) as member:
-        _atomic_write_from(target, member)
+      with zipfile.ZipFile(zip_path) as zf, zf.open(ENWIK8_NAME) as member, \
+           files.atomic_write(target) as out:
+        shutil.copyfileobj(member, out, 1 << 20)
     except (urllib.error.URLError, OSError, zipfile.BadZipFile, KeyError) as e:
       raise DownloadError(
           f"enwik8 needs internet access to download {url} ({type(e).__name__}: {e}). "
