@@ -3,18 +3,18 @@
 The same three steps and custom VJP as the GPU kernels (`chunked.py`: per-chunk summaries,
 chaining over chunks, per-chunk outputs); this module supplies the four kernels, written for the
 TPU's vector layout:
-  * channels on the 128-wide lane axis, tokens on sublanes: every array in a kernel body is
-    [rows, 128] with rows a multiple of 8 (a chunk of `block_t` tokens) or a single row (a
-    per-chunk value), so no op needs a relayout;
-  * one program owns `chunks_per_block` chunks of one 128-channel block ([cpb * l, 128] tiles of
-    k, v, dy in VMEM; [cpb, 128] tiles of the per-chunk values) and walks its chunks in an
-    unrolled loop, so the per-chunk tiles are sublane-aligned and programs are few and large;
+  * channels on the 128-wide lane axis, tokens on sublanes: every value in a kernel body is
+    [l, 128] (a chunk of `block_t` tokens, l a multiple of 8), [1, 128] (one per chunk) or a
+    whole per-chunk tile, so that no op should need a relayout;
+  * one program owns `chunks_per_block` chunks of one 128-channel block ([g l, 128] tiles of
+    k, v, dy in VMEM; [g, 128] tiles of the per-chunk values, g a multiple of 8) and walks them
+    in a loop: chunk slices stay sublane-aligned and programs are few and large;
   * inside a chunk the pairs (token s, earlier token s - d) are visited by distance d: for each
     d = 1 .. l-1 one sublane rotation (`pltpu.roll`) of k and v and a few dense [l, 128] ops,
     instead of a loop over tokens. That is O(block_t) exponentials per token, as on GPU, spent
     on the VPU/EUP while the HBM traffic stays one read of the inputs and one write of the
-    outputs per kernel: the op should stay memory-bound at the default block_t=16 (unmeasured:
-    `scripts/tpu_check.sh` measures it on a TPU).
+    outputs per kernel. Whether that stays memory-bound at the default block_t=16 (v5e's vector
+    units are small; block_t=8 halves the work) is unmeasured: `scripts/tpu_check.sh`.
 The grid (batch, channel block, time block) is parallel in every dimension: the programs are
 independent, the chaining between chunks happens outside the kernels.
 
