@@ -6,7 +6,7 @@ One set of parameters runs two ways with the same code:
 Both take and return the recurrent state, so any split of a sequence gives the same logits.
 
 Parameter names follow the official checkpoints (`blocks.N.att.time_decay`, ...) so that the
-mapping in `weights.py` is a renaming plus the [out, in] -> [in, out] transpose of nnx.Linear.
+mapping in `tensor_names.py` is a renaming plus the [out, in] -> [in, out] transpose of nnx.Linear.
 
 Shapes: b = batch, t = time, c = n_embd, a = dim_att, f = dim_ffn, v = vocab, l = n_layer.
 """
