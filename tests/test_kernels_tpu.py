@@ -119,6 +119,11 @@ def test_dispatcher_picks_the_kernel_by_lowering_platform():
   assert _MOSAIC in _tpu_module(fn, w, u, k, v, state)
   cpu = jax.export.export(jax.jit(fn), platforms=["cpu"])(w, u, k, v, state).mlir_module()
   assert _MOSAIC not in cpu
+  triton = "__gpu$xla.gpu.triton"  # the GPU kernel, compiled (no stable-export guarantee)
+  cuda = jax.export.export(
+      jax.jit(fn), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(w, u, k, v, state)
+  assert triton in cuda.mlir_module() and _MOSAIC not in cuda.mlir_module()
   y, _ = jax.jit(fn)(w, u, k, v, state)  # here: the interpreter
   np.testing.assert_allclose(y, wkv_lib.wkv_scan(w, u, k, v, state)[0], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="'pallas' has no kernel for 'metal'"):
