@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rwkv_jax import model as model_lib
+from rwkv_jax import chunks, model as model_lib
 
 Array = jax.Array
 
@@ -258,12 +258,6 @@ def _decode_loop(graphdef, params, carry: _Carry, key: Array, cfg: SamplingConfi
   return carry, tokens_bn, logits_bnv
 
 
-@functools.partial(jax.jit, static_argnames=("impl",))
-def _prefill_chunk(graphdef, params, tokens_bt, state, impl):
-  logits_b1v, state = nnx.merge(graphdef, params)(tokens_bt, state, impl=impl, last_only=True)
-  return logits_b1v[:, 0], state
-
-
 def prefill(model: model_lib.RWKV, tokens_bt: Array | np.ndarray,
             state: model_lib.RWKVState | None = None, *, chunk: int = 1024, impl: str = "auto"
             ) -> tuple[Array, model_lib.RWKVState]:
@@ -273,24 +267,15 @@ def prefill(model: model_lib.RWKV, tokens_bt: Array | np.ndarray,
     model: the model.
     tokens_bt: int [b, t] prompt, t >= 1.
     state: state to continue from, or None for an empty one.
-    chunk: tokens per parallel call; memory is bounded by this, not by t.
+    chunk: tokens per parallel call; memory is bounded by this, not by t. The tail of
+      t % chunk tokens runs in power-of-two pieces, so the state is exact and few programs are
+      compiled whatever the prompt lengths (see rwkv_jax.chunks).
     impl: WKV implementation for the parallel calls (see rwkv_jax.wkv).
 
   Returns:
     (logits_bv for the token after the prompt, state after the prompt).
   """
-  if chunk < 1:
-    raise ValueError(f"prefill chunk={chunk} must be >= 1.")
-  tokens_bt = np.asarray(tokens_bt)
-  model_lib.check_tokens(tokens_bt, model.config.vocab_size)
-  graphdef, params = nnx.split(model)
-  if state is None:
-    state = model_lib.empty_state(model.config, tokens_bt.shape[0])
-  logits_bv = None
-  for start in range(0, tokens_bt.shape[1], chunk):
-    chunk_bt = jnp.asarray(tokens_bt[:, start:start + chunk], jnp.int32)
-    logits_bv, state = _prefill_chunk(graphdef, params, chunk_bt, state, impl)
-  return logits_bv, state
+  return chunks.run_chunks(model, tokens_bt, state, chunk=chunk, impl=impl, last_only=True)
 
 
 def _as_batch(prompt_tokens) -> list[np.ndarray]:

@@ -1,28 +1,19 @@
 """Scoring text: logits, per-token losses, perplexity and bits per byte over any length.
 
-Long inputs run in fixed-size chunks with the recurrent state carried between them, so memory
-stays constant and one compiled function serves every chunk.
+Long inputs run in fixed-size chunks with the recurrent state carried between them
+(`rwkv_jax.chunks`), so memory stays constant and one compiled function serves every chunk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from rwkv_jax import model as model_lib
-
-
-@functools.partial(jax.jit, static_argnames=("impl",))
-def _run_chunk(graphdef, params, tokens_bt, state, impl):
-  # Module-level, so repeated calls with the same model structure and chunk size reuse one
-  # compilation instead of tracing a fresh closure each time.
-  return nnx.merge(graphdef, params)(tokens_bt, state, impl=impl)
+from rwkv_jax import chunks, model as model_lib
 
 
 def logits_for(model: model_lib.RWKV, tokens: np.ndarray, *, chunk: int = 1024,
@@ -32,8 +23,8 @@ def logits_for(model: model_lib.RWKV, tokens: np.ndarray, *, chunk: int = 1024,
   Args:
     model: the model.
     tokens: int array [t], t >= 1.
-    chunk: tokens per model call; the last chunk is padded (causality keeps the padding from
-      touching real positions).
+    chunk: tokens per model call; the last chunk is padded to this length (causality keeps the
+      padding from touching real positions), so every length shares one compilation.
     impl: WKV implementation.
 
   Returns:
@@ -42,19 +33,9 @@ def logits_for(model: model_lib.RWKV, tokens: np.ndarray, *, chunk: int = 1024,
   tokens = np.asarray(tokens)
   if tokens.ndim != 1:
     raise ValueError(f"tokens must be 1-D; got shape {tokens.shape}.")
-  model_lib.check_tokens(tokens[None], model.config.vocab_size)
-  t = len(tokens)
-  chunk = min(chunk, t)
-  graphdef, params = nnx.split(model)
-  state = model_lib.empty_state(model.config, 1)
-  out = []
-  for lo in range(0, t, chunk):
-    piece = tokens[lo:lo + chunk]
-    padded = np.pad(piece, (0, chunk - len(piece)))
-    logits, state = _run_chunk(graphdef, params, jnp.asarray(padded[None], jnp.int32), state,
-                               impl)
-    out.append(np.asarray(logits[0, :len(piece)]))
-  return np.concatenate(out)
+  logits_btv, _ = chunks.run_chunks(model, tokens[None], chunk=chunk, impl=impl,
+                                    exact_state=False)
+  return logits_btv[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rwkv_jax import sampling
+from rwkv_jax import chunks, sampling
 from rwkv_jax import weights
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.model import RWKV
@@ -110,6 +110,23 @@ def test_prefill_chunk_size_does_not_change_the_results(model, chunk):
   got = greedy(model, prompt, prefill_chunk=chunk)
   np.testing.assert_array_equal(got.tokens, ref.tokens)
   np.testing.assert_allclose(got.logits, ref.logits, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("t", [13, 4, 3])
+def test_prefill_of_an_odd_length_prompt_equals_one_call(model, t):
+  prompt = prompts(B, t, seed=6)
+  logits_bv, state = sampling.prefill(model, prompt, chunk=4)
+  want_logits, want_state = _forward(*nnx.split(model), jnp.asarray(prompt, jnp.int32), None)
+  np.testing.assert_allclose(logits_bv, want_logits[:, -1], atol=2e-5, rtol=0)
+  for got, want in zip(state, want_state):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_prefill_compiles_at_most_log2_chunk_plus_one_programs(model):
+  chunks._run_piece.clear_cache()
+  for t in (3, 5, 6, 7, 9, 15, 21):  # every tail of chunk 8 is a sum of pieces 4, 2 and 1
+    sampling.prefill(model, prompts(B, t), chunk=8)
+  assert chunks._run_piece._cache_size() == 4  # lengths 8, 4, 2, 1
 
 
 def test_streaming_and_compiled_loop_give_the_same_tokens(model):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rwkv_jax import scoring, weights
+from rwkv_jax import chunks, scoring, weights
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.model import RWKV
 
@@ -48,6 +48,27 @@ def test_chunked_logits_equal_one_call(model, chunk):
   tokens = np.random.default_rng(0).integers(0, 256, size=23)
   full, _ = model(tokens[None])
   np.testing.assert_allclose(scoring.logits_for(model, tokens, chunk=chunk), full[0], atol=2e-5)
+
+
+def test_logits_of_every_length_share_one_compiled_chunk(model):
+  chunks._run_piece.clear_cache()
+  rng = np.random.default_rng(1)
+  for t in (3, 8, 11, 13):
+    tokens = rng.integers(0, 256, size=t)
+    full, _ = model(tokens[None])
+    np.testing.assert_allclose(scoring.logits_for(model, tokens, chunk=8), full[0], atol=2e-5)
+  assert chunks._run_piece._cache_size() == 1
+
+
+def test_chunk_pieces_cover_the_tokens():
+  assert chunks.piece_lengths(21, 8, exact_state=True) == [8, 8, 4, 1]
+  assert chunks.piece_lengths(21, 8, exact_state=False) == [8, 8, 8]
+  assert chunks.piece_lengths(7, 8, exact_state=True) == [4, 2, 1]
+  assert chunks.piece_lengths(16, 8, exact_state=True) == [8, 8]
+  with pytest.raises(ValueError, match="last_only=True needs exact_state"):
+    chunks.run_chunks(None, np.zeros((1, 3), np.int32), last_only=True, exact_state=False)
+  with pytest.raises(ValueError, match="chunk=0"):
+    chunks.run_chunks(None, np.zeros((1, 3), np.int32), chunk=0)
 
 
 def test_text_score_is_mean_cross_entropy(model):
