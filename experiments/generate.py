@@ -134,10 +134,11 @@ def main(argv: list[str]) -> None:
   start = time.perf_counter()
   result = sampling.generate(
       model, [prompt] * n, _MAX_TOKENS.value, jax.random.key(_SEED.value),
-      temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
-      alpha_presence=_ALPHA_PRESENCE.value, alpha_frequency=_ALPHA_FREQUENCY.value,
-      stop_tokens=stop, vocab_limit=tokenizer.vocab_size, prefill_chunk=_PREFILL_CHUNK.value,
-      callback=on_token if stream else None)
+      sampling=sampling.SamplingConfig(
+          temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
+          alpha_presence=_ALPHA_PRESENCE.value, alpha_frequency=_ALPHA_FREQUENCY.value,
+          stop_tokens=stop, vocab_limit=tokenizer.vocab_size),
+      prefill_chunk=_PREFILL_CHUNK.value, callback=on_token if stream else None)
   seconds = time.perf_counter() - start
   if stream:
     stream.flush()

@@ -1,7 +1,8 @@
 """Text generation: sampling from logits, and prompt prefill plus token-by-token decoding.
 
   token_b = sample_logits(logits_bv, key, temperature=1.0, top_p=0.85, top_k=0)
-  result = generate(model, prompt_tokens, max_new_tokens, key, temperature=1.0, top_p=0.85)
+  result = generate(model, prompt_tokens, max_new_tokens, key,
+                    sampling=SamplingConfig(temperature=1.0, top_p=0.85))
 
 Sampling follows ChatRWKV: the nucleus (top_p) and the top_k set are chosen from the untempered
 distribution softmax(logits); temperature then reshapes the probabilities inside that set
@@ -148,6 +149,8 @@ class SamplingConfig:
 
   def __post_init__(self):
     _check_sampling_args(self.temperature, self.top_p, self.top_k)
+    # A tuple of ints keeps the config hashable (a static jit argument) whatever was passed.
+    object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
     if not 0 < self.penalty_decay <= 1:
       raise ValueError(f"penalty_decay={self.penalty_decay} must be in (0, 1].")
 
@@ -305,12 +308,9 @@ def _as_batch(prompt_tokens) -> list[np.ndarray]:
 
 
 def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequence[int]] | Array,
-             max_new_tokens: int, key: Array, *, temperature: float = 1.0, top_p: float = 1.0,
-             top_k: int = 0, alpha_presence: float = 0.0, alpha_frequency: float = 0.0,
-             penalty_decay: float = 1.0, stop_tokens: Sequence[int] = (),
-             vocab_limit: int | None = None, prefill_chunk: int = 1024,
-             state: model_lib.RWKVState | None = None, impl: str = "auto",
-             callback: Callable[[np.ndarray, np.ndarray], None] | None = None,
+             max_new_tokens: int, key: Array, *, sampling: SamplingConfig = SamplingConfig(),
+             prefill_chunk: int = 1024, state: model_lib.RWKVState | None = None,
+             impl: str = "auto", callback: Callable[[np.ndarray, np.ndarray], None] | None = None,
              return_logits: bool = False) -> GenerationResult:
   """Continues each prompt with up to `max_new_tokens` sampled tokens.
 
@@ -320,10 +320,8 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
       int [b, t] array.
     max_new_tokens: tokens to generate per sequence (fewer if a stop token comes first).
     key: PRNG key; step i samples with fold_in(key, i).
-    temperature, top_p, top_k: see `sample_logits`.
-    alpha_presence, alpha_frequency, penalty_decay: see `SamplingConfig`; off by default.
-    stop_tokens: a sequence ends after emitting one of these.
-    vocab_limit: sample only ids below this; None = the model's whole vocabulary.
+    sampling: how each token is chosen (temperature, top_p, top_k, penalties, stop tokens,
+      vocab_limit); the default samples from the full softmax with no stop token.
     prefill_chunk: prompt tokens per parallel model call.
     state: state to continue from (batch must match), or None.
     impl: WKV implementation for the prefill.
@@ -334,10 +332,10 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
   Returns:
     GenerationResult(tokens, lengths, state, logits).
   """
-  cfg = SamplingConfig(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                       alpha_presence=float(alpha_presence),
-                       alpha_frequency=float(alpha_frequency), penalty_decay=float(penalty_decay),
-                       stop_tokens=tuple(int(t) for t in stop_tokens), vocab_limit=vocab_limit)
+  if not isinstance(sampling, SamplingConfig):
+    raise TypeError(f"sampling must be a SamplingConfig, e.g. sampling=SamplingConfig("
+                    f"temperature=0.8, top_p=0.9); got {type(sampling).__name__}.")
+  cfg = sampling
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
     raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0.")
   rows = _as_batch(prompt_tokens)

@@ -68,15 +68,17 @@ def forward_state(model, tokens_bt):
 # ----------------------------------------------------------------------------------------------
 # Generation against the full forward pass.
 
-def greedy(model, prompt, **kw):
-  return sampling.generate(model, prompt, N, jax.random.key(0), temperature=0.0,
-                           return_logits=True, **kw)
+def greedy(model, prompt, stop_tokens=(), **kw):
+  cfg = sampling.SamplingConfig(temperature=0.0, stop_tokens=stop_tokens)
+  return sampling.generate(model, prompt, N, jax.random.key(0), return_logits=True,
+                           sampling=cfg, **kw)
 
 
 @pytest.mark.parametrize("temperature, streaming", [(0.0, False), (1.0, True)])
 def test_logits_used_while_generating_equal_the_full_forward_pass(model, temperature, streaming):
   prompt = prompts(B, 7)
-  result = sampling.generate(model, prompt, N, jax.random.key(3), temperature=temperature,
+  result = sampling.generate(model, prompt, N, jax.random.key(3),
+                             sampling=sampling.SamplingConfig(temperature=temperature),
                              return_logits=True,
                              callback=(lambda *_: None) if streaming else None)
   assert result.tokens.shape == (B, N) and list(result.lengths) == [N] * B
@@ -132,7 +134,8 @@ def test_prefill_compiles_at_most_log2_chunk_plus_one_programs(model):
 def test_streaming_and_compiled_loop_give_the_same_tokens(model):
   prompt = prompts(B, 4, seed=5)
   seen = []
-  kw = dict(temperature=1.3, top_k=20, alpha_frequency=0.3, stop_tokens=(7, 11))
+  kw = dict(sampling=sampling.SamplingConfig(temperature=1.3, top_k=20, alpha_frequency=0.3,
+                                            stop_tokens=(7, 11)))
   ref = sampling.generate(model, prompt, N, jax.random.key(9), **kw)
   got = sampling.generate(model, prompt, N, jax.random.key(9), **kw,
                           callback=lambda tok, emitted: seen.append((tok.copy(), emitted.copy())))
@@ -184,17 +187,19 @@ def test_zero_new_tokens_returns_the_state_after_the_prompt(model):
 
 def test_presence_penalty_prevents_repeats(model):
   prompt = prompts(B, 4, seed=9)
-  free = sampling.generate(model, prompt, 40, jax.random.key(0), temperature=0.0)
+  free = sampling.generate(model, prompt, 40, jax.random.key(0),
+                           sampling=sampling.SamplingConfig(temperature=0.0))
   assert any(len(set(row.tolist())) < 40 for row in free.tokens)  # greedy does repeat
-  penalized = sampling.generate(model, prompt, 40, jax.random.key(0), temperature=0.0,
-                                alpha_presence=1e4)
+  penalized = sampling.generate(
+      model, prompt, 40, jax.random.key(0),
+      sampling=sampling.SamplingConfig(temperature=0.0, alpha_presence=1e4))
   for row in penalized.tokens:
     assert len(set(row.tolist())) == 40
 
 
 def test_vocab_limit_keeps_samples_below_it(model):
-  result = sampling.generate(model, prompts(B, 3), 30, jax.random.key(0), temperature=2.0,
-                             vocab_limit=10)
+  result = sampling.generate(model, prompts(B, 3), 30, jax.random.key(0),
+                             sampling=sampling.SamplingConfig(temperature=2.0, vocab_limit=10))
   assert result.tokens.max() < 10
 
 
@@ -202,9 +207,13 @@ def test_bad_arguments_are_reported(model):
   with pytest.raises(ValueError, match="empty"):
     sampling.generate(model, [], 5, jax.random.key(0))
   with pytest.raises(ValueError, match="top_p"):
-    sampling.generate(model, [1, 2], 5, jax.random.key(0), top_p=0.0)
+    sampling.generate(model, [1, 2], 5, jax.random.key(0),
+                      sampling=sampling.SamplingConfig(top_p=0.0))
   with pytest.raises(ValueError, match="temperature"):
-    sampling.generate(model, [1, 2], 5, jax.random.key(0), temperature=-1.0)
+    sampling.generate(model, [1, 2], 5, jax.random.key(0),
+                      sampling=sampling.SamplingConfig(temperature=-1.0))
+  with pytest.raises(TypeError, match="SamplingConfig"):
+    sampling.generate(model, [1, 2], 5, jax.random.key(0), sampling={"temperature": 0.0})
   with pytest.raises(ValueError, match="outside the vocabulary"):
     sampling.generate(model, [1, 300], 5, jax.random.key(0))
 
@@ -298,7 +307,7 @@ def test_generate_cli_prints_the_greedy_continuation(model, tmp_path):
   assert proc.returncode == 0, proc.stderr
   tok = ByteTokenizer()
   expected = sampling.generate(model, tok.encode("Hello"), 25, jax.random.key(0),
-                               temperature=0.0)
+                               sampling=sampling.SamplingConfig(temperature=0.0))
   assert proc.stdout == tok.decode(expected.tokens[0]) + "\n"
 
 
