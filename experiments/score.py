@@ -5,7 +5,6 @@ r"""Scores tokens or text with an RWKV-4 checkpoint (.pth, HF directory or Orbax
   python -m experiments.score --checkpoint=PATH --text_file=held_out.txt
 """
 
-import os
 import pathlib
 import sys
 
@@ -21,6 +20,7 @@ flags.DEFINE_string("tokenizer", None, "bytes | neox | world | PATH; default fro
                     "(256 -> bytes, 50277 -> neox, 65536 -> world).")
 flags.DEFINE_integer("chunk", 1024, "Tokens per model call; state is carried between chunks.")
 flags.DEFINE_string("impl", "auto", "WKV implementation.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 flags.DEFINE_integer("show_tokens", 20, "Print the losses of this many tokens.")
 FLAGS = flags.FLAGS
 
@@ -45,7 +45,7 @@ def _parse_tokens(text: str) -> np.ndarray:
 def main(argv):
   del argv
   from rwkv_jax import checkpoint as _  # noqa: F401  (registers the Orbax format)
-  from rwkv_jax import scoring, weights
+  from rwkv_jax import files, scoring, weights
   from rwkv_jax.tokenizer import load_tokenizer
 
   if not FLAGS.checkpoint:
@@ -54,7 +54,7 @@ def main(argv):
   if len(modes) != 1:
     _fail("give exactly one of --tokens, --text, --text_file.")
   try:
-    model, config = weights.load(FLAGS.checkpoint)
+    model, config = weights.load(FLAGS.checkpoint, dtype=FLAGS.dtype)
   except (ValueError, FileNotFoundError) as e:
     _fail(str(e))
   logging.info("Loaded %s: %s", FLAGS.checkpoint, config)
@@ -67,9 +67,8 @@ def main(argv):
       _fail(str(e))
     if FLAGS.output:
       out = pathlib.Path(FLAGS.output)
-      tmp = out.with_name(out.name + ".tmp.npy")
-      np.save(tmp, logits.astype(np.float32))
-      os.replace(tmp, out)
+      with files.atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.save(f, logits.astype(np.float32))  # a file object: np.save adds no ".npy"
       print(f"wrote logits {logits.shape} float32 to {out}")
     else:
       print(f"logits {logits.shape}; argmax per position: {logits.argmax(-1).tolist()}")

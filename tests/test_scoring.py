@@ -96,6 +96,19 @@ def test_cli_writes_logits_for_pth_and_hf(model, pth, tmp_path):
     np.testing.assert_allclose(logits, expected, atol=2e-5)
 
 
+def test_cli_dtype_flag_loads_bfloat16_weights(model, pth, tmp_path):
+  out = tmp_path / "logits_bf16.npy"
+  result = run_cli(f"--checkpoint={pth}", "--tokens=1,2,3,200", f"--output={out}",
+                   "--dtype=bfloat16")
+  assert result.returncode == 0, result.stderr
+  assert "bfloat16" in result.stderr  # the loaded config is logged
+  expected = np.asarray(model(np.array([[1, 2, 3, 200]]))[0][0])
+  logits = np.load(out)
+  assert logits.dtype == np.float32 and not np.array_equal(logits, expected)
+  np.testing.assert_allclose(logits, expected, atol=0.5)
+  assert list(tmp_path.glob("*.tmp")) == []
+
+
 def test_cli_scores_text_with_bits_per_byte(pth):
   result = run_cli(f"--checkpoint={pth}", "--text=The quick brown fox jumps over the lazy dog.")
   assert result.returncode == 0, result.stderr
