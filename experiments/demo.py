@@ -57,7 +57,8 @@ def main(argv):
   tokenizer = ByteTokenizer()
   prompt = "<page>\n    <title>"
   result = sampling.generate(model, tokenizer.encode(prompt), FLAGS.sample_chars,
-                             jax.random.key(0), temperature=0.8, top_p=0.9)
+                             jax.random.key(0),
+                             sampling=sampling.SamplingConfig(temperature=0.8, top_p=0.9))
   sample = prompt + tokenizer.decode(result.sequences()[0])
   print("\nsample:\n" + sample)
   record = {"benchmark": "demo", "environment": benchlib.environment(sys.argv),
