@@ -14,7 +14,8 @@ mkdir -p "$DIR"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
   -d "$DIR" \
-  grain==0.2.18 array-record cloudpickle portpicker jax-triton==0.3.1 rwkv==0.8.32 ml_collections tensorboardX tqdm \
+  grain==0.2.18 array-record cloudpickle portpicker jax-triton==0.3.1 rwkv==0.8.32 \
+  ml_collections tensorboardX tqdm \
   matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil \
   tokenizers safetensors
 ls "$DIR"

@@ -21,45 +21,35 @@ RES="${1:-${OUT:-experiments/results/gpu}}"
 WHEELS="${WHEELS:-wheels}"
 PY="${PYTHON:-python3}"
 STAGES="${STAGES:-tests wkv train169 train1b5}"
-SITE=/tmp/rwkv_jax_site
-mkdir -p "$RES" "$SITE"
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" \
-    "$WHEELS"/*.whl || exit 1
-fi
-# kernels/ is the package rwkv_jax_kernels (pyproject.toml's package-dir): link it, no install.
-ln -sfn "$PWD/kernels" "$SITE/rwkv_jax_kernels"
-export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
+source scripts/device_env.sh
+export JAX_PLATFORMS=cuda
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$PY" -c "import jax, jaxlib, triton; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__,
 'triton', triton.__version__, jax.devices())"
   "$PY" -c "import jax_triton; print('jax_triton', jax_triton.__version__)"
-  "$PY" -c "import grain, rwkv_jax.data; print('grain', grain.__version__ if hasattr(grain, '__version__') else 'ok')"
+  "$PY" -c "import grain, rwkv_jax.data; print('grain imports')"
 } >"$RES/env.txt" 2>&1
 
-status=0
-stage() { [[ " $STAGES " == *" $1 "* ]]; }
 if stage tests; then
-  timeout 140 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
-    --junitxml="$RES/junit.xml" tests 2>&1 | tee "$RES/pytest.log" || status=1
+  check pytest 140 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+    --junitxml="$RES/junit.xml" tests
 fi
 if stage wkv; then
   # The target shapes first, so that a spent budget skips only the extra ones.
-  timeout 140 "$PY" -m experiments.bench_wkv --impls=scan,associative,pallas,triton \
+  check bench 140 -m experiments.bench_wkv --impls=scan,associative,pallas,triton \
     --shapes=8x1024x768,8x1024x4096,1x16384x768,32x1024x768 --budget_s=110 \
-    --out="$RES/bench" 2>&1 | tee "$RES/bench.log" || status=1
+    --out="$RES/bench"
 fi
 # Training-step throughput (the 169M and 1.5B targets): the fused Pallas kernel (the fastest WKV
 # at every measured shape) against the associative scan at 169M; Pallas alone at 1.5B.
 if stage train169; then
-  timeout 190 "$PY" -m experiments.bench_train --model=169m --batch_size=16 --dtype=bfloat16 \
-    --impls=pallas,associative --steps=5 --repeats=2 --out="$RES/bench_train_169m.json" \
-    2>&1 | tee "$RES/bench_train_169m.log" || status=1
+  check bench_train_169m 190 -m experiments.bench_train --model=169m --batch_size=16 \
+    --dtype=bfloat16 --impls=pallas,associative --steps=5 --repeats=2 \
+    --out="$RES/bench_train_169m.json"
 fi
 if stage train1b5; then
-  timeout 150 "$PY" -m experiments.bench_train --model=1b5 --batch_size=8 --dtype=bfloat16 \
-    --impls=pallas --steps=3 --repeats=2 --out="$RES/bench_train_1b5.json" \
-    2>&1 | tee "$RES/bench_train_1b5.log" || status=1
+  check bench_train_1b5 150 -m experiments.bench_train --model=1b5 --batch_size=8 \
+    --dtype=bfloat16 --impls=pallas --steps=3 --repeats=2 --out="$RES/bench_train_1b5.json"
 fi
 exit $status

@@ -20,15 +20,8 @@ RES="${1:-${OUT:-experiments/results/tpu}}"
 WHEELS="${WHEELS:-wheels}"
 PY="${PYTHON:-python3}"
 STAGES="${STAGES:-tests wkv train169}"
-SITE=/tmp/rwkv_jax_site
-mkdir -p "$RES" "$SITE"
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" \
-    "$WHEELS"/*.whl || exit 1
-fi
-# kernels/ is the package rwkv_jax_kernels (pyproject.toml's package-dir): link it, no install.
-ln -sfn "$PWD/kernels" "$SITE/rwkv_jax_kernels"
-export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS=tpu PYTHONUNBUFFERED=1
+source scripts/device_env.sh
+export JAX_PLATFORMS=tpu
 if [[ "${SINGLE_CHIP:-1}" == 1 ]]; then
   export TPU_VISIBLE_CHIPS=0 TPU_CHIPS_PER_PROCESS_BOUNDS=1,1,1 TPU_PROCESS_BOUNDS=1,1,1
 fi
@@ -36,21 +29,19 @@ fi
 "$PY" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__,
 jax.devices(), jax.devices()[0].device_kind)" >"$RES/env.txt" 2>&1
 
-status=0
-stage() { [[ " $STAGES " == *" $1 "* ]]; }
 if stage tests; then
-  timeout 600 "$PY" -m pytest -q -m tpu -p no:cacheprovider --junitxml="$RES/junit.xml" \
-    tests/test_kernels_tpu.py 2>&1 | tee "$RES/pytest.log" || status=1
+  check pytest 600 -m pytest -q -m tpu -p no:cacheprovider --junitxml="$RES/junit.xml" \
+    tests/test_kernels_tpu.py
 fi
 if stage wkv; then
   # The target shape first, so that a spent budget skips only the extra ones.
-  timeout 600 "$PY" -m experiments.bench_wkv --impls=scan,associative,pallas \
+  check bench 600 -m experiments.bench_wkv --impls=scan,associative,pallas \
     --shapes=8x1024x768,8x1024x4096,1x16384x768,32x1024x768 --budget_s=500 \
-    --out="$RES/bench" 2>&1 | tee "$RES/bench.log" || status=1
+    --out="$RES/bench"
 fi
 if stage train169; then
-  timeout 600 "$PY" -m experiments.bench_train --model=169m --batch_size=16 --dtype=bfloat16 \
-    --impls=pallas,associative --steps=5 --repeats=2 --out="$RES/bench_train_169m.json" \
-    2>&1 | tee "$RES/bench_train_169m.log" || status=1
+  check bench_train_169m 600 -m experiments.bench_train --model=169m --batch_size=16 \
+    --dtype=bfloat16 --impls=pallas,associative --steps=5 --repeats=2 \
+    --out="$RES/bench_train_169m.json"
 fi
 exit $status
