@@ -101,10 +101,7 @@ def wkv_pallas_tpu(w: Array, u: Array, k: Array, v: Array, state: WKVState | Non
   """WKV with the chunked Pallas TPU kernels; the contract of `rwkv_jax.wkv.wkv_scan`.
 
   Args:
-    w: [c] per-step decay rate, exp(time_decay) > 0.
-    u: [c] bonus of the current token (time_first).
-    k, v: [b, t, c] keys and values, float32 or bfloat16.
-    state: incoming WKVState (float32 [b, c] each) or None for an empty one.
+    w, u, k, v, state: as for `rwkv_jax.wkv.wkv_scan` (k, v float32 or bfloat16).
     block_sizes: tile sizes.
     interpret: run the kernels in Pallas's TPU interpreter; None means "only if JAX runs on
       CPU" (compiled with Mosaic on a TPU; any other backend is an error).

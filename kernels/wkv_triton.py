@@ -55,10 +55,7 @@ def wkv_triton(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = 
   """WKV with the chunked Triton kernels; the contract of `rwkv_jax.wkv.wkv_scan`.
 
   Args:
-    w: [c] per-step decay rate, exp(time_decay) > 0.
-    u: [c] bonus of the current token (time_first).
-    k, v: [b, t, c] keys and values, float32 or bfloat16.
-    state: incoming WKVState (float32 [b, c] each) or None for an empty one.
+    w, u, k, v, state: as for `rwkv_jax.wkv.wkv_scan` (k, v float32 or bfloat16).
     block_sizes: tile sizes and warps per program.
     interpret: run the kernels in Triton's interpreter; None means "unless on a GPU".
 

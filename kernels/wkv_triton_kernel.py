@@ -74,14 +74,19 @@ def _summary_terms(k, w, t_in, chunk_len, block_t: tl.constexpr):
 
 
 @triton.jit
+def _load_kvw(k_ptr, v_ptr, w_ptr, c, c_in, at_token, tile_in):
+  """The tile's keys and values and its channels' decays, float32 (masked: 0, 0 and 1)."""
+  return (_load_f32(k_ptr, at_token, tile_in, 0.0), _load_f32(v_ptr, at_token, tile_in, 0.0),
+          _load_f32(w_ptr, c, c_in, 1.0))
+
+
+@triton.jit
 def wkv_summary_kernel(k_ptr, v_ptr, w_ptr, seq_len, channels, num_ptr, den_ptr, max_ptr,
                        block_t: tl.constexpr, block_c: tl.constexpr):
   """Step 1: the state each chunk alone leaves behind."""
   c, c_in, t_in, at_token, tile_in, at_chunk, chunk_len = _tile(seq_len, channels, block_t,
                                                                 block_c)
-  k = _load_f32(k_ptr, at_token, tile_in, 0.0)
-  v = _load_f32(v_ptr, at_token, tile_in, 0.0)
-  w = _load_f32(w_ptr, c, c_in, 1.0)
+  k, v, w = _load_kvw(k_ptr, v_ptr, w_ptr, c, c_in, at_token, tile_in)
   _, _, max_exp, weight = _summary_terms(k, w, t_in, chunk_len, block_t)
   tl.store(num_ptr + at_chunk, _sum(weight * v, axis=0), mask=c_in)
   tl.store(den_ptr + at_chunk, _sum(weight, axis=0), mask=c_in)
@@ -95,9 +100,7 @@ def wkv_summary_bwd_kernel(k_ptr, v_ptr, w_ptr, dnum_ptr, dden_ptr, dmax_ptr, dk
   """Step 1 backward, plus the step-3 gradients dk_in, dv_in of the same tokens."""
   c, c_in, t_in, at_token, tile_in, at_chunk, chunk_len = _tile(seq_len, channels, block_t,
                                                                 block_c)
-  k = _load_f32(k_ptr, at_token, tile_in, 0.0)
-  v = _load_f32(v_ptr, at_token, tile_in, 0.0)
-  w = _load_f32(w_ptr, c, c_in, 1.0)
+  k, v, w = _load_kvw(k_ptr, v_ptr, w_ptr, c, c_in, at_token, tile_in)
   dnum = _load_f32(dnum_ptr, at_chunk, c_in, 0.0)[None, :]
   dden = _load_f32(dden_ptr, at_chunk, c_in, 0.0)[None, :]
   e, dist, max_exp, weight = _summary_terms(k, w, t_in, chunk_len, block_t)

@@ -128,11 +128,16 @@ class TestWKVPallasInterpret(_WKVKernelChecks):
       self.wkv(w, u, k, v, WKVState(*(s[:1] for s in state)))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _ON_GPU, reason="compiled Pallas kernels need a GPU; CPU runs the "
-                    "same checks in the interpreter (TestWKVPallasInterpret)")
-class TestWKVPallasCompiled(TestWKVPallasInterpret):
-  INTERPRET = False
+def compiled(interpreted: type, marker: str, available: bool, why: str) -> type:
+  """The checks of `interpreted` with the kernels compiled, marked `marker`; skipped elsewhere."""
+  cls = type(interpreted.__name__.replace("Interpret", "Compiled"), (interpreted,),
+             {"INTERPRET": False})
+  reason = f"{why}; CPU runs the same checks in an interpreter ({interpreted.__name__})"
+  return getattr(pytest.mark, marker)(pytest.mark.skipif(not available, reason=reason)(cls))
+
+
+TestWKVPallasCompiled = compiled(TestWKVPallasInterpret, "gpu", _ON_GPU,
+                                 "compiled Pallas kernels need a GPU")
 
 
 class TestWKVTritonInterpret(TestWKVPallasInterpret):
@@ -145,8 +150,5 @@ class TestWKVTritonInterpret(TestWKVPallasInterpret):
     return wkv_triton.wkv_triton(w, u, k, v, state, block_sizes=blocks, interpret=self.INTERPRET)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _ON_GPU, reason="jax-triton needs a GPU build of jax; CPU runs the same "
-                    "checks in Triton's interpreter (TestWKVTritonInterpret)")
-class TestWKVTritonCompiled(TestWKVTritonInterpret):
-  INTERPRET = False
+TestWKVTritonCompiled = compiled(TestWKVTritonInterpret, "gpu", _ON_GPU,
+                                 "jax-triton needs a GPU build of jax")

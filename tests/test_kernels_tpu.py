@@ -17,7 +17,7 @@ from flax import nnx
 from rwkv_jax import sampling, sharding, train, train_config
 from rwkv_jax import wkv as wkv_lib
 from rwkv_jax_kernels import chunked, wkv_pallas_tpu
-from test_kernels import _WKVKernelChecks, _loss_grad
+from test_kernels import _WKVKernelChecks, _loss_grad, compiled
 from wkv_util import random_inputs, rel_err
 
 _ON_TPU = jax.default_backend() == "tpu"
@@ -71,11 +71,8 @@ class TestWKVPallasTPUInterpret(_WKVKernelChecks):
                                     block_sizes=wkv_pallas_tpu.BlockSizes(block_t=8))
 
 
-@pytest.mark.tpu
-@pytest.mark.skipif(not _ON_TPU, reason="compiled Mosaic kernels need a TPU; CPU runs the same "
-                    "checks in Pallas's TPU interpreter (TestWKVPallasTPUInterpret)")
-class TestWKVPallasTPUCompiled(TestWKVPallasTPUInterpret):
-  INTERPRET = False
+TestWKVPallasTPUCompiled = compiled(TestWKVPallasTPUInterpret, "tpu", _ON_TPU,
+                                    "compiled Mosaic kernels need a TPU")
 
 
 def test_interpreters_never_run_unasked_on_an_accelerator(monkeypatch):
