@@ -35,10 +35,6 @@ EXPORT_MARKER = "rwkv_jax.json"
 FORMAT_VERSION = 1
 
 
-# The name this module used before the readers shared one error class.
-CheckpointMismatchError = CheckpointError
-
-
 def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                       if hasattr(x, "sharding") else x, tree)

@@ -2,7 +2,9 @@
 
 Readers return `Tensors`: a checkpoint's tensors by official name with their shapes and dtypes,
 each read (memory-mapped where the format allows) only when asked for, so a large checkpoint never
-needs two full host copies. Turning them into a model is `weights.load`'s job.
+needs two full host copies. Turning them into a model is `weights.load`'s job. Writers take
+name -> array in the official layout and hand it to torch.save or the safetensors package, each
+file replacing its destination atomically.
 
 torch is imported lazily: only .pth and pytorch_model.bin files need it.
 """
@@ -75,7 +77,6 @@ def numpy_to_torch(x: np.ndarray):
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     t = torch.from_numpy(x)
   return t.view(torch.bfloat16) if bf16 else t
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,77 +276,37 @@ def hf_config_dict(config: RWKVConfig, dtype: str) -> dict[str, Any]:
 def save_hf(model: model_lib.RWKV, directory: PathLike, dtype: str | None = None) -> None:
   """Writes the model as a HuggingFace RwkvForCausalLM directory (config.json, model.safetensors).
 
-  Tensors are written one at a time, so the only extra memory is one tensor.
-
   Args:
     model: the model to export.
     directory: created if needed; each file is replaced atomically, config.json last.
     dtype: tensor dtype in the file, or None for the parameters' own dtype.
   """
-  check_dtype_flag(dtype)
-  entries = tensor_names.mapping(model.config.n_layer)
-  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  shapes = [tensor_names.official_shape(tuple(flat[e.path].get_value().shape), e.layout)
-            for e in entries]
-
-  def official(i):
-    return tensor_names.to_official(np.asarray(flat[entries[i].path].get_value()),
-                                    entries[i].layout)
-
-  write_hf(directory, model.config, dtype or model.config.param_dtype, entries, shapes, official)
+  write_hf(directory, model.config, dtype or model.config.param_dtype,
+           {e.hf: x for e, x in _official_arrays(model, dtype)})
 
 
-def write_hf(directory: PathLike, config: RWKVConfig, dtype: str, entries: list[Entry],
-             shapes: list[tuple[int, ...]], get: Callable[[int], np.ndarray]) -> None:
-  """Writes an HF directory: model.safetensors from `get(i)` (official layout), then config.json.
+def write_hf(directory: PathLike, config: RWKVConfig, dtype: str,
+             tensors: dict[str, np.ndarray]) -> None:
+  """Writes an HF directory: model.safetensors from HF name -> array, then config.json.
+
+  The safetensors package writes straight from the arrays' buffers, so the only extra host memory
+  is what the caller made to transpose or cast; arrays that are views of a memory-mapped input
+  stay views.
 
   Args:
     directory: created if needed; each file is replaced atomically, config.json last (so a
       directory with a config.json is complete).
     config: the model shape, for config.json.
-    dtype: tensor dtype in the file.
-    entries: the tensors, in file order.
-    shapes: official shape of each entry.
-    get: entry index -> array in the official layout; called once per tensor.
+    dtype: the tensors' dtype, for config.json's torch_dtype.
+    tensors: HF name -> array in the official layout.
   """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory)
   if directory.exists() and not directory.is_dir():
     raise ValueError(f"{directory} exists and is not a directory; HF checkpoints are folders.")
-  _write_safetensors(directory / HF_WEIGHTS, [e.hf for e in entries], shapes, dtype, get)
+  tensors = {k: np.ascontiguousarray(x) for k, x in tensors.items()}
+  with files.atomic_path(directory / HF_WEIGHTS) as tmp:
+    # transformers refuses a safetensors file without a format it knows; "pt" is its own.
+    save_file(tensors, tmp, metadata={"format": "pt"})
   with files.atomic_write(directory / "config.json", "w") as f:
     f.write(json.dumps(hf_config_dict(config, dtype), indent=2) + "\n")
-
-
-_ST_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-
-
-def _write_safetensors(path: pathlib.Path, names: list[str], shapes: list[tuple[int, ...]],
-                       dtype: str, get: Callable[[int], np.ndarray]) -> None:
-  """Streams tensors into a .safetensors file: the header from the shapes, then one at a time.
-
-  The format is an 8-byte little-endian header length, a JSON header of name -> dtype, shape and
-  byte range, then the raw little-endian data in that order. Written here rather than with
-  `safetensors.numpy.save_file`, which takes every tensor at once in a dict: converting a large
-  checkpoint would then hold a second full copy in host memory. The files are read back with the
-  safetensors package (`hf_tensors`), which the round-trip tests exercise bit for bit.
-  """
-  np_dtype = np.dtype(NP_DTYPES[dtype])
-  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-  offset = 0
-  for name, shape in zip(names, shapes):
-    size = int(np.prod(shape)) * np_dtype.itemsize
-    header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape),
-                    "data_offsets": [offset, offset + size]}
-    offset += size
-  header_bytes = json.dumps(header, separators=(",", ":")).encode()
-  header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned
-
-  with files.atomic_write(path, "wb") as f:
-    f.write(len(header_bytes).to_bytes(8, "little"))
-    f.write(header_bytes)
-    for i, shape in enumerate(shapes):
-      x = np.ascontiguousarray(get(i), dtype=np_dtype)
-      if x.shape != tuple(shape):
-        raise AssertionError(f"{names[i]}: shape {x.shape} != header {shape}")
-      f.write(memoryview(x.reshape(-1).view(np.uint8)))
-      del x

@@ -202,11 +202,10 @@ def load(path: PathLike, dtype: str | None = "float32") -> tuple[model_lib.RWKV,
 
 def convert_checkpoint(src: PathLike, dst: PathLike, fmt: str, dtype: str | None = None
                        ) -> RWKVConfig:
-  """Converts an official .pth file or HF directory into the other format, tensor by tensor.
+  """Converts an official .pth file or HF directory into the other format, without a model.
 
-  No model is built: each tensor is read (memory-mapped where the format allows), renamed, cast
-  and written before the next is read. Writing a .pth needs the whole state dict in memory once
-  (torch.save takes a dict); writing HF streams.
+  Tensors are read memory-mapped where the format allows, renamed and cast; a tensor that needs
+  no cast stays a view of the input, so a same-dtype conversion makes no second host copy.
 
   Args:
     src: official .pth file or HF directory.
@@ -217,6 +216,8 @@ def convert_checkpoint(src: PathLike, dst: PathLike, fmt: str, dtype: str | None
   Returns:
     The model config of the checkpoint.
   """
+  if fmt not in ("pth", "hf"):
+    raise ValueError(f"fmt={fmt!r}; use 'pth' or 'hf'.")
   src = pathlib.Path(src)
   if src.is_dir():
     t = formats.hf_tensors(src)
@@ -228,16 +229,16 @@ def convert_checkpoint(src: PathLike, dst: PathLike, fmt: str, dtype: str | None
                                              t.names)
   shapes = [tensor_names.official_shape(tuple(model_vars[e.path].get_value().shape), e.layout)
             for e in entries]
+  target = formats.NP_DTYPES[config.param_dtype]
 
-  def official(i):  # squeezed [c] time_mix vectors are accepted on input, [1, 1, c] written
-    return t.get(entries[i].official).reshape(shapes[i])
+  def official(i):
+    # Squeezed [c] time_mix vectors are accepted on input, [1, 1, c] written. Without a cast,
+    # the array stays a view of the (memory-mapped) input.
+    return t.get(entries[i].official).reshape(shapes[i]).astype(target, copy=False)
 
   if fmt == "hf":
-    formats.write_hf(dst, config, config.param_dtype, entries, shapes, official)
-  elif fmt == "pth":
-    target = formats.NP_DTYPES[config.param_dtype]
-    formats.write_pth(dst, {e.official: official(i).astype(target)
-                            for i, e in enumerate(entries)})
+    formats.write_hf(dst, config, config.param_dtype,
+                     {e.hf: official(i) for i, e in enumerate(entries)})
   else:
-    raise ValueError(f"fmt={fmt!r}; use 'pth' or 'hf'.")
+    formats.write_pth(dst, {e.official: official(i) for i, e in enumerate(entries)})
   return config

@@ -103,6 +103,17 @@ def test_pth_to_hf_to_pth_is_bit_exact(pth, tmp_path):
   assert_same_tensors(torch.load(tmp_path / "back.pth", weights_only=True), sd)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_directory_saved_again_is_byte_identical(pth, tmp_path, dtype):
+  model, _ = weights.load_pth(pth[0], dtype=dtype)
+  weights.save_hf(model, tmp_path / "a")
+  weights.convert_checkpoint(tmp_path / "a", tmp_path / "b", "hf")  # file -> file, no model
+  weights.save_hf(weights.load_hf(tmp_path / "b", dtype=None)[0], tmp_path / "c")
+  for name in ("model.safetensors", "config.json"):
+    a = (tmp_path / "a" / name).read_bytes()
+    assert a == (tmp_path / "b" / name).read_bytes() == (tmp_path / "c" / name).read_bytes(), name
+
+
 def test_hf_pytorch_model_bin_loads_like_safetensors(pth, tmp_path):
   path, sd = pth
   model, _ = weights.load_pth(path)
