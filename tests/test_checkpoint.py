@@ -196,6 +196,21 @@ def test_export_loads_with_the_trained_parameters(full_run):
                                 np.asarray(trained(tokens, impl="scan")[0]))
 
 
+@pytest.mark.parametrize("where", ["workdir", "export"])
+def test_load_gives_the_requested_dtype_for_a_workdir_and_an_export(full_run, where):
+  path = full_run if where == "workdir" else full_run / "export"
+  float32, _ = weights.load(path)
+
+  loaded, config = weights.load(path, dtype="bfloat16")
+
+  assert config.param_dtype == "bfloat16"
+  got, want = flat_params(loaded), flat_params(float32)
+  assert got.keys() == want.keys()
+  for name in want:
+    assert got[name].dtype == jnp.bfloat16, name
+    np.testing.assert_array_equal(got[name], want[name].astype(jnp.bfloat16), err_msg=name)
+
+
 def test_score_cli_reads_the_export_on_another_device_count(full_run, tmp_path):
   out = tmp_path / "logits.npy"
   result = run_module([sys.executable, "-m", "experiments.score",
