@@ -15,7 +15,8 @@ def _modules() -> dict[str, ast.Module]:
 def imported_modules(tree: ast.Module, known: set[str]) -> set[str]:
   """The rwkv_jax modules a module imports anywhere in its body (functions included).
 
-  Handles `import rwkv_jax.x`, `from rwkv_jax import x` and `from rwkv_jax.x import y`.
+  Handles `import rwkv_jax.x`, `from rwkv_jax import x`, `from rwkv_jax.x import y` and their
+  relative forms (`from . import x`, `from .x import y`).
   """
   found = set()
   for node in ast.walk(tree):
@@ -24,8 +25,10 @@ def imported_modules(tree: ast.Module, known: set[str]) -> set[str]:
         parts = alias.name.split(".")
         if parts[0] == PACKAGE and len(parts) > 1:
           found.add(parts[1])
-    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-      parts = node.module.split(".")
+    elif isinstance(node, ast.ImportFrom) and node.level <= 1:
+      # Modules of rwkv_jax are top level in the package, so `.` is rwkv_jax itself.
+      module = node.module if node.level == 0 else ".".join(filter(None, [PACKAGE, node.module]))
+      parts = (module or "").split(".")
       if parts[0] != PACKAGE:
         continue
       if len(parts) > 1:
@@ -65,8 +68,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_every_import_form_is_seen():
   tree = ast.parse("import rwkv_jax.a\nfrom rwkv_jax import b as bb, c\nfrom rwkv_jax.d import e\n"
-                   "def f():\n  from rwkv_jax import g\nimport numpy\nfrom rwkv_jax import z\n")
-  assert imported_modules(tree, set("abcdefgh")) == {"a", "b", "c", "d", "g"}
+                   "def f():\n  from rwkv_jax import g\nimport numpy\nfrom rwkv_jax import z\n"
+                   "from . import h\nfrom .f import y\n")
+  assert imported_modules(tree, set("abcdefgh")) == {"a", "b", "c", "d", "f", "g", "h"}
 
 
 def test_find_cycle_reports_the_cycle():
