@@ -17,14 +17,13 @@ import pathlib
 from absl import app
 from absl import flags
 
-from rwkv_jax import checkpoint
 from rwkv_jax import weights
 
 _INPUT = flags.DEFINE_string("input", None, "Official .pth file, HuggingFace directory, Orbax "
                              "export or training work directory.",
                              required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "Destination .pth file or HuggingFace directory.",
-                              required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Destination .pth file, HuggingFace directory "
+                              "or Orbax export directory.", required=True)
 _FORMAT = flags.DEFINE_enum("format", None, ["pth", "hf", "orbax"],
                             "Output format; default: pth if --output ends in .pth, else hf.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
@@ -48,30 +47,16 @@ def main(argv: list[str]) -> None:
   if dst.resolve() == src.resolve():
     raise app.UsageError(f"--output={dst} is the same path as --input; choose another.")
   if fmt in ("hf", "orbax") and dst.is_file():
-    raise app.UsageError(f"--output={dst} is an existing file, but the hf format writes a "
+    raise app.UsageError(f"--output={dst} is an existing file, but the {fmt} format writes a "
                          f"directory; pass a directory path or --format=pth.")
   if fmt == "pth" and dst.is_dir():
     raise app.UsageError(f"--output={dst} is a directory, but the pth format writes a file.")
 
   try:
-    if fmt in ("pth", "hf") and not checkpoint.is_rwkv_jax_dir(src):
-      # .pth <-> HF is a renaming: stream it tensor by tensor without building a model.
-      config = weights.convert_checkpoint(src, dst, fmt, dtype=_DTYPE.value)
-      _report(dst, fmt, config)
-      return
-    model, config = weights.load(src, dtype=_DTYPE.value)  # None: the input's own dtype
+    config = weights.convert_checkpoint(src, dst, fmt, dtype=_DTYPE.value)
   except weights.CheckpointError as e:
     raise app.UsageError(str(e)) from None
-  if fmt == "orbax":
-    checkpoint.export(model, dst)
-  else:
-    save = weights.save_pth if fmt == "pth" else weights.save_hf
-    save(model, dst)
-  _report(dst, fmt, config)
-
-
-def _report(dst, fmt, config) -> None:
-  print(f"Wrote {dst} ({fmt}, {_DTYPE.value or config.param_dtype}): n_layer={config.n_layer}, "
+  print(f"Wrote {dst} ({fmt}, {config.param_dtype}): n_layer={config.n_layer}, "
         f"n_embd={config.n_embd}, vocab_size={config.vocab_size}, "
         f"{config.num_params():,} parameters.")
 

@@ -198,27 +198,39 @@ def load(path: PathLike, dtype: str | None = "float32") -> tuple[model_lib.RWKV,
 
 
 # ----------------------------------------------------------------------------------------------
-# File -> file, without a model.
+# File -> file.
 
 def convert_checkpoint(src: PathLike, dst: PathLike, fmt: str, dtype: str | None = None
                        ) -> RWKVConfig:
-  """Converts an official .pth file or HF directory into the other format, without a model.
+  """Converts any checkpoint `load` reads into an official .pth file, an HF directory or an export.
 
-  Tensors are read memory-mapped where the format allows, renamed and cast; a tensor that needs
-  no cast stays a view of the input, so a same-dtype conversion makes no second host copy.
+  .pth <-> HF is a renaming, done without a model: tensors are read memory-mapped where the format
+  allows, renamed and cast; a tensor that needs no cast stays a view of the input, so a same-dtype
+  conversion makes no second host copy. Orbax in or out goes through a model (`load`, then
+  `save_pth`, `save_hf` or `checkpoint.export`).
 
   Args:
-    src: official .pth file or HF directory.
-    dst: destination .pth file ("pth") or directory ("hf").
-    fmt: "pth" or "hf".
-    dtype: tensor dtype of the output, or None for that of the input's embedding.
+    src: official .pth file, HF directory, rwkv_jax export or training work directory.
+    dst: destination .pth file ("pth") or directory ("hf", "orbax").
+    fmt: "pth", "hf" or "orbax".
+    dtype: tensor dtype of the output, or None for the input's own (that of the embedding for
+      .pth and HF).
 
   Returns:
-    The model config of the checkpoint.
+    The model config of the checkpoint, param_dtype the output's dtype.
+
+  Raises:
+    CheckpointError: `src` is not a checkpoint or does not fit an RWKV-4 model.
   """
-  if fmt not in ("pth", "hf"):
-    raise ValueError(f"fmt={fmt!r}; use 'pth' or 'hf'.")
+  writers = {"pth": save_pth, "hf": save_hf, "orbax": checkpoint.export}
+  if fmt not in writers:
+    raise ValueError(f"fmt={fmt!r}; use one of {sorted(writers)}.")
+  formats.check_dtype_flag(dtype)
   src = pathlib.Path(src)
+  if fmt == "orbax" or checkpoint.is_rwkv_jax_dir(src):
+    model, config = load(src, dtype=dtype)  # parameters already in the output dtype
+    writers[fmt](model, dst)
+    return config
   if src.is_dir():
     t = formats.hf_tensors(src)
   elif src.is_file():
