@@ -103,10 +103,11 @@ def _compile_step(config, impl: str, state, mesh, tx):
                                   l2wrap=config.optim.l2wrap, impl=impl)
   tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.model.ctx_len), jnp.int32)
   start = time.perf_counter()
-  compiled = step_fn.lower(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params),
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.opt_state),
-      {"inputs": tokens, "targets": tokens}).compile()
+  with jax.set_mesh(mesh):  # as in train.py: a Mosaic (TPU) WKV kernel runs per shard
+    compiled = step_fn.lower(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params),
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.opt_state),
+        {"inputs": tokens, "targets": tokens}).compile()
   return compiled, time.perf_counter() - start
 
 

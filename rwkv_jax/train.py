@@ -215,7 +215,8 @@ def evaluate(eval_step, params, val_ds, mesh, max_batches: int) -> float:
   for i, batch in enumerate(val_ds):
     if max_batches and i >= max_batches:
       break
-    total += float(eval_step(params, sharding.make_global_batch(mesh, batch)))
+    with jax.set_mesh(mesh):  # as the train step: Mosaic kernels run per shard
+      total += float(eval_step(params, sharding.make_global_batch(mesh, batch)))
     n += 1
   return total / max(n, 1)
 
@@ -317,8 +318,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   try:
     while step < t.steps:
       batch = sharding.make_global_batch(mesh, next(train_it))
-      state.params, state.opt_state, step_metrics = train_step(state.params, state.opt_state,
-                                                               batch)
+      # Traced under the mesh: a Mosaic (TPU) WKV kernel is then run per shard, which XLA
+      # cannot arrange by itself (tests/test_kernels_tpu.py lowers this step for TPU).
+      with jax.set_mesh(mesh):
+        state.params, state.opt_state, step_metrics = train_step(state.params, state.opt_state,
+                                                                 batch)
       step += 1
       if pending is not None:
         fetch(*pending)

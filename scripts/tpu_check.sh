@@ -11,9 +11,9 @@
 # Set up beforehand on the TPU VM: `pip install -e .[test]` (or wheels in $WHEELS, installed as in
 # gpu_check.sh) with jax[tpu] of the pinned range.
 #
-# One chip (SINGLE_CHIP=1, the default): the target is one v5e chip, and the training step only
-# runs the Mosaic kernel per shard when it is traced under `jax.set_mesh` (a Mosaic call cannot be
-# partitioned automatically); SINGLE_CHIP=0 uses every chip of the host.
+# One chip (SINGLE_CHIP=1, the default): the speed targets are for one v5e chip; SINGLE_CHIP=0 uses
+# every chip of the host (the training step is traced under `jax.set_mesh`, so the Mosaic kernel,
+# which XLA cannot partition by itself, runs per shard).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES="${1:-${OUT:-experiments/results/tpu}}"
