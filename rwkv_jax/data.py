@@ -32,25 +32,19 @@ import dataclasses
 import os
 import pathlib
 from collections.abc import Iterator
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import grain
 import numpy as np
 
 from rwkv_jax import binidx
+from rwkv_jax.tokenizer import Tokenizer, load_tokenizer
 
 # Shape legend: b = per-host batch, t = ctx_len (tokens per example), n = stream length.
 
 # The official RWKV make_data.py ends every document with token 0 (<|endoftext|> in the NeoX
 # 20B and World vocabularies), so documents stay separated once the trainer concatenates them.
 END_OF_DOCUMENT = 0
-
-
-class Tokenizer(Protocol):
-  vocab_size: int
-
-  def encode(self, text: str) -> list[int]:
-    ...
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +157,6 @@ def _encode_once(path: pathlib.Path, tokenizer_name: str, prefix: pathlib.Path) 
 
   if not binidx.binidx_paths(prefix)[1].exists():
     if jax.process_index() == 0:
-      from rwkv_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
 
       encode_text_file(path, load_tokenizer(tokenizer_name), prefix)
     if jax.process_count() > 1:

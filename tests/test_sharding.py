@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rwkv_jax import losses, optim, sharding
+from rwkv_jax import model as model_lib
 from rwkv_jax.config import Preset, RWKVConfig
 from rwkv_jax.model import RWKV
 
@@ -120,7 +121,7 @@ def test_indivisible_dimensions_fall_back_to_replicated():
 
 @pytest.mark.parametrize("preset", list(Preset), ids=lambda p: p.name)
 def test_every_preset_parameter_matches_a_rule_and_big_matrices_are_split(preset):
-  abstract = nnx.eval_shape(lambda: RWKV(preset.config(), rngs=nnx.Rngs(0)))
+  abstract = model_lib.abstract_model(preset.config())
   params = nnx.state(abstract, nnx.Param)
   mesh = sharding.make_mesh(1, 2, 4)
   specs = {sharding.path_name(p): s.spec

