@@ -31,25 +31,16 @@ export JAX_PLATFORMS=cuda
   "$PY" -c "import grain, rwkv_jax.data; print('grain imports')"
 } >"$RES/env.txt" 2>&1
 
-if stage tests; then
-  check pytest 140 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
-    --junitxml="$RES/junit.xml" tests
-fi
-if stage wkv; then
-  # The target shapes first, so that a spent budget skips only the extra ones.
-  check bench 140 -m experiments.bench_wkv --impls=scan,associative,pallas,triton \
-    --shapes=8x1024x768,8x1024x4096,1x16384x768,32x1024x768 --budget_s=110 \
-    --out="$RES/bench"
-fi
+stage tests && check pytest 140 -m pytest -q -m gpu -p no:cacheprovider \
+  --continue-on-collection-errors --junitxml="$RES/junit.xml" tests
+stage wkv && check bench 140 -m experiments.bench_wkv --impls=scan,associative,pallas,triton \
+  --shapes=$WKV_SHAPES --budget_s=110 --out="$RES/bench"
 # Training-step throughput (the 169M and 1.5B targets): the fused Pallas kernel (the fastest WKV
 # at every measured shape) against the associative scan at 169M; Pallas alone at 1.5B.
-if stage train169; then
-  check bench_train_169m 190 -m experiments.bench_train --model=169m --batch_size=16 \
-    --dtype=bfloat16 --impls=pallas,associative --steps=5 --repeats=2 \
-    --out="$RES/bench_train_169m.json"
-fi
-if stage train1b5; then
-  check bench_train_1b5 150 -m experiments.bench_train --model=1b5 --batch_size=8 \
-    --dtype=bfloat16 --impls=pallas --steps=3 --repeats=2 --out="$RES/bench_train_1b5.json"
-fi
+stage train169 && check bench_train_169m 190 -m experiments.bench_train --model=169m \
+  --batch_size=16 --dtype=bfloat16 --impls=pallas,associative --steps=5 --repeats=2 \
+  --out="$RES/bench_train_169m.json"
+stage train1b5 && check bench_train_1b5 150 -m experiments.bench_train --model=1b5 \
+  --batch_size=8 --dtype=bfloat16 --impls=pallas --steps=3 --repeats=2 \
+  --out="$RES/bench_train_1b5.json"
 exit $status
