@@ -10,6 +10,9 @@ The output format follows the output path (*.pth -> official file, anything else
 directory) unless --format says otherwise. Without --dtype every tensor is written in the dtype
 of the input's embedding (a mixed-precision input, e.g. fp32 time_decay in a bf16 file, comes out
 uniform).
+
+An output that already exists (a file, or a directory with anything in it) is replaced only with
+--overwrite, and never when it is a training work directory.
 """
 
 import pathlib
@@ -28,6 +31,7 @@ _FORMAT = flags.DEFINE_enum("format", None, ["pth", "hf", "orbax"],
                             "Output format; default: pth if --output ends in .pth, else hf.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "Tensor dtype of the output; default: that of the input.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
 
 
 def output_format(output: str, fmt: str | None) -> str:
@@ -51,6 +55,13 @@ def main(argv: list[str]) -> None:
                          f"directory; pass a directory path or --format=pth.")
   if fmt == "pth" and dst.is_dir():
     raise app.UsageError(f"--output={dst} is a directory, but the pth format writes a file.")
+  if dst.is_dir() and (dst / "checkpoints").is_dir():
+    raise app.UsageError(f"--output={dst} is a training work directory; converting into it would "
+                         f"take it over. Choose another --output.")
+  exists = dst.is_file() or (dst.is_dir() and any(dst.iterdir()))
+  if exists and not _OVERWRITE.value:
+    raise app.UsageError(f"--output={dst} already exists; pass --overwrite to replace it, or "
+                         f"choose another path.")
 
   try:
     config = weights.convert_checkpoint(src, dst, fmt, dtype=_DTYPE.value)

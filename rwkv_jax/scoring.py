@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,9 @@ def logits_for(model: model_lib.RWKV, tokens: np.ndarray, *, chunk: int = 1024,
   return logits_btv[0]
 
 
+_MAX_EXP_ARG = math.log(sys.float_info.max)
+
+
 @dataclasses.dataclass(frozen=True)
 class TextScore:
   """Losses of tokens 1..t-1, each predicted from the tokens before it."""
@@ -51,7 +55,8 @@ class TextScore:
 
   @property
   def perplexity(self) -> float:
-    return math.exp(self.mean_loss)
+    """e^mean_loss; infinity where that overflows a float (a diverged model), not an error."""
+    return math.exp(self.mean_loss) if self.mean_loss < _MAX_EXP_ARG else math.inf
 
   @property
   def bits_per_byte(self) -> float:

@@ -59,3 +59,32 @@ def test_dtype_flag_applies_to_an_orbax_output(tmp_path):
   assert loaded.head.kernel.get_value().dtype == np.float16
   np.testing.assert_array_equal(np.asarray(loaded.head.kernel.get_value()),
                                 np.asarray(model.head.kernel.get_value()).astype(np.float16))
+
+
+def test_an_existing_output_is_kept_unless_overwrite_is_given(tmp_path):
+  model = RWKV(RWKVConfig(n_layer=1, n_embd=16, vocab_size=50), rngs=nnx.Rngs(0))
+  weights.save_pth(model, tmp_path / "a.pth")
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "notes.txt").write_text("mine")
+  (tmp_path / "b.pth").write_bytes(b"keep me")
+
+  for out in ("hf", "b.pth"):
+    result = convert(f"--input={tmp_path / 'a.pth'}", f"--output={tmp_path / out}")
+    assert result.returncode != 0 and "--overwrite" in result.stderr, result.stderr
+  assert (tmp_path / "b.pth").read_bytes() == b"keep me"
+  assert not (tmp_path / "hf" / "config.json").exists()
+
+  result = convert(f"--input={tmp_path / 'a.pth'}", f"--output={tmp_path / 'b.pth'}",
+                   "--overwrite")
+  assert result.returncode == 0, result.stderr
+  assert weights.load(tmp_path / "b.pth")[1].n_layer == 1
+
+
+def test_a_training_workdir_is_never_an_output(tmp_path):
+  model = RWKV(RWKVConfig(n_layer=1, n_embd=16, vocab_size=50), rngs=nnx.Rngs(0))
+  weights.save_pth(model, tmp_path / "a.pth")
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  result = convert(f"--input={tmp_path / 'a.pth'}", f"--output={tmp_path / 'run'}",
+                   "--format=orbax", "--overwrite")
+  assert result.returncode != 0 and "training work directory" in result.stderr, result.stderr
+  assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]

@@ -132,3 +132,10 @@ def test_cli_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
   result = run_cli(f"--checkpoint={bogus}", "--tokens=1,2")
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "notes.txt" in result.stderr
+
+
+def test_perplexity_of_a_diverged_model_is_infinite_not_an_error():
+  from rwkv_jax import scoring as scoring_lib  # pylint: disable=g-import-not-at-top
+  score = scoring_lib.TextScore(np.asarray([1e4, 2e4], np.float32), num_bytes=2)
+  assert score.perplexity == float("inf")
+  assert scoring_lib.TextScore(np.asarray([1.0], np.float32), 1).perplexity == pytest.approx(np.e)
