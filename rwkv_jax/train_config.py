@@ -82,6 +82,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"--config.train.steps={t.steps} must exceed --config.optim.warmup_steps="
                      f"{o.warmup_steps} (the learning rate decays after the warmup); lower the "
                      f"warmup or train longer.")
+  # Zero would divide by zero in the loop's step arithmetic, and keep_checkpoints=0 would keep
+  # no checkpoint, so the next run would silently start again from scratch.
+  for name in ("checkpoint_every", "log_every", "keep_checkpoints"):
+    if t[name] < 1:
+      raise ValueError(f"--config.train.{name}={t[name]} must be >= 1.")
   if t.accumulate_steps < 1 or t.batch_size % t.accumulate_steps:
     raise ValueError(f"--config.train.batch_size={t.batch_size} must be a multiple of "
                      f"--config.train.accumulate_steps={t.accumulate_steps} (>= 1).")

@@ -99,3 +99,11 @@ def test_a_config_missing_a_key_names_it_and_where_defaults_live():
   del config["data"]["worker_count"]
   with pytest.raises(ValueError, match=r"lacks config\.data\.worker_count.*default_config\(\)"):
     train_config.check(ml_collections.ConfigDict(config))
+
+
+@pytest.mark.parametrize("key", ["checkpoint_every", "log_every", "keep_checkpoints"])
+def test_a_zero_step_interval_or_checkpoint_count_is_refused_naming_the_flag(key):
+  config = train_config.default_config()
+  config.train[key] = 0
+  with pytest.raises(ValueError, match=rf"--config\.train\.{key}=0 must be >= 1"):
+    train_config.check(config)
