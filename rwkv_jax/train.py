@@ -8,8 +8,8 @@ one micro-batch's activations alive at a time) before its one optimizer update. 
 dispatched before step N-1's metrics are fetched, so the host never waits for the device except
 at logging, evaluation and checkpoint boundaries. Metrics go to rwkv_jax/metrics.py's writer.
 
-A non-finite loss stops the run with an error and writes nothing: the last checkpoint on disk
-is the last good state.
+A non-finite loss or gradient norm stops the run with an error and writes nothing: the last
+checkpoint on disk is the last good state.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from rwkv_jax.config import RWKVConfig
 
 
 class NonFiniteLossError(RuntimeError):
-  """Raised when the training loss becomes NaN or Inf."""
+  """Raised when the training loss or gradient norm becomes NaN or Inf."""
 
 
 def model_config(config: ml_collections.ConfigDict) -> RWKVConfig:
@@ -188,19 +188,20 @@ def make_datasets(config: ml_collections.ConfigDict, source):
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
-def _non_finite_message(loss: float, at_step: int, ckpt: ckpt_lib.TrainCheckpointer) -> str:
-  """Names the checkpoint to resume from after a non-finite loss at `at_step`.
+def _non_finite_message(what: str, value: float, at_step: int,
+                        ckpt: ckpt_lib.TrainCheckpointer) -> str:
+  """Names the checkpoint to resume from after a non-finite `what` (loss, ...) at `at_step`.
 
-  The loss of step s is computed from the parameters saved as step s - 1, so checkpoint s - 1
-  (if it was saved) holds the parameters that gave the bad loss; only checkpoints up to s - 2
-  are known to be good.
+  The loss and gradients of step s are computed from the parameters saved as step s - 1, so
+  checkpoint s - 1 (if it was saved) holds the parameters that gave the bad value; only
+  checkpoints up to s - 2 are known to be good.
   """
   ckpt.wait()
   saved = ckpt.all_steps()
   good = max((s for s in saved if s < at_step - 1), default=None)
-  message = f"Training loss is {loss} at step {at_step}; stopping without saving."
+  message = f"Training {what} is {value} at step {at_step}; stopping without saving."
   if at_step - 1 in saved:
-    message += (f" Checkpoint {at_step - 1} holds the parameters that gave this loss: delete "
+    message += (f" Checkpoint {at_step - 1} holds the parameters that gave this {what}: delete "
                 f"{ckpt.directory / str(at_step - 1)} before resuming.")
   if good is None:
     message += f" No good checkpoint is left in {ckpt.directory}; start again from scratch."
@@ -236,17 +237,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   Returns:
     The last logged training and validation metrics, and "step".
+
+  Raises:
+    NonFiniteLossError: the loss or gradient norm became NaN or Inf.
   """
   train_config.check(config)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  return _train_and_evaluate(config, workdir, peak_flops, make_model)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        peak_flops: float | None, make_model: ModelBuilder) -> dict[str, float]:
   t = config.train
   lead = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   cfg = model_config(config)
-  if lead:
-    with files.atomic_write(workdir / "config.json", "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   logging.info("Mesh %s over %d devices (%d processes); model %s, %.2fM parameters.",
                dict(mesh.shape), mesh.size, jax.process_count(), cfg, cfg.num_params() / 1e6)
 
@@ -263,11 +269,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state.params, state.opt_state = ckpt.restore(latest, state.params, state.opt_state, train_it)
     step = latest
     logging.info("Resumed from step %d in %s.", step, ckpt.directory)
+  if lead:  # only now: a refused resume leaves the accepted run's config.json as it was
+    with files.atomic_write(workdir / "config.json", "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   train_step = make_train_step(state, tx, mesh, accumulate_steps=t.accumulate_steps,
                                l2wrap=config.optim.l2wrap, impl=t.impl)
   eval_step = make_eval_step(state, mesh, t.impl)
-  writer = metrics_lib.MetricWriter(workdir, lead)
+  writer = metrics_lib.MetricWriter(workdir, lead, start_step=step)
   tokens_per_step = t.batch_size * config.model.ctx_len
   meta = {"model": cfg.to_dict(), "config": json.loads(config.to_json_best_effort())}
 
@@ -290,10 +299,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     nonlocal window_start, window_steps
     m = jax.device_get(step_metrics)
     window_steps += 1  # counted once finished, so back-to-back fetches do not report 0 tokens/s
-    loss = float(m["loss"])
+    loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
     window_losses.append(loss)
-    if not math.isfinite(loss):
-      raise NonFiniteLossError(_non_finite_message(loss, pending_step, ckpt))
+    # An infinite gradient norm with a finite loss is divergence too: clipping scales such
+    # gradients to zero or NaN, and the loss goes on at 1e13 without ever becoming NaN.
+    for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+      if not math.isfinite(value):
+        raise NonFiniteLossError(_non_finite_message(what, value, pending_step, ckpt))
     if pending_step % t.log_every == 0 or pending_step == t.steps:
       elapsed = time.perf_counter() - window_start
       tok_s = window_steps * tokens_per_step / elapsed if elapsed > 0 else float("nan")
@@ -301,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       window_losses.clear()
       record = {"train/loss": loss, "train/loss_avg": mean_loss,
                 "train/bits_per_token": mean_loss / math.log(2),
-                "train/accuracy": float(m["accuracy"]), "train/grad_norm": float(m["grad_norm"]),
+                "train/accuracy": float(m["accuracy"]), "train/grad_norm": grad_norm,
                 "train/lr": float(schedule(pending_step - 1)), "perf/tokens_per_s": tok_s}
       if peak_flops:
         record["perf/mfu"] = tok_s * cfg.flops_per_token() / (peak_flops * jax.device_count())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,11 +15,12 @@ import pytest
 from flax import nnx
 
 from experiments import bench_train
+from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import data as data_lib
 from rwkv_jax import metrics, sharding, train
 from rwkv_jax.config import Preset, RWKVConfig
-from training_util import (REPO, compile_cache, corpus, full_run, losses,  # noqa: F401
-                           tiny_config)
+from training_util import (REPO, TOTAL, compile_cache, copy_run, corpus, full_run,  # noqa: F401
+                           half_run, losses, tiny_config)
 
 CONFIGS = REPO / "experiments" / "configs"
 
@@ -167,3 +169,40 @@ def test_the_library_trains_without_importing_matplotlib():
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_an_infinite_gradient_norm_stops_the_run_before_it_is_saved(corpus, compile_cache,
+                                                                    tmp_path):
+  # At this rate step 3's loss is still finite (~1e7) but its gradient norm is not; the run
+  # used to save it and end as a success.
+  config = tiny_config(corpus, steps=3, checkpoint_every=1, export=True)
+  config.optim.update(lr_init=1e3, lr_final=1e3)
+  with pytest.raises(train.NonFiniteLossError) as error:
+    train.train_and_evaluate(config, tmp_path)
+
+  message = str(error.value)
+  assert "Training gradient norm is nan at step 3" in message
+  assert "Checkpoint 2 holds the parameters that gave this gradient norm" in message
+  assert "last good checkpoint is step 1 " in message
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [1, 2]
+  assert not (tmp_path / "export").exists()
+
+
+def test_a_refused_resume_leaves_config_json_as_it_was(half_run, corpus, tmp_path):
+  workdir = copy_run(half_run, tmp_path / "run")
+  before = (workdir / "config.json").read_text()
+  config = tiny_config(corpus)
+  config.model.n_embd = 64
+  with pytest.raises(ckpt_lib.CheckpointError, match="n_embd"):
+    train.train_and_evaluate(config, workdir)
+  assert (workdir / "config.json").read_text() == before
+
+
+def test_a_resumed_run_logs_each_step_once(full_run, corpus, tmp_path):
+  # A run that logged steps past its last checkpoint: they are trained again after the resume.
+  workdir = copy_run(full_run, tmp_path / "run")
+  shutil.rmtree(workdir / "checkpoints" / str(TOTAL))
+  train.train_and_evaluate(tiny_config(corpus), workdir)
+
+  steps = [r["step"] for r in metrics.read_history(workdir) if "train/loss" in r]
+  assert steps == list(range(1, TOTAL + 1))
