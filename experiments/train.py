@@ -39,7 +39,8 @@ def main(argv):
   try:
     final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                      peak_flops=benchlib.peak_flops())
-  except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
+  except (ValueError, FileNotFoundError, train.NonFiniteLossError,
+          train.WorkdirBusyError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

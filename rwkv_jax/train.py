@@ -9,16 +9,21 @@ dispatched before step N-1's metrics are fetched, so the host never waits for th
 at logging, evaluation and checkpoint boundaries. Metrics go to rwkv_jax/metrics.py's writer.
 
 A non-finite loss or gradient norm stops the run with an error and writes nothing: the last
-checkpoint on disk is the last good state.
+checkpoint on disk is the last good state. One run at a time trains in a workdir: process 0 holds
+WORKDIR/.lock (an flock, which the OS drops when the process dies) from start to end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import math
+import os
 import pathlib
+import socket
 import sys
 import time
 from typing import Any, Callable
@@ -40,6 +45,13 @@ from rwkv_jax.config import RWKVConfig
 
 class NonFiniteLossError(RuntimeError):
   """Raised when the training loss or gradient norm becomes NaN or Inf."""
+
+
+class WorkdirBusyError(RuntimeError):
+  """Raised when another live process holds the workdir's lock."""
+
+
+LOCK_FILE = ".lock"
 
 
 def model_config(config: ml_collections.ConfigDict) -> RWKVConfig:
@@ -188,6 +200,36 @@ def make_datasets(config: ml_collections.ConfigDict, source):
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
+@contextlib.contextmanager
+def workdir_lock(workdir: pathlib.Path):
+  """Holds WORKDIR/.lock for the block, or raises WorkdirBusyError naming its holder.
+
+  An flock rather than a pid file: the OS releases it when the holder dies, however it dies,
+  so a killed run never blocks the next one. The holder's pid and host are written into the
+  file only for the message.
+  """
+  path = workdir / LOCK_FILE
+  f = open(path, "a+", encoding="utf-8")  # "a+": opening must not erase the holder's name
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or "another process"
+    f.close()
+    raise WorkdirBusyError(
+        f"{workdir} is in use by {holder} (it holds {path}); wait for that run to end or stop "
+        f"it, or pass another --workdir.") from None
+  try:
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    f.flush()
+    yield
+  finally:
+    f.truncate(0)
+    f.close()  # releases the lock
+
+
 def _non_finite_message(what: str, value: float, at_step: int,
                         ckpt: ckpt_lib.TrainCheckpointer) -> str:
   """Names the checkpoint to resume from after a non-finite `what` (loss, ...) at `at_step`.
@@ -239,12 +281,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     The last logged training and validation metrics, and "step".
 
   Raises:
+    WorkdirBusyError: another live run holds WORKDIR/.lock.
     NonFiniteLossError: the loss or gradient norm became NaN or Inf.
   """
   train_config.check(config)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  return _train_and_evaluate(config, workdir, peak_flops, make_model)
+  with contextlib.ExitStack() as stack:
+    # Only process 0: the processes of one multi-host run share the workdir.
+    if jax.process_index() == 0:
+      stack.enter_context(workdir_lock(workdir))
+    return _train_and_evaluate(config, workdir, peak_flops, make_model)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,

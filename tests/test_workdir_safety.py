@@ -1,0 +1,40 @@
+"""One run per workdir: a second trainer is refused at once; a killed holder blocks nothing."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+
+from rwkv_jax import train
+from training_util import (REPO, compile_cache, corpus, run_module, subprocess_env,  # noqa: F401
+                           tiny_config, train_command, write_config_file)
+
+# Takes the workdir's lock as a trainer does, says so, and holds it until killed.
+_HOLD = ("import pathlib, sys, time; from rwkv_jax import train\n"
+         "with train.workdir_lock(pathlib.Path(sys.argv[1])):\n"
+         "  print('held', flush=True); time.sleep(600)\n")
+
+
+def test_a_second_trainer_is_refused_and_a_killed_holder_blocks_nothing(corpus, compile_cache,
+                                                                        tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  config = tiny_config(corpus, steps=1, checkpoint_every=1)
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(workdir)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True, env=subprocess_env())
+  try:
+    assert holder.stdout.readline() == "held\n"
+    second = run_module(train_command(write_config_file(tmp_path / "config.py", config), workdir),
+                        subprocess_env(compile_cache))
+    assert second.returncode != 0
+    assert f"in use by pid {holder.pid} on host {socket.gethostname()}" in second.stderr
+    assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+
+  final = train.train_and_evaluate(config, workdir)  # the dead holder's lock is gone with it
+  assert final["step"] == 1
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
