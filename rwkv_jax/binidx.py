@@ -9,7 +9,8 @@ The official RWKV trainer reads this format. The .idx is
     doc_idx   int64 [num_documents]      sequence where each document starts (plus the end)
 
 and the .bin every sequence's tokens back to back. `write_binidx` writes a pair, `BinidxSource`
-reads one (memory-mapped) as one token stream, checking the two files against each other.
+reads one (memory-mapped) as one token stream, checking the two files against each other and a
+signed stream for negative ids.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ BINIDX_DTYPES: dict[int, np.dtype] = {
 _BINIDX_CODES = {dtype: code for code, dtype in BINIDX_DTYPES.items()}
 # magic, version (uint64), dtype code (uint8), number of sequences, number of documents (uint64).
 _HEADER = struct.Struct("<9sQBQQ")
+# Tokens per read when scanning a stream, so a large .bin is never read into memory whole.
+_SCAN_CHUNK = 1 << 24
 
 
 def binidx_paths(prefix: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
@@ -141,6 +144,21 @@ class BinidxSource:
     else:
       self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r")
     self.path = self.bin_path
+    if self.dtype.kind == "i":
+      self._check_not_negative()
+
+  def _check_not_negative(self) -> None:
+    """Signed files can hold ids < 0, which index the embedding from its end: refuse them."""
+    for start in range(0, len(self.tokens), _SCAN_CHUNK):
+      chunk = np.asarray(self.tokens[start:start + _SCAN_CHUNK])
+      if chunk.min() < 0:
+        position = start + int(np.argmax(chunk < 0))
+        sequence = int(np.searchsorted(np.cumsum(self.sizes, dtype=np.int64), position,
+                                       side="right"))
+        raise ValueError(
+            f"{self.bin_path} holds the negative token id {int(self.tokens[position])} at "
+            f"position {position} of the stream (sequence {sequence}); token ids must be >= 0. "
+            f"Regenerate the pair from the text with the right tokenizer.")
 
   def __len__(self) -> int:
     return len(self.tokens)

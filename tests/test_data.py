@@ -405,3 +405,11 @@ def test_enwik8_offline_error_points_to_data_path(tmp_path, monkeypatch):
     corpus.enwik8(url="http://127.0.0.1:9/enwik8.zip", timeout=2)
   assert str(tmp_path / "enwik8") in str(e.value)
   assert not (tmp_path / "enwik8").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32])
+def test_binidx_negative_token_ids_are_refused_naming_file_and_position(tmp_path, dtype):
+  binidx.write_binidx(tmp_path / "ds", [np.array([1, 2, 3]), np.array([4, -7, 5])], dtype=dtype)
+  with pytest.raises(ValueError, match=r"ds\.bin holds the negative token id -7 at position 4 "
+                                       r"of the stream \(sequence 1\)"):
+    binidx.BinidxSource(tmp_path / "ds")
