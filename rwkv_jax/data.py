@@ -29,6 +29,8 @@ With Orbax, grain's handler saves that state next to the model (one JSON file pe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import pathlib
 from collections.abc import Iterator
@@ -36,8 +38,9 @@ from typing import Any, Literal
 
 import grain
 import numpy as np
+from absl import logging
 
-from rwkv_jax import binidx
+from rwkv_jax import binidx, files
 from rwkv_jax.tokenizer import Tokenizer, load_tokenizer
 
 # Shape legend: b = per-host batch, t = ctx_len (tokens per example), n = stream length.
@@ -116,7 +119,9 @@ def open_training_source(data_config: Any, workdir: str | os.PathLike,
   """The token source an experiment config's `data` section names, tokenized if it must be.
 
   A text file with a tokenizer other than "bytes" is encoded once into WORKDIR/data/NAME.bin/.idx
-  (by process 0, the others wait) and read from there on every later run.
+  (by process 0, the others wait) and read from there on later runs, as long as the text file,
+  the tokenizer and the encoding are those recorded beside it in NAME.source.json; otherwise it
+  is encoded again.
 
   Args:
     data_config: `config.data` (rwkv_jax/train_config.py): source, path and tokenizer.
@@ -151,18 +156,60 @@ def open_training_source(data_config: Any, workdir: str | os.PathLike,
   return source
 
 
+# Bump when encode_text_file's output for the same text and tokenizer changes.
+_ENCODING = {"version": 1, "split": "paragraph", "end_of_document": END_OF_DOCUMENT}
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _file_identity(path: pathlib.Path) -> dict[str, Any]:
+  stat = path.stat()
+  return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path)}
+
+
+def _encoding_key(path: pathlib.Path, tokenizer_name: str) -> dict[str, Any]:
+  """What the encoded tokens depend on: the text, the tokenizer and the encoding."""
+  key = {"text": _file_identity(path), "tokenizer": tokenizer_name, "encoding": _ENCODING}
+  tokenizer_file = pathlib.Path(tokenizer_name).expanduser()
+  if tokenizer_file.is_file():  # a vocabulary file can change under the same name
+    key["tokenizer_file"] = _file_identity(tokenizer_file)
+  return key
+
+
 def _encode_once(path: pathlib.Path, tokenizer_name: str, prefix: pathlib.Path) -> pathlib.Path:
-  """Encodes text `path` into binidx PREFIX unless done before; process 0 writes, all wait."""
+  """Encodes text `path` into binidx PREFIX unless it already holds exactly that encoding.
+
+  The cache is keyed by what produced it (PREFIX.source.json): a file of the same name with
+  other content, or another tokenizer, is encoded again. Process 0 decides and writes; the
+  others wait for it.
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
-  if not binidx.binidx_paths(prefix)[1].exists():
-    if jax.process_index() == 0:
-
+  if jax.process_index() == 0:
+    record = prefix.with_name(prefix.name + ".source.json")
+    key = _encoding_key(path, tokenizer_name)
+    cached = json.loads(record.read_text()) if record.exists() else None
+    if cached is None or cached.get("key") != key or not binidx.binidx_paths(prefix)[1].exists():
+      if binidx.binidx_paths(prefix)[1].exists():
+        logging.warning("Encoding %s again: %s holds tokens of %s.", path,
+                        binidx.binidx_paths(prefix)[0],
+                        "an unrecorded source" if cached is None else
+                        f"another text or tokenizer ({cached.get('path')}, "
+                        f"{cached.get('key', {}).get('tokenizer')})")
+      record.unlink(missing_ok=True)  # a crash mid-encoding must not leave a matching record
       encode_text_file(path, load_tokenizer(tokenizer_name), prefix)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      with files.atomic_write(record, "w") as f:
+        json.dump({"path": str(path.absolute()), "key": key}, f, indent=2)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-      multihost_utils.sync_global_devices("encoded_data")
+    multihost_utils.sync_global_devices("encoded_data")
   return prefix
 
 

@@ -413,3 +413,38 @@ def test_binidx_negative_token_ids_are_refused_naming_file_and_position(tmp_path
   with pytest.raises(ValueError, match=r"ds\.bin holds the negative token id -7 at position 4 "
                                        r"of the stream \(sequence 1\)"):
     binidx.BinidxSource(tmp_path / "ds")
+
+
+def _world_vocab(path, extra_lines=()):
+  """A World-format vocabulary: every byte b as id b + 1, then `extra_lines`."""
+  lines = [f"{b + 1} {bytes([b])!r} 1" for b in range(256)] + list(extra_lines)
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return path
+
+
+def test_encoded_data_is_reused_only_for_the_same_text_and_tokenizer(tmp_path):
+  from rwkv_jax import train_config  # pylint: disable=g-import-not-at-top
+
+  def tokens(text_path, tokenizer_path):
+    d = train_config.default_config().data
+    d.update(source="file", path=str(text_path), tokenizer=str(tokenizer_path))
+    return np.asarray(data.open_training_source(d, tmp_path / "run", 512).tokens).tolist()
+
+  bytes_only = _world_vocab(tmp_path / "bytes.txt")
+  with_ab = _world_vocab(tmp_path / "ab.txt", ["300 'ab' 2"])
+  first, second = tmp_path / "a" / "text.txt", tmp_path / "b" / "text.txt"  # one name
+  first.parent.mkdir()
+  second.parent.mkdir()
+  first.write_text("ab")
+  second.write_text("xyz")
+  encoded = tmp_path / "run" / "data" / "text.txt.bin"
+
+  assert tokens(first, bytes_only) == [ord("a") + 1, ord("b") + 1, 0]
+  written = encoded.stat().st_mtime_ns
+  assert tokens(first, bytes_only) == [ord("a") + 1, ord("b") + 1, 0]
+  assert encoded.stat().st_mtime_ns == written  # the same text and tokenizer: not encoded again
+  assert tokens(second, bytes_only) == [ord("x") + 1, ord("y") + 1, ord("z") + 1, 0]
+  assert tokens(second, with_ab) == [ord("x") + 1, ord("y") + 1, ord("z") + 1, 0]
+  assert tokens(first, with_ab) == [300, 0]
+  first.write_text("ba")  # the same file, rewritten
+  assert tokens(first, with_ab) == [ord("b") + 1, ord("a") + 1, 0]
