@@ -270,9 +270,9 @@ def prefill(model: model_lib.RWKV, tokens_bt: Array | np.ndarray,
     model: the model.
     tokens_bt: int [b, t] prompt, t >= 1.
     state: state to continue from, or None for an empty one.
-    chunk: tokens per parallel call; memory is bounded by this, not by t. The tail of
-      t % chunk tokens runs in power-of-two pieces, so the state is exact and few programs are
-      compiled whatever the prompt lengths (see rwkv_jax.chunks).
+    chunk: tokens per parallel call; memory is bounded by this, not by t. The state is exact
+      and one program is compiled per chunk length, whatever the prompt lengths (see
+      rwkv_jax.chunks).
     impl: WKV implementation for the parallel calls (see rwkv_jax.wkv).
 
   Returns:

@@ -24,8 +24,7 @@ def logits_for(model: model_lib.RWKV, tokens: np.ndarray, *, chunk: int = 1024,
   Args:
     model: the model.
     tokens: int array [t], t >= 1.
-    chunk: tokens per model call; the last chunk is padded to this length (causality keeps the
-      padding from touching real positions), so every length shares one compilation.
+    chunk: tokens per model call; every length shares one compilation (see rwkv_jax.chunks).
     impl: WKV implementation.
 
   Returns:
@@ -34,8 +33,7 @@ def logits_for(model: model_lib.RWKV, tokens: np.ndarray, *, chunk: int = 1024,
   tokens = np.asarray(tokens)
   if tokens.ndim != 1:
     raise ValueError(f"tokens must be 1-D; got shape {tokens.shape}.")
-  logits_btv, _ = chunks.run_chunks(model, tokens[None], chunk=chunk, impl=impl,
-                                    exact_state=False)
+  logits_btv, _ = chunks.run_chunks(model, tokens[None], chunk=chunk, impl=impl)
   return logits_btv[0]
 
 

@@ -124,11 +124,13 @@ def test_prefill_of_an_odd_length_prompt_equals_one_call(model, t):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
-def test_prefill_compiles_at_most_log2_chunk_plus_one_programs(model):
-  chunks._run_piece.clear_cache()
-  for t in (3, 5, 6, 7, 9, 15, 21):  # every tail of chunk 8 is a sum of pieces 4, 2 and 1
+def test_prefill_compiles_one_program_per_chunk_length(model):
+  chunks._run_chunk.clear_cache()
+  for t in (3, 5, 6, 7, 9, 15, 21):
     sampling.prefill(model, prompts(B, t), chunk=8)
-  assert chunks._run_piece._cache_size() == 4  # lengths 8, 4, 2, 1
+  assert chunks._run_chunk._cache_size() == 1
+  sampling.prefill(model, prompts(B, 5), chunk=4)
+  assert chunks._run_chunk._cache_size() == 2
 
 
 def test_streaming_and_compiled_loop_give_the_same_tokens(model):

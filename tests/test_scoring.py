@@ -51,22 +51,26 @@ def test_chunked_logits_equal_one_call(model, chunk):
 
 
 def test_logits_of_every_length_share_one_compiled_chunk(model):
-  chunks._run_piece.clear_cache()
+  chunks._run_chunk.clear_cache()
   rng = np.random.default_rng(1)
   for t in (3, 8, 11, 13):
     tokens = rng.integers(0, 256, size=t)
     full, _ = model(tokens[None])
     np.testing.assert_allclose(scoring.logits_for(model, tokens, chunk=8), full[0], atol=2e-5)
-  assert chunks._run_piece._cache_size() == 1
+  assert chunks._run_chunk._cache_size() == 1
 
 
-def test_chunk_pieces_cover_the_tokens():
-  assert chunks.piece_lengths(21, 8, exact_state=True) == [8, 8, 4, 1]
-  assert chunks.piece_lengths(21, 8, exact_state=False) == [8, 8, 8]
-  assert chunks.piece_lengths(7, 8, exact_state=True) == [4, 2, 1]
-  assert chunks.piece_lengths(16, 8, exact_state=True) == [8, 8]
-  with pytest.raises(ValueError, match="last_only=True needs exact_state"):
-    chunks.run_chunks(None, np.zeros((1, 3), np.int32), last_only=True, exact_state=False)
+@pytest.mark.parametrize("t", [12, 13, 15, 5])
+def test_padding_of_the_last_chunk_does_not_reach_the_state(model, t):
+  tokens_bt = np.random.default_rng(t).integers(0, 256, size=(2, t))
+  want_logits, want_state = model(tokens_bt)
+  logits, state = chunks.run_chunks(model, tokens_bt, chunk=6)
+  np.testing.assert_allclose(logits, want_logits, atol=2e-5)
+  for got, want in zip(state, want_state):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_bad_chunk_is_reported():
   with pytest.raises(ValueError, match="chunk=0"):
     chunks.run_chunks(None, np.zeros((1, 3), np.int32), chunk=0)
 
