@@ -8,12 +8,15 @@ Metrics go to WORKDIR/metrics.jsonl and WORKDIR/tb, the loss curve to WORKDIR/lo
 Re-running with the same --workdir resumes from its latest checkpoint. Multi-host: start one
 process per host with --coordinator_address, --num_processes and --process_id (or the
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables).
+A mistake in the flags or the files they name ends in one line and exit status 2, a failed run
+(divergence, a busy workdir) in one line and status 1; --debug shows tracebacks.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from experiments import _cli
+from rwkv_jax import checkpoint, train
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.")
@@ -30,20 +33,14 @@ def main(argv):
   import jax
 
   from experiments import _logs, benchlib, plots
-  from rwkv_jax import sharding, train
+  from rwkv_jax import sharding
 
   _logs.quiet_third_party()
 
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
-  try:
-    final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                     peak_flops=benchlib.peak_flops())
-  except (ValueError, FileNotFoundError, train.NonFiniteLossError,
-          train.WorkdirBusyError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                   peak_flops=benchlib.peak_flops())
   if jax.process_index() == 0:
     plots.plot_loss(FLAGS.workdir, plots.model_title(FLAGS.config))
   print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -51,4 +48,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # A bad config, workdir or data path is the user's to fix (status 2); a run that diverged,
+  # found its workdir busy or a checkpoint unusable failed (status 1). --debug: tracebacks.
+  _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
+           failures=(train.NonFiniteLossError, train.WorkdirBusyError,
+                     checkpoint.CheckpointError))

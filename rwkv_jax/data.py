@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -278,7 +279,12 @@ def encode_text_file(path: str | os.PathLike, tokenizer: Tokenizer,
         ids.append(end_of_document)
       yield np.asarray(ids, np.int64)
 
-  binidx.write_binidx(out_prefix, documents(), dtype=dtype)
+  docs = documents()
+  first = next(docs, None)
+  if first is None:  # an empty pair would be unreadable, and there is nothing to train on
+    raise ValueError(f"Text file {path} holds no text (it is empty or only blank lines); pass "
+                     f"a file with text in it.")
+  binidx.write_binidx(out_prefix, itertools.chain([first], docs), dtype=dtype)
   return binidx.BinidxSource(out_prefix)
 
 

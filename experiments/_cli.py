@@ -1,0 +1,98 @@
+"""How an entry point ends on an error: one line for the user's mistake, a traceback for a bug.
+
+`run(main, usage_errors=..., failures=...)` replaces `app.run(main)`. A bad flag, a missing
+config file, an override naming no config field, or one of `usage_errors` raised by main prints
+one line `error: ...` and exits with status 2; one of `failures` (the run itself failed: a
+non-finite loss, a busy workdir) prints one line and exits with status 1. Anything else is a
+bug and keeps its traceback, as does everything with --debug.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Callable
+
+from absl import app, flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of every error.")
+
+USAGE, FAILURE = 2, 1
+
+
+def _fail(status: int, message: str) -> None:
+  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+  sys.stderr.write(f"error: {' '.join(lines)}\n")
+  sys.exit(status)
+
+
+def _config_files(argv: list[str]) -> list[tuple[str, str]]:
+  """(flag, path) of every config-file flag given on the command line as --flag=PATH."""
+  names = {name for name in flags.FLAGS
+           if isinstance(flags.FLAGS[name].parser, ConfigFileFlagParser)}
+  found = []
+  for arg in argv[1:]:
+    match = re.fullmatch(r"--?([\w-]+)=(.*)", arg)
+    if match and match.group(1) in names:
+      found.append((match.group(1), match.group(2)))
+  return found
+
+
+def _parse(argv: list[str]) -> list[str]:
+  debug = "--debug" in argv
+  for name, value in _config_files(argv):
+    path = value.split(":", 1)[0]  # PATH:ARGS passes ARGS to get_config
+    if not os.path.isfile(path) and not debug:
+      _fail(USAGE, f"--{name}={value}: there is no file {path}; pass the path of a config file.")
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if debug:
+      raise
+    _fail(USAGE, f"{e} (--helpshort lists the flags).")
+  except (AttributeError, KeyError) as e:  # an override --config.a.b=v naming no field
+    if debug:
+      raise
+    while e.args and isinstance(e.args[0], BaseException):  # ConfigDict wraps its KeyError
+      e = e.args[0]
+    field, *hint = str(e.args[0] if e.args else e).splitlines()  # 'name', "Did you mean ..."
+    field = field.strip("\"'")
+    given = [a.split("=", 1)[0] for a in argv[1:]
+             if "." in a and field in a.split("=", 1)[0].split(".")]
+    _fail(USAGE, f"{', '.join(given) or field}: the config has no field {field!r}. "
+                 f"{' '.join(hint) or 'Check the spelling against the config file.'}")
+  except Exception as e:  # pylint: disable=broad-except  (the config file itself failed)
+    if debug:
+      raise
+    last = [line for line in str(e).splitlines() if line.strip()]
+    _fail(USAGE, f"Could not load the config: {last[-1] if last else type(e).__name__} "
+                 f"(--debug shows the traceback).")
+
+
+def run(main: Callable[[list[str]], None], *,
+        usage_errors: tuple[type[BaseException], ...] = (),
+        failures: tuple[type[BaseException], ...] = ()) -> None:
+  """Runs `main` as `app.run` does, turning expected errors into one line and an exit status.
+
+  Args:
+    main: the entry point's main(argv).
+    usage_errors: what main raises for a mistake in the command line or the files it names
+      (exit status 2); app.UsageError always is one.
+    failures: what main raises when the run fails through no mistake in the command (status 1).
+  """
+
+  def checked_main(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except failures as e:  # first: a failure may subclass a usage error (e.g. ValueError)
+      if _DEBUG.value:
+        raise
+      _fail(FAILURE, str(e))
+    except (app.UsageError, *usage_errors) as e:
+      if _DEBUG.value:
+        raise
+      _fail(USAGE, str(e))
+
+  app.run(checked_main, flags_parser=_parse)

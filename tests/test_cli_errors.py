@@ -1,0 +1,109 @@
+"""experiments.train and experiments.make_binidx end a user's mistake in one line, no traceback.
+
+Each case is a real subprocess that stops before any training: status 2 for a mistake in the
+flags or the files they name (status 1, a failed run, is pinned in tests/test_workdir_safety.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from training_util import (REPO, corpus, run_module, subprocess_env, tiny_config,  # noqa: F401
+                           train_command, write_config_file)
+
+
+def _one_line_error(result, status: int) -> str:
+  assert result.returncode == status, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  return errors[0]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing config file", "--config=MISSING: there is no file"),
+    ("unknown override", "--config.train.stpes: the config has no field 'stpes'"),
+    ("unknown key in the config file", "Unknown config key(s) config.train.stpes"),
+    ("workdir is a file", "--workdir=AFILE is a file, not a directory"),
+    ("workdir under a file", "--workdir=AFILE/run cannot be created (Not a directory"),
+    ("zero log_every", "--config.train.log_every=0 must be >= 1"),
+])
+def test_train_usage_errors_are_one_line_and_status_2(corpus, tmp_path, case, expected):
+  config = tiny_config(corpus, steps=1)
+  a_file = tmp_path / "afile"
+  a_file.write_text("not a directory")
+  workdir, flags = tmp_path / "run", []
+  if case == "unknown key in the config file":
+    config.train.stpes = 1
+  config_file = write_config_file(tmp_path / "config.py", config)
+  if case == "missing config file":
+    config_file = tmp_path / "missing.py"
+  elif case == "unknown override":
+    flags = ["--config.train.stpes=3"]
+  elif case == "workdir is a file":
+    workdir = a_file
+  elif case == "workdir under a file":
+    workdir = a_file / "run"
+  elif case.startswith("zero "):
+    flags = [f"--config.train.{case.removeprefix('zero ')}=0"]
+
+  result = run_module(train_command(config_file, workdir, *flags), subprocess_env())
+  line = _one_line_error(result, 2)
+  assert expected.replace("MISSING", str(config_file)).replace("AFILE", str(a_file)) in line
+  assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_debug_shows_the_traceback(corpus, tmp_path):
+  config_file = write_config_file(tmp_path / "config.py", tiny_config(corpus))
+  result = run_module(train_command(config_file, tmp_path / "run", "--config.train.stpes=3",
+                                    "--debug"), subprocess_env())
+  assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def _make_binidx(*flags: str):
+  return run_module([sys.executable, "-m", "experiments.make_binidx", *flags], subprocess_env())
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing input", "--input=TMP/missing.txt is missing"),
+    ("input is a directory", "--input=TMP is a directory"),
+    ("not UTF-8", "--input=TMP/latin1.txt is not UTF-8 text"),
+    ("empty input", "TMP/empty.txt holds no text"),
+    ("unknown tokenizer", "--tokenizer=nope: unknown tokenizer 'nope'"),
+    ("output under a file", "--output_prefix=TMP/text.txt/out: cannot create the directory"),
+    ("output is a directory", "--output_prefix=TMP is a directory"),
+    ("no output flag", "--output_prefix must have a value"),
+    ("extra argument", "Unexpected arguments: ['extra']"),
+])
+def test_make_binidx_errors_are_one_line_and_status_2(tmp_path, case, expected):
+  text = tmp_path / "text.txt"
+  text.write_text("some text\n")
+  (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+  (tmp_path / "empty.txt").write_text("\n\n")
+  flags = {"input": str(text), "output_prefix": str(tmp_path / "out" / "corpus"),
+           "tokenizer": "bytes"}
+  extra = []
+  if case == "missing input":
+    flags["input"] = str(tmp_path / "missing.txt")
+  elif case == "input is a directory":
+    flags["input"] = str(tmp_path)
+  elif case == "not UTF-8":
+    flags["input"] = str(tmp_path / "latin1.txt")
+  elif case == "empty input":
+    flags["input"] = str(tmp_path / "empty.txt")
+  elif case == "unknown tokenizer":
+    flags["tokenizer"] = "nope"
+  elif case == "output under a file":
+    flags["output_prefix"] = str(text / "out")
+  elif case == "output is a directory":
+    flags["output_prefix"] = str(tmp_path)
+  elif case == "no output flag":
+    del flags["output_prefix"]
+  elif case == "extra argument":
+    extra = ["extra"]
+
+  result = _make_binidx(*(f"--{k}={v}" for k, v in flags.items()), *extra)
+  assert expected.replace("TMP", str(tmp_path)) in _one_line_error(result, 2)
+  assert not (tmp_path / "out").exists()
