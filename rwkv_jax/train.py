@@ -10,7 +10,8 @@ at logging, evaluation and checkpoint boundaries. Metrics go to rwkv_jax/metrics
 
 A non-finite loss or gradient norm stops the run with an error and writes nothing: the last
 checkpoint on disk is the last good state. One run at a time trains in a workdir: process 0 holds
-WORKDIR/.lock (an flock, which the OS drops when the process dies) from start to end.
+WORKDIR/.lock (an flock, which the OS drops when the process dies) from start to end, and
+first removes what a killed run's unfinished checkpoint save left behind.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import socket
 import sys
 import time
@@ -51,7 +53,13 @@ class WorkdirBusyError(RuntimeError):
   """Raised when another live process holds the workdir's lock."""
 
 
+class WorkdirError(ValueError):
+  """Raised when the workdir is a file or cannot be created or written."""
+
+
 LOCK_FILE = ".lock"
+# What Orbax appends to a checkpoint directory's name until its save completes.
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
 
 
 def model_config(config: ml_collections.ConfigDict) -> RWKVConfig:
@@ -281,17 +289,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     The last logged training and validation metrics, and "step".
 
   Raises:
+    WorkdirError: WORKDIR is a file, or cannot be created or written.
     WorkdirBusyError: another live run holds WORKDIR/.lock.
     NonFiniteLossError: the loss or gradient norm became NaN or Inf.
   """
   train_config.check(config)
-  workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = _make_workdir(workdir)
   with contextlib.ExitStack() as stack:
     # Only process 0: the processes of one multi-host run share the workdir.
     if jax.process_index() == 0:
       stack.enter_context(workdir_lock(workdir))
+      _remove_unfinished_saves(workdir)
     return _train_and_evaluate(config, workdir, peak_flops, make_model)
+
+
+def _make_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+  """The absolute workdir, created if new; WorkdirError if it is not a writable directory."""
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f"--workdir={workdir} is a file, not a directory; pass a new directory "
+                       f"or an earlier run's workdir.")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"--workdir={workdir} cannot be created ({e.strerror}: {e.filename}); "
+                       f"pass a directory you can write.") from e
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise WorkdirError(f"--workdir={workdir} is not writable; pass a directory you can write.")
+  return workdir
+
+
+def _remove_unfinished_saves(workdir: pathlib.Path) -> None:
+  """Deletes the temporary directories of checkpoints whose save was killed midway.
+
+  Orbax saves step s into "s.orbax-checkpoint-tmp-*" and renames it when complete, so one left
+  behind belongs to a dead run; with the workdir's lock held no live run is writing it.
+  """
+  for tmp in sorted((workdir / "checkpoints").glob(f"*{_ORBAX_TMP}*")):
+    logging.warning("Removing %s, the unfinished save of a run that was stopped.", tmp)
+    if tmp.is_dir():
+      shutil.rmtree(tmp)
+    else:
+      tmp.unlink()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,

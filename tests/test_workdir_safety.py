@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 from rwkv_jax import train
-from training_util import (REPO, compile_cache, corpus, run_module, subprocess_env,  # noqa: F401
-                           tiny_config, train_command, write_config_file)
+from training_util import (REPO, TOTAL, compile_cache, copy_run, corpus, full_run,  # noqa: F401
+                           run_module, subprocess_env, tiny_config, train_command,
+                           write_config_file)
 
 # Takes the workdir's lock as a trainer does, says so, and holds it until killed.
 _HOLD = ("import pathlib, sys, time; from rwkv_jax import train\n"
@@ -28,7 +29,7 @@ def test_a_second_trainer_is_refused_and_a_killed_holder_blocks_nothing(corpus, 
     assert holder.stdout.readline() == "held\n"
     second = run_module(train_command(write_config_file(tmp_path / "config.py", config), workdir),
                         subprocess_env(compile_cache))
-    assert second.returncode != 0
+    assert second.returncode == 1 and "Traceback" not in second.stderr
     assert f"in use by pid {holder.pid} on host {socket.gethostname()}" in second.stderr
     assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
   finally:
@@ -38,3 +39,16 @@ def test_a_second_trainer_is_refused_and_a_killed_holder_blocks_nothing(corpus, 
   final = train.train_and_evaluate(config, workdir)  # the dead holder's lock is gone with it
   assert final["step"] == 1
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+
+
+def test_a_killed_save_leaves_no_temporary_directory_behind(full_run, corpus, tmp_path):
+  # What a run killed in the middle of saving step TOTAL + 1 leaves: Orbax's unfinished directory.
+  workdir = copy_run(full_run, tmp_path / "run")
+  unfinished = workdir / "checkpoints" / f"{TOTAL + 1}.orbax-checkpoint-tmp-1764316800000000"
+  (unfinished / "params").mkdir(parents=True)
+  (unfinished / "params" / "half_written").write_bytes(b"\0" * 64)
+
+  final = train.train_and_evaluate(tiny_config(corpus), workdir)  # resumes at TOTAL: no steps
+  assert final["step"] == TOTAL
+  assert not unfinished.exists()
+  assert str(TOTAL) in [p.name for p in (workdir / "checkpoints").iterdir()]
