@@ -29,19 +29,21 @@ def _fail(status: int, message: str) -> None:
 
 
 def _config_files(argv: list[str]) -> list[tuple[str, str]]:
-  """(flag, path) of every config-file flag given on the command line as --flag=PATH."""
+  """(flag, path) of every config-file flag on the command line (--flag=PATH or --flag PATH)."""
   names = {name for name in flags.FLAGS
            if isinstance(flags.FLAGS[name].parser, ConfigFileFlagParser)}
   found = []
-  for arg in argv[1:]:
-    match = re.fullmatch(r"--?([\w-]+)=(.*)", arg)
+  for arg, following in zip(argv[1:], [*argv[2:], None]):
+    match = re.fullmatch(r"--?([\w-]+)(?:=(.*))?", arg)
     if match and match.group(1) in names:
-      found.append((match.group(1), match.group(2)))
+      value = match.group(2) if match.group(2) is not None else following
+      if value is not None:
+        found.append((match.group(1), value))
   return found
 
 
 def _parse(argv: list[str]) -> list[str]:
-  debug = "--debug" in argv
+  debug = any(re.fullmatch(r"--?debug(=(1|true|True))?", arg) for arg in argv[1:])
   for name, value in _config_files(argv):
     path = value.split(":", 1)[0]  # PATH:ARGS passes ARGS to get_config
     if not os.path.isfile(path) and not debug:
@@ -51,6 +53,9 @@ def _parse(argv: list[str]) -> list[str]:
   except flags.Error as e:
     if debug:
       raise
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):  # a config file's error, wrapped
+      _fail(USAGE, f"{lines[0]} {lines[-1]} (--debug shows the traceback).")
     _fail(USAGE, f"{e} (--helpshort lists the flags).")
   except (AttributeError, KeyError) as e:  # an override --config.a.b=v naming no field
     if debug:
@@ -63,12 +68,15 @@ def _parse(argv: list[str]) -> list[str]:
              if "." in a and field in a.split("=", 1)[0].split(".")]
     _fail(USAGE, f"{', '.join(given) or field}: the config has no field {field!r}. "
                  f"{' '.join(hint) or 'Check the spelling against the config file.'}")
-  except Exception as e:  # pylint: disable=broad-except  (the config file itself failed)
+  except Exception as e:  # pylint: disable=broad-except  (e.g. a config file that fails)
     if debug:
       raise
-    last = [line for line in str(e).splitlines() if line.strip()]
-    _fail(USAGE, f"Could not load the config: {last[-1] if last else type(e).__name__} "
-                 f"(--debug shows the traceback).")
+    # ml_collections puts a TypeError's or ValueError's traceback into its message: keep the end.
+    last = ([line for line in str(e).splitlines() if line.strip()] or [""])[-1].strip()
+    if not last.startswith(type(e).__name__):
+      last = f"{type(e).__name__}: {last}"
+    what = " or ".join(f"--{n}={v}" for n, v in _config_files(argv)) or "the command line"
+    _fail(USAGE, f"{what} failed to load: {last} (--debug shows the traceback).")
 
 
 def run(main: Callable[[list[str]], None], *,

@@ -24,6 +24,7 @@ def _one_line_error(result, status: int) -> str:
 
 @pytest.mark.parametrize("case, expected", [
     ("missing config file", "--config=MISSING: there is no file"),
+    ("config file that fails", "--config=BROKEN failed to load: ZeroDivisionError"),
     ("unknown override", "--config.train.stpes: the config has no field 'stpes'"),
     ("unknown key in the config file", "Unknown config key(s) config.train.stpes"),
     ("workdir is a file", "--workdir=AFILE is a file, not a directory"),
@@ -40,6 +41,9 @@ def test_train_usage_errors_are_one_line_and_status_2(corpus, tmp_path, case, ex
   config_file = write_config_file(tmp_path / "config.py", config)
   if case == "missing config file":
     config_file = tmp_path / "missing.py"
+  elif case == "config file that fails":
+    config_file = tmp_path / "broken.py"
+    config_file.write_text("def get_config():\n  return 1 / 0\n")
   elif case == "unknown override":
     flags = ["--config.train.stpes=3"]
   elif case == "workdir is a file":
@@ -51,7 +55,9 @@ def test_train_usage_errors_are_one_line_and_status_2(corpus, tmp_path, case, ex
 
   result = run_module(train_command(config_file, workdir, *flags), subprocess_env())
   line = _one_line_error(result, 2)
-  assert expected.replace("MISSING", str(config_file)).replace("AFILE", str(a_file)) in line
+  expected = (expected.replace("MISSING", str(config_file)).replace("BROKEN", str(config_file))
+              .replace("AFILE", str(a_file)))
+  assert expected in line
   assert not (tmp_path / "run").exists()  # nothing was written
 
 
