@@ -1,4 +1,5 @@
-"""One run per workdir: a second trainer is refused at once; a killed holder blocks nothing."""
+"""One run per workdir: a second trainer is refused at once; a killed holder blocks nothing and
+leaves no unfinished save behind."""
 
 from __future__ import annotations
 
