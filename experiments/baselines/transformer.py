@@ -22,7 +22,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 
@@ -57,11 +59,48 @@ class TransformerConfig:
   def head_size(self) -> int:
     return self.n_embd // self.n_head
 
+  @classmethod
+  def from_training(cls, config: ml_collections.ConfigDict,
+                    head_size: int = 64) -> TransformerConfig:
+    """The baseline for a training config's `model` section: RWKV's width, depth and vocabulary.
+
+    Heads of `head_size` channels (GPT-2's 64), one head if the model is narrower than that.
+    """
+    m = config.model
+    return cls(n_layer=m.n_layer, n_embd=m.n_embd, n_head=max(1, m.n_embd // head_size),
+               vocab_size=m.vocab_size, ctx_len=m.ctx_len, dtype=m.dtype,
+               param_dtype=m.param_dtype)
+
   def num_params(self) -> int:
     """Parameters: embedding, blocks (attention 4 c^2, MLP 2 c f, biases, norms), head."""
     c, f, v = self.n_embd, self.dim_ffn, self.vocab_size
     per_layer = 4 * c * c + 2 * c * f + (4 * c + f + c) + 4 * c
     return v * c + self.n_layer * per_layer + 2 * c + c * v
+
+
+# Partition rules in the form of rwkv_jax/sharding.py's (regex on the '/'-joined key path, spec;
+# first match wins), Megatron-style as RWKV's: projections into the block split their output
+# over "tensor", projections out of it their input. The fused qkv kernel's 3c outputs are split
+# as one axis, which need not fall on head boundaries; the compiler reshards where it does not.
+PARAM_RULES: tuple[tuple[str, P], ...] = (
+    (r"(^|/)attn/qkv/kernel$", P("fsdp", "tensor")),  # [c, 3c]
+    (r"(^|/)attn/qkv/bias$", P("tensor")),  # [3c]
+    (r"(^|/)attn/out/kernel$", P("tensor", "fsdp")),  # [c, c]
+    (r"(^|/)mlp/up/kernel$", P("fsdp", "tensor")),  # [c, f]
+    (r"(^|/)mlp/up/bias$", P("tensor")),  # [f]
+    (r"(^|/)mlp/down/kernel$", P("tensor", "fsdp")),  # [f, c]
+    (r"(^|/)emb/embedding$", P("tensor", "fsdp")),  # [v, c]
+    (r"(^|/)head/kernel$", P("fsdp", "tensor")),  # [c, v]
+    # Small vectors, replicated on purpose.
+    (r"(^|/)(attn/out|mlp/down)/bias$", P()),  # [c]
+    (r"(^|/)ln(1|2|_out)/(scale|bias)$", P()),  # [c]
+)
+
+
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Transformer:
+  """`train.train_and_evaluate`'s make_model hook: the baseline of the config's RWKV."""
+  return Transformer(TransformerConfig.from_training(config), rngs=rngs,
+                     remat=config.model.remat)
 
 
 class KVCache(NamedTuple):

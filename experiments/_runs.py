@@ -1,0 +1,114 @@
+"""Resumable training runs for the claim runners (char_level.py, scaling.py).
+
+Each run has its own workdir. `train_run` trains it with `train.train_and_evaluate` (which resumes
+from the workdir's latest checkpoint) and then writes WORKDIR/result.json; a later call with the
+same config finds that file and returns it without training, so re-running a runner skips the
+finished runs and resumes the unfinished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Iterator, Sequence
+from unittest import mock
+
+import ml_collections
+
+from experiments import benchlib
+from rwkv_jax import metrics, sharding, train
+
+RESULT_FILE = "result.json"
+
+
+@contextlib.contextmanager
+def sharded_by(rules: Sequence[tuple[str, Any]] | None) -> Iterator[None]:
+  """Makes the trainer place parameters by `rules` first (then RWKV's), for a baseline model.
+
+  `train.abstract_state` calls `sharding.param_shardings` and `sharding.tree_shardings` with
+  RWKV's rules, which name RWKV's parameters only. Until the trainer takes a model's rules, this
+  swaps `sharding.tree_shardings` (both go through it) for the duration of one run.
+  """
+  if rules is None:
+    yield
+    return
+  original = sharding.tree_shardings
+
+  def with_rules(mesh, tree, base=sharding.PARAM_RULES):
+    return original(mesh, tree, tuple(rules) + tuple(base))
+
+  with mock.patch.object(sharding, "tree_shardings", with_rules):
+    yield
+
+
+def _finite(x: float | None) -> float | None:
+  return x if x is not None and math.isfinite(x) else None
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def train_run(name: str, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+              make_model: train.ModelBuilder = train.build_model, num_params: int,
+              flops_per_token: int, rules: Sequence[tuple[str, Any]] | None = None
+              ) -> dict[str, Any]:
+  """Trains `config` in `workdir` unless a finished result for the same config is there.
+
+  Args:
+    name: the run's name in logs and records.
+    config: a training config (rwkv_jax/train_config.py).
+    workdir: this run's directory (checkpoints, metrics.jsonl, result.json).
+    make_model: the trainer's model hook.
+    num_params: the model's parameter count, for the record.
+    flops_per_token: the model's training FLOPs per token, for the record.
+    rules: partition rules for a model other than RWKV (see `sharded_by`).
+
+  Returns:
+    The run's record: sizes, steps, tokens, wall time, final validation loss and bits per
+    token, and the loss curves.
+  """
+  workdir = pathlib.Path(workdir)
+  done = workdir / RESULT_FILE
+  if done.exists():
+    record = json.loads(done.read_text())
+    if record.get("config") == _config_json(config):
+      logging.info("%s: finished earlier (%s); skipped.", name, done)
+      return record
+    logging.info("%s: %s was written for another config; training again.", name, done)
+  t = config.train
+  logging.info("%s: %d parameters, %d steps of %d x %d tokens in %s.", name, num_params, t.steps,
+               t.batch_size, config.model.ctx_len, workdir)
+  start = time.perf_counter()
+  with sharded_by(rules):
+    final = train.train_and_evaluate(config, workdir, make_model=make_model)
+  wall_s = time.perf_counter() - start
+  history = metrics.read_history(workdir)
+  val = [(r["step"], r["val/loss"]) for r in history if "val/loss" in r]
+  if not val:
+    raise RuntimeError(f"{name}: {workdir} has no validation loss; set train.eval_every > 0.")
+  val_loss = final.get("val/loss", val[-1][1])
+  tokens = t.steps * t.batch_size * config.model.ctx_len
+  record = {
+      "name": name,
+      "config": _config_json(config),
+      "num_params": num_params,
+      "flops_per_token": flops_per_token,
+      "steps": t.steps,
+      "tokens": tokens,
+      "train_flops": flops_per_token * tokens,
+      "wall_s": wall_s,  # this invocation's; less than the whole run's if it resumed
+      "train_tokens_per_s": _finite(final.get("perf/tokens_per_s")),
+      "val_loss": val_loss,
+      "val_bits_per_token": val_loss / math.log(2),
+      "train_curve": [(r["step"], r["train/loss_avg"]) for r in history if "train/loss_avg" in r],
+      "val_curve": val,
+  }
+  benchlib.write_json(done, record)
+  logging.info("%s: validation %.4f bits/token after %d steps, %.0f s.", name,
+               record["val_bits_per_token"], t.steps, wall_s)
+  return record
