@@ -16,6 +16,7 @@ unfinished one from its checkpoints. Writes experiments/results/char_<tag>.json 
 from __future__ import annotations
 
 import logging
+import math
 import pathlib
 
 from absl import app, flags
@@ -119,7 +120,6 @@ def plot(record: dict, path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import math  # pylint: disable=g-import-not-at-top
 
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for (name, r), color in zip(record["runs"].items(), ("C0", "C1")):
@@ -142,6 +142,14 @@ def plot(record: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def save(record: dict, out: str | pathlib.Path, tag: str) -> pathlib.Path:
+  """Writes OUT/char_TAG.json and its plot OUT/char_TAG.png; returns the JSON's path."""
+  out = pathlib.Path(out)
+  path = benchlib.write_json(out / f"char_{tag}.json", record)
+  plot(record, out / f"char_{tag}.png")
+  return path
+
+
 def default_tag(size: str) -> str:
   device = benchlib.default_tag()
   return size if size == device else f"{size}_{device}"
@@ -154,9 +162,7 @@ def main(argv):
   f = flags.FLAGS
   record = run(f.size, f.workdir, f.steps)
   tag = f.tag or default_tag(f.size)
-  out = pathlib.Path(f.out)
-  path = benchlib.write_json(out / f"char_{tag}.json", record)
-  plot(record, out / f"char_{tag}.png")
+  path = save(record, f.out, tag)
   bpc = record["val_bits_per_char"]
   print(f"held-out bits per char after {record['steps']} steps: RWKV {bpc['rwkv']:.4f}, "
         f"Transformer {bpc['transformer']:.4f}. Wrote {path}")

@@ -176,6 +176,14 @@ def plot(record: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def save(record: dict, out: str | pathlib.Path, tag: str) -> pathlib.Path:
+  """Writes OUT/scaling_TAG.json and its plot OUT/scaling_TAG.png; returns the JSON's path."""
+  out = pathlib.Path(out)
+  path = benchlib.write_json(out / f"scaling_{tag}.json", record)
+  plot(record, out / f"scaling_{tag}.png")
+  return path
+
+
 def default_tag(size: str) -> str:
   device = benchlib.default_tag()
   return size if size == device else f"{size}_{device}"
@@ -188,9 +196,7 @@ def main(argv):
   f = flags.FLAGS
   record = run(f.size, f.workdir, f.tokens_per_param)
   tag = f.tag or default_tag(f.size)
-  out = pathlib.Path(f.out)
-  path = benchlib.write_json(out / f"scaling_{tag}.json", record)
-  plot(record, out / f"scaling_{tag}.png")
+  path = save(record, f.out, tag)
   fit = record["fit"]
   print(f"{len(record['points'])} sizes: loss ~ C^{fit['slope']:.4f}, r^2 = {fit['r2']:.4f} "
         f"(paper {PAPER_R2}). Wrote {path}")
