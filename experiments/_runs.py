@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import pathlib
+import statistics
 import time
 from typing import Any, Iterator, Sequence
 from unittest import mock
@@ -45,8 +46,8 @@ def sharded_by(rules: Sequence[tuple[str, Any]] | None) -> Iterator[None]:
     yield
 
 
-def _finite(x: float | None) -> float | None:
-  return x if x is not None and math.isfinite(x) else None
+def _median(xs: list[float]) -> float | None:
+  return statistics.median(xs) if xs else None
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
@@ -102,7 +103,9 @@ def train_run(name: str, config: ml_collections.ConfigDict, workdir: str | pathl
       "tokens": tokens,
       "train_flops": flops_per_token * tokens,
       "wall_s": wall_s,  # this invocation's; less than the whole run's if it resumed
-      "train_tokens_per_s": _finite(final.get("perf/tokens_per_s")),
+      # The median of the logged windows (the last window can be a step or two long).
+      "train_tokens_per_s": _median([r["perf/tokens_per_s"] for r in history
+                                     if math.isfinite(r.get("perf/tokens_per_s", math.nan))]),
       "val_loss": val_loss,
       "val_bits_per_token": val_loss / math.log(2),
       "train_curve": [(r["step"], r["train/loss_avg"]) for r in history if "train/loss_avg" in r],

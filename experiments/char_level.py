@@ -61,6 +61,8 @@ def _define_flags() -> None:
                     "paper: enwik8 with the paper's L12 D512 ctx 1024 (experiments/configs/"
                     "enwik8.py); tiny: seconds, for tests.")
   flags.DEFINE_integer("steps", 0, "Training steps of each model; 0 = the size's.", lower_bound=0)
+  flags.DEFINE_float("lr_init", 0.0, "Peak learning rate of both models; 0 = the size's. Runs "
+                     "and results then carry an _lr<rate> suffix.", lower_bound=0.0)
   flags.DEFINE_string("workdir", "/tmp/rwkv_claims", "Runs go under WORKDIR/char_<size>/.")
   flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "results"),
                       "Directory for the JSON and PNG.")
@@ -68,15 +70,18 @@ def _define_flags() -> None:
                       "a CPU (e.g. cpu, paper_gpu_h100).")
 
 
-def run(size: str, workdir: str | pathlib.Path, steps: int = 0) -> dict:
+def run(size: str, workdir: str | pathlib.Path, steps: int = 0, lr_init: float = 0.0) -> dict:
   """Trains both models of `size` (resuming) and returns the comparison's record."""
   config = SIZES[size]()
   if steps:
     config.train.steps = steps
     config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, steps // 10))
+  if lr_init:
+    config.optim.lr_final *= lr_init / config.optim.lr_init  # the same decay, scaled
+    config.optim.lr_init = lr_init
   rwkv_cfg = train.model_config(config)
   tf_cfg = tf_lib.TransformerConfig.from_training(config)
-  workdir = pathlib.Path(workdir) / f"char_{size}"
+  workdir = pathlib.Path(workdir) / f"char_{size}{_lr_suffix(lr_init)}"
   runs = {
       "rwkv": _runs.train_run("rwkv", config, workdir / "rwkv",
                               num_params=rwkv_cfg.num_params(),
@@ -97,6 +102,7 @@ def run(size: str, workdir: str | pathlib.Path, steps: int = 0) -> dict:
       "evaluation": "trainer validation loss over the whole held-out split (the last "
                     f"{config.data.val_fraction:.0%} of the byte stream), nats / ln 2 per byte",
       "steps": config.train.steps,
+      "optim": dict(config.optim),
       "tokens_per_model": runs["rwkv"]["tokens"],
       "param_ratio_transformer_to_rwkv": runs["transformer"]["num_params"] /
                                          runs["rwkv"]["num_params"],
@@ -150,9 +156,13 @@ def save(record: dict, out: str | pathlib.Path, tag: str) -> pathlib.Path:
   return path
 
 
-def default_tag(size: str) -> str:
+def _lr_suffix(lr_init: float) -> str:
+  return f"_lr{lr_init:g}" if lr_init else ""
+
+
+def default_tag(size: str, lr_init: float = 0.0) -> str:
   device = benchlib.default_tag()
-  return size if size == device else f"{size}_{device}"
+  return (size if size == device else f"{size}_{device}") + _lr_suffix(lr_init)
 
 
 def main(argv):
@@ -160,8 +170,8 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   _logs.quiet_third_party()
   f = flags.FLAGS
-  record = run(f.size, f.workdir, f.steps)
-  tag = f.tag or default_tag(f.size)
+  record = run(f.size, f.workdir, f.steps, f.lr_init)
+  tag = f.tag or default_tag(f.size, f.lr_init)
   path = save(record, f.out, tag)
   bpc = record["val_bits_per_char"]
   print(f"held-out bits per char after {record['steps']} steps: RWKV {bpc['rwkv']:.4f}, "

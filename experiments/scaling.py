@@ -150,6 +150,7 @@ def run(size: str, workdir: str | pathlib.Path, tokens_per_param: float = 0.0) -
 def plot(record: dict, path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   pts, fit = record["points"], record["fit"]
@@ -169,6 +170,8 @@ def plot(record: dict, path: pathlib.Path) -> None:
          title=f"{record['data']['source']}, {record['budget_rule'].split(';')[0]}, "
                f"{env.get('device_kind', '')}")
   ax.title.set_fontsize(9)
+  ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
   fig.tight_layout()
