@@ -76,7 +76,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-  flags = "--mesh.data/--mesh.fsdp/--mesh.tensor"
+  flags = "config fields mesh.data/mesh.fsdp/mesh.tensor, e.g. --config.mesh.data=2"
   for name, size in sizes.items():
     if not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
       raise ValueError(f"mesh {name}={size!r} must be a positive integer or -1 ({flags}).")
