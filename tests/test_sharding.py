@@ -213,7 +213,7 @@ def test_make_mesh_fills_and_reports_bad_sizes():
   mesh = sharding.make_mesh(-1, 2, 2)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   assert dict(sharding.make_mesh(2, -1, 1).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-  with pytest.raises(ValueError, match="--mesh.data"):
+  with pytest.raises(ValueError, match=r"--config\.mesh\.data"):
     sharding.make_mesh(3)
   with pytest.raises(ValueError, match="does not divide the 8 devices"):
     sharding.make_mesh(-1, 3)
