@@ -60,6 +60,14 @@ def _token_shift(x_btc: Array, x_prev_bc: Array) -> Array:
   return jnp.concatenate([x_prev_bc[:, None, :].astype(x_btc.dtype), x_btc[:, :-1]], axis=1)
 
 
+def _last(x_btc: Array, lengths_b: Array | None) -> Array:
+  """x at each row's last real position (t - 1, or lengths[b] - 1), as float32 [b, c]."""
+  if lengths_b is None:
+    return x_btc[:, -1].astype(jnp.float32)
+  idx = (lengths_b.astype(jnp.int32) - 1)[:, None, None]
+  return jnp.take_along_axis(x_btc, idx, axis=1)[:, 0].astype(jnp.float32)
+
+
 def _mix(x, xx, mu):
   return x * mu + xx * (1 - mu)
 
@@ -111,15 +119,19 @@ class TimeMix(nnx.Module):
     self.receptance = _Dense(c, a, cfg, scale=0, rngs=rngs)
     self.output = _Dense(a, c, cfg, scale=0, rngs=rngs)
 
-  def __call__(self, x_btc, x_prev_bc, state: wkv_lib.WKVState, impl: str):
+  def __call__(self, x_btc, x_prev_bc, state: wkv_lib.WKVState, impl: str, lengths_b=None):
     xx = _token_shift(x_btc, x_prev_bc)
     k = self.key(_mix(x_btc, xx, self.time_mix_k[...].astype(x_btc.dtype)))
     v = self.value(_mix(x_btc, xx, self.time_mix_v[...].astype(x_btc.dtype)))
     r = self.receptance(_mix(x_btc, xx, self.time_mix_r[...].astype(x_btc.dtype)))
     w = jnp.exp(self.time_decay[...].astype(jnp.float32))
-    y, state = wkv_lib.wkv(w, self.time_first[...].astype(jnp.float32), k, v, state, impl=impl)
+    y, state_out = wkv_lib.wkv(w, self.time_first[...].astype(jnp.float32), k, v, state,
+                               impl=impl)
+    if lengths_b is not None:
+      # y is causal, so only the state must stop at each row's end.
+      state_out = wkv_lib.wkv_state_after(w, k, v, state, lengths_b)
     out = self.output(jax.nn.sigmoid(r) * y.astype(r.dtype))
-    return out, x_btc[:, -1].astype(jnp.float32), state
+    return out, _last(x_btc, lengths_b), state_out
 
 
 class ChannelMix(nnx.Module):
@@ -136,12 +148,12 @@ class ChannelMix(nnx.Module):
     self.receptance = _Dense(c, c, cfg, scale=0, rngs=rngs)
     self.value = _Dense(f, c, cfg, scale=0, rngs=rngs)
 
-  def __call__(self, x_btc, x_prev_bc):
+  def __call__(self, x_btc, x_prev_bc, lengths_b=None):
     xx = _token_shift(x_btc, x_prev_bc)
     k = self.key(_mix(x_btc, xx, self.time_mix_k[...].astype(x_btc.dtype)))
     r = self.receptance(_mix(x_btc, xx, self.time_mix_r[...].astype(x_btc.dtype)))
     out = jax.nn.sigmoid(r) * self.value(jnp.square(jax.nn.relu(k)))
-    return out, x_btc[:, -1].astype(jnp.float32)
+    return out, _last(x_btc, lengths_b)
 
 
 class Block(nnx.Module):
@@ -153,10 +165,10 @@ class Block(nnx.Module):
     self.att = TimeMix(cfg, layer_id, init=init, rngs=rngs)
     self.ffn = ChannelMix(cfg, layer_id, init=init, rngs=rngs)
 
-  def __call__(self, x_btc, state: RWKVState, impl: str):
-    h, att_x, wkv_state = self.att(self.ln1(x_btc), state.att_x_prev, state.wkv, impl)
+  def __call__(self, x_btc, state: RWKVState, impl: str, lengths_b=None):
+    h, att_x, wkv_state = self.att(self.ln1(x_btc), state.att_x_prev, state.wkv, impl, lengths_b)
     x_btc = x_btc + h
-    h, ffn_x = self.ffn(self.ln2(x_btc), state.ffn_x_prev)
+    h, ffn_x = self.ffn(self.ln2(x_btc), state.ffn_x_prev, lengths_b)
     return x_btc + h, RWKVState(att_x, *wkv_state, ffn_x)
 
 
@@ -193,13 +205,19 @@ class RWKV(nnx.Module):
     self.head = _Dense(cfg.n_embd, cfg.vocab_size, cfg, scale=0.5, rngs=rngs)
 
   def __call__(self, tokens_bt: Array, state: RWKVState | None = None, *, impl: str = "auto",
-               last_only: bool = False) -> tuple[Array, RWKVState]:
+               last_only: bool = False, lengths: Array | None = None) -> tuple[Array, RWKVState]:
     """Logits [b, t, v] (float32) for every position, and the state after the last token.
 
     With last_only=True the head runs on the last position only (logits [b, 1, v]): prefill
     needs nothing else, and the head is the largest matrix product at long prompts.
+
+    lengths (int [b], 1 <= lengths[b] <= t, may be traced) runs a batch of prompts padded to a
+    common t: row b's state is the state after its first lengths[b] tokens (padding never reaches
+    it), its logits at positions < lengths[b] are as usual (later ones are meaningless), and
+    last_only gives the logits at position lengths[b] - 1.
     """
     check_tokens(tokens_bt, self.config.vocab_size)
+    check_lengths(lengths, tokens_bt.shape)
     b = tokens_bt.shape[0]
     if state is None:
       state = empty_state(self.config, b)
@@ -208,12 +226,13 @@ class RWKV(nnx.Module):
     for i, block in enumerate(self.blocks):
       layer_state = RWKVState(*(s[i] for s in state))
       if self.remat:
-        x, layer_state = nnx.remat(lambda blk, x, s: blk(x, s, impl))(block, x, layer_state)
+        x, layer_state = nnx.remat(lambda blk, x, s, n: blk(x, s, impl, n))(
+            block, x, layer_state, lengths)
       else:
-        x, layer_state = block(x, layer_state, impl)
+        x, layer_state = block(x, layer_state, impl, lengths)
       new_states.append(layer_state)
     if last_only:
-      x = x[:, -1:]
+      x = x[:, -1:] if lengths is None else _last(x, lengths)[:, None].astype(x.dtype)
     logits = self.head(self.ln_out(x)).astype(jnp.float32)
     return logits, RWKVState(*(jnp.stack(s) for s in zip(*new_states)))
 
@@ -229,6 +248,24 @@ def abstract_model(config: RWKVConfig) -> RWKV:
   The target that checkpoint readers fill; parameters have `config.param_dtype`.
   """
   return nnx.eval_shape(lambda: RWKV(config, rngs=nnx.Rngs(0)))
+
+
+def check_lengths(lengths, tokens_shape) -> None:
+  """Raises ValueError unless lengths is None or int [b] within [1, t] (values checked when
+  concrete)."""
+  if lengths is None:
+    return
+  b, t = tokens_shape
+  shape = getattr(lengths, "shape", None)
+  if shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths must be an integer array of shape ({b},), one per row of tokens; "
+                     f"got shape {shape}, dtype {getattr(lengths, 'dtype', None)}.")
+  if isinstance(lengths, jax.core.Tracer):
+    return
+  lengths = np.asarray(lengths)
+  if lengths.min() < 1 or lengths.max() > t:
+    raise ValueError(f"lengths must be in [1, {t}] (the tokens' time axis); got "
+                     f"{lengths.tolist()[:8]}.")
 
 
 def check_tokens(tokens, vocab_size: int) -> None:

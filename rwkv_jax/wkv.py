@@ -146,6 +146,46 @@ def wkv_associative(w: Array, u: Array, k: Array, v: Array, state: WKVState | No
   return y.astype(out_dtype), final
 
 
+def wkv_state_after(w: Array, k: Array, v: Array, state: WKVState | None, lengths: Array
+                    ) -> WKVState:
+  """The WKV state after the first lengths[b] tokens of each row, in one parallel reduction.
+
+  Rows of a batch can hold prompts of different lengths padded to a common t. The outputs y of any
+  implementation are causal, so y at positions < lengths[b] need nothing new; only the state must
+  stop at each row's end. Unrolling wkv_step over L tokens gives it in closed form:
+
+      num_L = e^{max_exp_0 - L w} num_0 + sum_{i<L} e^{-(L-1-i) w + k_i} v_i   (den: v_i -> 1)
+
+  kept, as in the scan, relative to the largest exponent (which is the scan's max_exp exactly).
+  Padding (i >= L) gets a vanishing exponent, so it never reaches the state or its gradients.
+
+  Args:
+    w: [c] per-step decay rate, exp(time_decay) > 0.
+    k, v: [b, t, c] keys and values, float32 or bfloat16.
+    state: incoming WKVState or None for an empty one.
+    lengths: int [b], 1 <= lengths[b] <= t; may be traced.
+
+  Returns:
+    The float32 WKVState [b, c] after each row's first lengths[b] tokens.
+  """
+  w, _, k, v, state = _prepare(w, w, k, v, state)
+  if lengths.shape != k.shape[:1]:
+    raise ValueError(f"lengths must be [{k.shape[0]}] (one per row); got {lengths.shape}.")
+  t = k.shape[1]
+  length_b11 = lengths.astype(jnp.int32)[:, None, None]
+  i_1t1 = jnp.arange(t, dtype=jnp.int32)[None, :, None]
+  # Decay steps between token i and the end of its row; padding is masked out below.
+  age_bt1 = (length_b11 - 1 - i_1t1).astype(jnp.float32)
+  exp_btc = jnp.where(i_1t1 < length_b11, k - age_bt1 * w, EMPTY_MAX_EXP)
+  exp0_bc = state.max_exp - length_b11[:, 0].astype(jnp.float32) * w
+  max_exp = jnp.maximum(exp0_bc, jnp.max(exp_btc, axis=1))
+  scale_btc = jnp.exp(exp_btc - max_exp[:, None])
+  scale0_bc = jnp.exp(exp0_bc - max_exp)
+  num = scale0_bc * state.num + jnp.sum(scale_btc * v, axis=1)
+  den = scale0_bc * state.den + jnp.sum(scale_btc, axis=1)
+  return WKVState(num, den, max_exp)
+
+
 # ----------------------------------------------------------------------------------------------
 # Dispatcher. Kernel backends live in `kernels/` (importable as `rwkv_jax_kernels`) and register
 # themselves on import; they are imported lazily because some need a GPU build of jax.

@@ -1,5 +1,6 @@
 """The NNX model: parallel, recurrent and chunked evaluation agree; initialization; bad input."""
 
+import functools
 import math
 
 import jax
@@ -102,6 +103,61 @@ def test_every_wkv_path_gives_the_scans_logits_state_and_gradients(impl):
   assert_states_close(out, out_ref)
   for a, b in zip(jax.tree.leaves(nnx.state(grads)), jax.tree.leaves(nnx.state(grads_ref))):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+RAGGED_LENGTHS = (13, 5, 1, 8)
+
+
+@functools.lru_cache(maxsize=None)
+def _ragged_case():
+  """Padded prompts, a starting state, and each prompt run alone (the reference)."""
+  model = random_model()
+  toks = tokens(4, 13, seed=7)
+  # Rows 0 and 1 continue from a non-empty state, rows 2 and 3 start empty.
+  prefix = model(tokens(4, 3, seed=8), impl="scan")[1]
+  state = jax.tree.map(lambda p, e: p.at[:, 2:].set(e[:, 2:]), prefix, empty_state(CFG, 4))
+  alone = []
+  for row, n in enumerate(RAGGED_LENGTHS):
+    row_state = jax.tree.map(lambda s: s[:, row:row + 1], state) if row < 2 else None
+    alone.append(model(toks[row:row + 1, :n], row_state, impl="scan"))
+  return model, toks, state, alone
+
+
+@pytest.mark.parametrize("impl", ["scan", "associative", "pallas", "triton"])
+def test_ragged_prompts_prefill_as_if_alone(impl):
+  model, toks, state, alone = _ragged_case()
+
+  @jax.jit  # lengths traced
+  def run(m, t, s, n):
+    return m(t, s, impl=impl, lengths=n), m(t, s, impl=impl, lengths=n, last_only=True)
+
+  (logits, out), (last, out_last) = run(model, toks, state, jnp.array(RAGGED_LENGTHS))
+  for row, (n, (alone_logits, alone_state)) in enumerate(zip(RAGGED_LENGTHS, alone)):
+    np.testing.assert_allclose(logits[row, :n], alone_logits[0], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(last[row, 0], alone_logits[0, -1], atol=2e-5, rtol=1e-5)
+    for got in (out, out_last):
+      assert_states_close(jax.tree.map(lambda s: s[:, row:row + 1], got), alone_state)
+
+
+def test_padding_never_reaches_the_state(model):
+  toks = tokens(2, 9, seed=9)
+  junk = toks.at[:, 4:].set(tokens(2, 5, seed=10))
+  lengths = jnp.array([4, 4])
+  _, clean = model(toks, lengths=lengths)
+  _, dirty = model(junk, lengths=lengths)
+  for a, b in zip(clean, dirty):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("lengths,match", [
+    (jnp.array([3]), r"shape \(2,\)"),
+    (jnp.array([0, 3]), r"lengths must be in \[1, 4\]"),
+    (jnp.array([5, 3]), r"lengths must be in \[1, 4\]"),
+    (jnp.array([1.0, 3.0]), "integer array"),
+])
+def test_bad_lengths_are_reported(model, lengths, match):
+  with pytest.raises(ValueError, match=match):
+    model(tokens(2, 4), lengths=lengths)
 
 
 def test_remat_changes_memory_not_results():

@@ -145,6 +145,41 @@ def test_token_by_token_steps_equal_parallel():
     np.testing.assert_allclose(y, y_full[:, i], atol=1e-6)
 
 
+@pytest.mark.parametrize("k_scale", [1.0, 60.0])
+def test_state_after_each_rows_length_equals_the_scan_of_that_prefix(k_scale):
+  b, t, c = 4, 33, 5
+  inputs = random_inputs(9, b, t, c, k_scale=k_scale)
+  w, k, v = inputs["w"], inputs["k"], inputs["v"]
+  lengths = np.array([33, 1, 17, 2])
+  rng = np.random.default_rng(3)
+  g_ratio, g_logden = rng.normal(size=(2, c))
+
+  def meaning(state):  # a scalar through the state's meaning only, for the gradients
+    ratio, log_den = state_invariants(state)
+    return jnp.sum(ratio * g_ratio) + jnp.sum(log_den * g_logden)
+
+  for state in (inputs["state"], None):
+    after = jax.jit(wkv_lib.wkv_state_after)(w, k, v, state, jnp.asarray(lengths))
+    grads = jax.grad(lambda *a: meaning(wkv_lib.wkv_state_after(*a, jnp.asarray(lengths))),
+                     argnums=(0, 1, 2))(w, k, v, state)
+    g_w = 0.0  # w is shared by the rows: its gradient is the sum of theirs
+    for row, n in enumerate(lengths):
+      row_state = None if state is None else WKVState(*(s[row:row + 1] for s in state))
+      args = (w, k[row:row + 1, :n], v[row:row + 1, :n], row_state)
+      _, ref = wkv_lib.wkv_scan(w, inputs["u"], *args[1:])
+      got = WKVState(*(s[row:row + 1] for s in after))
+      np.testing.assert_allclose(got.max_exp, ref.max_exp, rtol=1e-6, atol=1e-5)
+      for a, r in zip(state_invariants(got), state_invariants(ref)):
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
+      g_ref = jax.grad(lambda w, k, v, s: meaning(wkv_lib.wkv_scan(w, inputs["u"], k, v, s)[1]),
+                       argnums=(0, 1, 2))(*args)
+      np.testing.assert_allclose(grads[1][row, :n], g_ref[1][0], rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(grads[2][row, :n], g_ref[2][0], rtol=1e-4, atol=1e-5)
+      assert not np.any(grads[1][row, n:]) and not np.any(grads[2][row, n:])  # padding
+      g_w = g_w + g_ref[0]
+    np.testing.assert_allclose(grads[0], g_w, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_bfloat16_inputs_keep_float32_state_and_accumulation(impl):
   inputs = random_inputs(5, 2, 50, 8, k_scale=5.0)
