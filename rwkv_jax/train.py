@@ -37,6 +37,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from rwkv_jax import bptt as bptt_lib
 from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import data as data_lib
 from rwkv_jax import files, losses, optim, sharding, train_config
@@ -136,19 +137,21 @@ def init_state(config: ml_collections.ConfigDict, mesh, tx,
 
 
 def make_train_step(state: TrainState, tx, mesh, *, accumulate_steps: int, l2wrap: float,
-                    impl: str) -> Callable:
+                    impl: str, chunk_len: int = 0, bptt: str = "full") -> Callable:
   """Returns step(params, opt_state, batch) -> (params, opt_state, metrics), jitted and sharded.
 
   This is the one gradient-accumulation path: with accumulate_steps = k the batch [b, t] is
   split into k micro-batches whose gradients are averaged before one optimizer update. A
   `lax.scan` runs them, so one micro-batch's activations are alive at a time, and each
-  micro-batch stays spread over the data axes of the mesh.
+  micro-batch stays spread over the data axes of the mesh. With chunk_len > 0 each window runs
+  in chunks that carry the state (rwkv_jax/bptt.py, `bptt` "full" or "truncated"), so one
+  chunk's activations are alive at a time.
   """
   graphdef = state.graphdef
 
   def loss_fn(params, inputs_bt, targets_bt):
-    logits, _ = nnx.merge(graphdef, params)(inputs_bt, impl=impl)
-    return losses.lm_loss(logits, targets_bt, l2wrap_factor=l2wrap)
+    return bptt_lib.window_loss(graphdef, params, inputs_bt, targets_bt, chunk_len=chunk_len,
+                                bptt=bptt, l2wrap_factor=l2wrap, impl=impl)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -360,7 +363,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       f.write(config.to_json_best_effort(indent=2))
 
   train_step = make_train_step(state, tx, mesh, accumulate_steps=t.accumulate_steps,
-                               l2wrap=config.optim.l2wrap, impl=t.impl)
+                               l2wrap=config.optim.l2wrap, impl=t.impl, chunk_len=t.chunk_len,
+                               bptt=t.bptt)
   eval_step = make_eval_step(state, mesh, t.impl)
   writer = metrics_lib.MetricWriter(workdir, lead, start_step=step)
   tokens_per_step = t.batch_size * config.model.ctx_len

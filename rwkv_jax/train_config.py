@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+BPTT_MODES = ("full", "truncated")
+
 
 def default_config() -> ml_collections.ConfigDict:
   """The defaults of every training key: the official RWKV-4 169M recipe on a file of bytes."""
@@ -52,6 +54,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.steps = 10000  # optimizer updates
   c.train.batch_size = 16  # global sequences per update
   c.train.accumulate_steps = 1  # micro-batches per update (divides batch_size)
+  # Long windows (rwkv_jax/bptt.py): each window runs in chunks of chunk_len tokens that carry
+  # the recurrent state, so activation memory follows the chunk; 0 = the whole window in one call.
+  # bptt "full" gives one-shot training's exact gradients (chunks recomputed in the backward
+  # pass); "truncated" stops the state's gradient at every chunk boundary.
+  c.train.chunk_len = 0  # tokens per chunk, up to model.ctx_len; need not divide it
+  c.train.bptt = "full"  # "full" or "truncated"
   c.train.seed = 0  # parameter init
   c.train.impl = "auto"  # WKV implementation (rwkv_jax/wkv.py)
   c.train.log_every = 50  # steps between training-metric records
@@ -87,6 +95,11 @@ def check(config: ml_collections.ConfigDict) -> None:
   for name in ("checkpoint_every", "log_every", "keep_checkpoints"):
     if t[name] < 1:
       raise ValueError(f"--config.train.{name}={t[name]} must be >= 1.")
+  if t.bptt not in BPTT_MODES:
+    raise ValueError(f"--config.train.bptt={t.bptt!r} is not one of {BPTT_MODES}.")
+  if not isinstance(t.chunk_len, int) or not 0 <= t.chunk_len <= config.model.ctx_len:
+    raise ValueError(f"--config.train.chunk_len={t.chunk_len!r} must be an integer from 0 (the "
+                     f"whole window) to --config.model.ctx_len={config.model.ctx_len}.")
   if t.accumulate_steps < 1 or t.batch_size % t.accumulate_steps:
     raise ValueError(f"--config.train.batch_size={t.batch_size} must be a multiple of "
                      f"--config.train.accumulate_steps={t.accumulate_steps} (>= 1).")

@@ -1,0 +1,176 @@
+"""Long windows trained in chunks (rwkv_jax/bptt.py): the same loss and gradients as one call."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rwkv_jax import bptt, losses, train, train_config, wkv
+from rwkv_jax import data as data_lib
+from rwkv_jax import model as model_lib
+from rwkv_jax import sharding
+from rwkv_jax.config import RWKVConfig
+from training_util import (N, TOTAL, compile_cache, corpus, full_run,  # noqa: F401
+                           latest_params, losses as logged_losses, tiny_config)
+
+CFG = RWKVConfig(n_layer=2, n_embd=16, vocab_size=37, ctx_len=64, dtype="float32")
+T = 23  # window length: prime, so most chunk lengths leave a shorter last chunk
+
+
+def _random_model(seed: int):
+  """(graphdef, params) with every parameter perturbed: the official init zeroes the output
+  projections, which would hide whatever flows through the state."""
+  graphdef, params = nnx.split(model_lib.RWKV(CFG, rngs=nnx.Rngs(seed)), nnx.Param)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(
+      lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(np.float32), params)
+  return graphdef, params
+
+
+def _batch(seed: int, b: int = 3, t: int = T):
+  tokens = np.random.default_rng(seed + 100).integers(0, CFG.vocab_size, (b, t + 1))
+  return jnp.asarray(tokens[:, :-1], jnp.int32), jnp.asarray(tokens[:, 1:], jnp.int32)
+
+
+def _one_call(graphdef, params, inputs, targets, impl="scan"):
+  logits, _ = nnx.merge(graphdef, params)(inputs, impl=impl)
+  return losses.lm_loss(logits, targets)
+
+
+def _chunks_in_a_loop(graphdef, params, inputs, targets, chunk_len, stop_state_gradient):
+  """The obvious reference: a Python loop of model calls, no scan, no rematerialization."""
+  model = nnx.merge(graphdef, params)
+  t = inputs.shape[1]
+  state, loss = None, 0.0
+  for start in range(0, t, chunk_len):
+    if stop_state_gradient and state is not None:
+      state = jax.lax.stop_gradient(state)
+    logits, state = model(inputs[:, start:start + chunk_len], state, impl="scan")
+    c = logits.shape[1]
+    part, _ = losses.lm_loss(logits, targets[:, start:start + chunk_len],
+                             l2wrap_factor=losses.L2WRAP_FACTOR * c / t)
+    loss = loss + part * c / t
+  return loss, None
+
+
+def _value_and_grad(loss_fn, params):
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+
+
+def _assert_trees_close(got, want, rtol=2e-5):
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+    scale = float(np.abs(w).max()) or 1.0
+    np.testing.assert_allclose(g, w, rtol=0, atol=rtol * scale, err_msg=sharding.path_name(path))
+
+
+def test_full_bptt_in_chunks_gives_the_one_call_loss_and_gradients():
+  graphdef, params = _random_model(0)
+  inputs, targets = _batch(0)
+  (want_loss, want_metrics), want_grads = _value_and_grad(
+      lambda p: _one_call(graphdef, p, inputs, targets), params)
+  for chunk_len in (4, 7):  # 7 does not divide T = 23: a last chunk of 2
+    (loss, metrics), grads = _value_and_grad(
+        lambda p: bptt.window_loss(graphdef, p, inputs, targets, chunk_len=chunk_len,
+                                   impl="scan"), params)
+
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-6), chunk_len
+    for name in ("loss", "accuracy", "num_tokens"):
+      assert float(metrics[name]) == pytest.approx(float(want_metrics[name]), rel=1e-6), name
+    _assert_trees_close(grads, want_grads)
+
+
+def test_truncated_bptt_equals_chunks_with_the_state_gradient_stopped():
+  chunk_len = 5  # does not divide T = 23
+  graphdef, params = _random_model(1)
+  inputs, targets = _batch(1)
+  (want_loss, _), want_grads = _value_and_grad(
+      lambda p: _chunks_in_a_loop(graphdef, p, inputs, targets, chunk_len, True), params)
+  window = functools.partial(bptt.window_loss, graphdef, inputs_bt=inputs, targets_bt=targets,
+                             chunk_len=chunk_len, impl="scan")
+  (loss, _), grads = _value_and_grad(lambda p: window(p, bptt="truncated"), params)
+  _, full_grads = _value_and_grad(lambda p: window(p, bptt="full"), params)
+
+  assert float(loss) == pytest.approx(float(want_loss), rel=1e-6)
+  _assert_trees_close(grads, want_grads)
+  # The stop matters: through the state, later chunks' losses reach earlier tokens' weights.
+  differs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), grads,
+                                         full_grads))
+  assert max(differs) > 1e-3
+
+
+# "scan" is the implementation of the tests above.
+@pytest.mark.parametrize("impl", sorted(set(wkv.implementations()) - {"scan"}))
+def test_every_wkv_implementation_trains_in_chunks_exactly(impl):
+  if not wkv._load(impl):  # pylint: disable=protected-access
+    pytest.skip(f"WKV backend {impl!r} is not available here")
+  graphdef, params = _random_model(3)
+  inputs, targets = _batch(3, b=2, t=13)
+  try:
+    (want, _), want_grads = _value_and_grad(
+        lambda p: _one_call(graphdef, p, inputs, targets, impl=impl), params)
+  except Exception as e:  # a GPU-only kernel on a CPU machine
+    pytest.skip(f"{impl!r} does not run here: {type(e).__name__}")
+  (loss, _), grads = _value_and_grad(
+      lambda p: bptt.window_loss(graphdef, p, inputs, targets, chunk_len=5, impl=impl), params)
+  assert float(loss) == pytest.approx(float(want), rel=1e-6)
+  _assert_trees_close(grads, want_grads, rtol=1e-4)
+
+
+def _first_update(config, batch_np):
+  """(loss, the parameters after one optimizer update) of `config`'s train step."""
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  tx, _ = train.build_optimizer(config)
+  state = train.init_state(config, mesh, tx)
+  t = config.train
+  step = train.make_train_step(state, tx, mesh, accumulate_steps=t.accumulate_steps,
+                               l2wrap=config.optim.l2wrap, impl=t.impl, chunk_len=t.chunk_len,
+                               bptt=t.bptt)
+  params, _, metrics = step(state.params, state.opt_state, sharding.shard_batch(mesh, batch_np))
+  return jax.device_get(metrics), jax.device_get(nnx.to_pure_dict(params))
+
+
+def test_chunked_step_on_a_sharded_mesh_with_accumulation_matches_the_one_call_step(
+    corpus, compile_cache):
+  config = tiny_config(corpus)  # ctx_len 16
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  batch = next(iter(data_lib.make_dataset(data_lib.open_source(corpus), ctx_len=16, batch_size=8,
+                                          seed=0)))
+  want, want_params = _first_update(config, batch)
+  config.train.update(chunk_len=5, accumulate_steps=2)
+  got, params = _first_update(config, batch)
+
+  assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+  assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+  # Adam's first update is about lr * sign(g): rounding moves it where g is near zero.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), params,
+               want_params)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(bptt="tbptt"), r"--config.train.bptt='tbptt' is not one of \('full', 'truncated'\)"),
+    (dict(chunk_len=-1), r"--config.train.chunk_len=-1 must be an integer from 0"),
+    (dict(chunk_len=17), r"--config.train.chunk_len=17 .* --config.model.ctx_len=16"),
+])
+def test_bad_chunking_flags_are_refused_naming_the_field(overrides, match, tmp_path):
+  config = tiny_config(tmp_path / "unused.txt", **overrides)
+  with pytest.raises(ValueError, match=match):
+    train_config.check(config)
+
+
+def test_a_chunked_run_resumes_and_ends_as_the_one_call_run(full_run, corpus, tmp_path):
+  # Stopped after N steps and resumed to TOTAL, in chunks of 5 of the 16-token windows.
+  train.train_and_evaluate(tiny_config(corpus, steps=N, chunk_len=5), tmp_path)
+  train.train_and_evaluate(tiny_config(corpus, chunk_len=5), tmp_path)
+
+  resumed, whole = logged_losses(tmp_path), logged_losses(full_run)
+  assert sorted(resumed) == list(range(1, TOTAL + 1))
+  for step in range(1, TOTAL + 1):
+    assert resumed[step] == pytest.approx(whole[step], abs=1e-5), step
+  got, want = latest_params(tmp_path), latest_params(full_run)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5, err_msg=name)
