@@ -3,106 +3,249 @@ r"""Scores tokens or text with an RWKV-4 checkpoint (.pth, HF directory or Orbax
   python -m experiments.score --checkpoint=PATH --tokens=1,2,3 --output=logits.npy
   python -m experiments.score --checkpoint=PATH --text="Hello world" [--tokenizer=neox]
   python -m experiments.score --checkpoint=PATH --text_file=held_out.txt
+  python -m experiments.score --checkpoint=PATH --text_file=docs.txt --document_separator='\n\n' \
+      --position_loss=by_position.json [--max_position=4096]
+  python -m experiments.score --checkpoint=PATH --binidx=data/val --position_loss=by_position.json
+
+Text must be UTF-8: a file that is not is refused (naming the first bad byte) unless
+--encoding_errors=replace, which scores it with each undecodable byte replaced by U+FFFD and says
+how many. The byte-level tokenizer scores a file's raw bytes as they are, UTF-8 or not.
+
+--position_loss writes the loss at each token position averaged over the documents (each scored
+from an empty state), the measure by which a long-context claim is judged.
 """
 
+from __future__ import annotations
+
+import codecs
+import json
 import pathlib
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 import numpy as np
+
+from experiments import _cli
 
 flags.DEFINE_string("checkpoint", None, "Official .pth file, HF directory or Orbax export.")
 flags.DEFINE_string("tokens", None, "Comma-separated token ids to score.")
 flags.DEFINE_string("output", None, "With --tokens: write float32 logits [T, vocab] here (.npy).")
 flags.DEFINE_string("text", None, "Text to score (loss, perplexity, bits per byte).")
 flags.DEFINE_string("text_file", None, "File whose text to score.")
+flags.DEFINE_string("binidx", None, "Binidx pair (PREFIX, PREFIX.bin or PREFIX.idx) whose "
+                    "sequences are scored as documents; no tokenizer involved.")
+flags.DEFINE_string("document_separator", None, "Split the text into documents at this string "
+                    "(Python escapes such as \\n are understood); default: one document.")
+flags.DEFINE_string("position_loss", None, "Write the loss by token position, averaged over the "
+                    "documents, to this JSON file.")
+flags.DEFINE_integer("max_position", 0, "Score only the first max_position + 1 tokens of each "
+                     "document (0: all).")
+flags.DEFINE_integer("batch_size", 8, "Documents scored side by side.")
+flags.DEFINE_enum("encoding_errors", "strict", ["strict", "replace"], "A --text_file that is not "
+                  "UTF-8: refuse it (strict) or replace each undecodable byte with U+FFFD.")
 flags.DEFINE_string("tokenizer", None, "bytes | neox | world | PATH; default from the vocab size "
                     "(256 -> bytes, 50277 -> neox, 65536 -> world).")
 flags.DEFINE_integer("chunk", 1024, "Tokens per model call; state is carried between chunks.")
 flags.DEFINE_string("impl", "auto", "WKV implementation.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+flags.DEFINE_string("dtype", "float32", "Precision the model runs in (see rwkv_jax.weights.load).")
 flags.DEFINE_integer("show_tokens", 20, "Print the losses of this many tokens.")
 FLAGS = flags.FLAGS
 
 _DEFAULT_TOKENIZER = {256: "bytes", 50277: "neox", 65536: "world"}
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+class UsageError(ValueError):
+  """A mistake in the command line or in the files it names."""
+
+
+class WriteError(RuntimeError):
+  """An output that could not be written (a full disk, a permission)."""
+
+
+def _write(path: pathlib.Path, write) -> None:
+  from rwkv_jax import files
+  try:
+    with files.atomic_path(path) as tmp:
+      write(tmp)
+  except OSError as e:
+    raise WriteError(f"could not write {path}: {e.strerror or e}; nothing was written.") from e
 
 
 def _parse_tokens(text: str) -> np.ndarray:
   try:
     ids = [int(x) for x in text.replace(" ", "").split(",") if x]
   except ValueError:
-    _fail(f"--tokens={text!r} must be comma-separated integers, e.g. --tokens=1,2,3.")
+    raise UsageError(f"--tokens={text!r} must be comma-separated integers, e.g. "
+                     f"--tokens=1,2,3.") from None
   if not ids:
-    _fail("--tokens is empty; give at least one token id.")
+    raise UsageError("--tokens is empty; give at least one token id.")
   return np.asarray(ids, np.int64)
+
+
+def _load(weights, path: str, dtype: str):
+  """weights.load, with whatever a damaged file raises turned into one line naming the file."""
+  try:
+    return weights.load(path, dtype=dtype)
+  except weights.CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (a reader's error on a damaged file)
+    raise UsageError(f"--checkpoint={path} could not be read ({type(e).__name__}: {e}); the "
+                     f"file may be damaged or incomplete.") from e
+
+
+def _check_output(flag: str, value: str | None) -> pathlib.Path | None:
+  """The output path, refused before any work if its directory does not exist."""
+  if value is None:
+    return None
+  path = pathlib.Path(value)
+  if path.is_dir():
+    raise UsageError(f"--{flag}={value} is a directory; give a file name.")
+  if not path.parent.is_dir():
+    raise UsageError(f"--{flag}={value}: the directory {path.parent} does not exist; create it "
+                     f"or write elsewhere.")
+  return path
+
+
+def _read_text_file(path: pathlib.Path, raw_bytes: bool) -> str | bytes:
+  """The file's text (or its bytes, for the byte tokenizer), refusing what is not UTF-8."""
+  if not path.is_file():
+    raise UsageError(f"--text_file={path} does not exist (or is not a file).")
+  data = path.read_bytes()
+  if raw_bytes:
+    return data
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if FLAGS.encoding_errors == "strict":
+      raise UsageError(
+          f"--text_file={path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset "
+          f"{e.start} cannot be decoded. Pass --encoding_errors=replace to score it with each "
+          f"such byte replaced by U+FFFD, or convert the file to UTF-8.") from None
+  text = data.decode("utf-8", errors="replace")
+  replaced = text.count("\ufffd") - codecs.decode(data, "utf-8", "ignore").count("\ufffd")
+  print(f"note: {path} is not UTF-8; {replaced} undecodable byte sequence(s) were replaced by "
+        f"U+FFFD before scoring.", file=sys.stderr)
+  return text
+
+
+def _split(text, separator: str | None) -> list:
+  if separator is None:
+    return [text]
+  if not separator:
+    raise UsageError("--document_separator is empty; give the string between documents.")
+  sep = codecs.decode(separator, "unicode_escape")
+  if isinstance(text, bytes):
+    sep = sep.encode("utf-8")
+  return [doc for doc in text.split(sep) if doc]
+
+
+def _write_position_loss(path: pathlib.Path, result, source: str) -> None:
+  record = {"checkpoint": FLAGS.checkpoint, "source": source, "dtype": FLAGS.dtype,
+            "max_position": FLAGS.max_position, "num_documents": int(result.count[0]),
+            "tokens_scored": int(result.count.sum()),
+            "mean_loss": float(result.loss_sum.sum() / result.count.sum()),
+            "command": " ".join(sys.argv), **result.to_json()}
+  _write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(record, indent=1)))
+
+
+def _print_position_loss(result) -> None:
+  print(f"documents: {int(result.count[0])}  positions: {len(result.count)}")
+  print("  positions         mean loss   tokens")
+  for first, last, loss, n in result.bucketed():
+    print(f"  {first:>6d}-{last:<8d} {loss:9.4f} {n:9d}")
 
 
 def main(argv):
   del argv
-  from rwkv_jax import checkpoint as _  # noqa: F401  (registers the Orbax format)
-  from rwkv_jax import files, scoring, weights
-  from rwkv_jax.tokenizer import load_tokenizer
+  from rwkv_jax import binidx, scoring, weights
+  from rwkv_jax.tokenizer import ByteTokenizer, load_tokenizer
 
   if not FLAGS.checkpoint:
-    _fail("--checkpoint is required (an official .pth, an HF directory or an Orbax export).")
-  modes = [m for m in ("tokens", "text", "text_file") if FLAGS[m].value is not None]
+    raise UsageError("--checkpoint is required (an official .pth, an HF directory or an Orbax "
+                     "export).")
+  modes = [m for m in ("tokens", "text", "text_file", "binidx") if FLAGS[m].value is not None]
   if len(modes) != 1:
-    _fail("give exactly one of --tokens, --text, --text_file.")
-  try:
-    model, config = weights.load(FLAGS.checkpoint, dtype=FLAGS.dtype)
-  except (ValueError, FileNotFoundError) as e:
-    _fail(str(e))
+    raise UsageError("give exactly one of --tokens, --text, --text_file, --binidx.")
+  if FLAGS.tokens is not None and FLAGS.position_loss:
+    raise UsageError("--position_loss needs documents: use --text, --text_file or --binidx.")
+  if FLAGS.binidx is not None and not FLAGS.position_loss:
+    raise UsageError("--binidx scores documents by position: give --position_loss=FILE.json.")
+  for name in ("max_position", "chunk", "batch_size"):
+    low = 0 if name == "max_position" else 1
+    if FLAGS[name].value < low:
+      raise UsageError(f"--{name}={FLAGS[name].value} must be >= {low}.")
+  dtypes = getattr(weights, "DTYPES", ("float32", "bfloat16", "float16"))
+  if FLAGS.dtype not in dtypes:
+    raise UsageError(f"--dtype={FLAGS.dtype} is not one of {', '.join(dtypes)}.")
+  output = _check_output("output", FLAGS.output)
+  position_out = _check_output("position_loss", FLAGS.position_loss)
+  model, config = _load(weights, FLAGS.checkpoint, FLAGS.dtype)
   logging.info("Loaded %s: %s", FLAGS.checkpoint, config)
 
   if FLAGS.tokens is not None:
     tokens = _parse_tokens(FLAGS.tokens)
-    try:
-      logits = scoring.logits_for(model, tokens, chunk=FLAGS.chunk, impl=FLAGS.impl)
-    except ValueError as e:
-      _fail(str(e))
-    if FLAGS.output:
-      out = pathlib.Path(FLAGS.output)
-      with files.atomic_path(out) as tmp, open(tmp, "wb") as f:
-        np.save(f, logits.astype(np.float32))  # a file object: np.save adds no ".npy"
-      print(f"wrote logits {logits.shape} float32 to {out}")
+    logits = scoring.logits_for(model, tokens, chunk=FLAGS.chunk, impl=FLAGS.impl)
+    if output:
+      def save(tmp):
+        with open(tmp, "wb") as f:
+          np.save(f, logits.astype(np.float32))  # a file object: np.save adds no ".npy"
+      _write(output, save)
+      print(f"wrote logits {logits.shape} float32 to {output}")
     else:
       print(f"logits {logits.shape}; argmax per position: {logits.argmax(-1).tolist()}")
     return
 
-  if FLAGS.text_file is not None:
-    path = pathlib.Path(FLAGS.text_file)
-    if not path.is_file():
-      _fail(f"--text_file={path} does not exist.")
-    text = path.read_text(encoding="utf-8", errors="replace")
-  else:
-    text = FLAGS.text
+  if FLAGS.binidx is not None:
+    source = binidx.BinidxSource(FLAGS.binidx)
+    documents = [np.asarray(source.sequence(i), np.int64) for i in range(source.num_sequences)]
+    result = scoring.loss_by_position(model, documents, max_position=FLAGS.max_position,
+                                      batch_size=FLAGS.batch_size, chunk=FLAGS.chunk,
+                                      impl=FLAGS.impl)
+    _print_position_loss(result)
+    _write_position_loss(position_out, result, str(source.bin_path))
+    print(f"wrote the loss by position to {position_out}")
+    return
+
   spec = FLAGS.tokenizer or _DEFAULT_TOKENIZER.get(config.vocab_size)
   if spec is None:
-    _fail(f"the model's vocabulary has {config.vocab_size} tokens, which matches no built-in "
-          f"tokenizer; pass --tokenizer=PATH.")
-  try:
-    tokenizer = load_tokenizer(spec)
-  except (FileNotFoundError, ValueError) as e:
-    _fail(str(e))
+    raise UsageError(f"the model's vocabulary has {config.vocab_size} tokens, which matches no "
+                     f"built-in tokenizer; pass --tokenizer=PATH.")
+  tokenizer = load_tokenizer(spec)
   if tokenizer.vocab_size > config.vocab_size:
-    _fail(f"tokenizer {spec!r} has {tokenizer.vocab_size} tokens but the model only "
-          f"{config.vocab_size}; pass the tokenizer the model was trained with.")
-  tokens = np.asarray(tokenizer.encode(text), np.int64)
-  if len(tokens) < 2:
-    _fail(f"the text encodes to {len(tokens)} token(s); need at least 2 to score.")
-  num_bytes = len(tokenizer.decode(tokens[1:].tolist()).encode("utf-8"))
-  result = scoring.score_tokens(model, tokens, num_bytes, chunk=FLAGS.chunk, impl=FLAGS.impl)
-  for tok, loss in list(zip(tokens[1:], result.token_losses))[:FLAGS.show_tokens]:
+    raise UsageError(f"tokenizer {spec!r} has {tokenizer.vocab_size} tokens but the model only "
+                     f"{config.vocab_size}; pass the tokenizer the model was trained with.")
+  raw_bytes = isinstance(tokenizer, ByteTokenizer)
+  if FLAGS.text_file is not None:
+    text = _read_text_file(pathlib.Path(FLAGS.text_file), raw_bytes)
+  else:
+    text = FLAGS.text.encode("utf-8") if raw_bytes else FLAGS.text
+  encode = (lambda t: list(t)) if raw_bytes else tokenizer.encode
+  documents = [np.asarray(encode(doc), np.int64) for doc in _split(text, FLAGS.document_separator)]
+
+  if position_out:
+    result = scoring.loss_by_position(model, documents, max_position=FLAGS.max_position,
+                                      batch_size=FLAGS.batch_size, chunk=FLAGS.chunk,
+                                      impl=FLAGS.impl)
+    _print_position_loss(result)
+    _write_position_loss(position_out, result, FLAGS.text_file or "--text")
+    print(f"wrote the loss by position to {position_out}")
+    return
+
+  documents = [d for d in documents if len(d) >= 2]
+  if not documents:
+    raise UsageError("the text encodes to fewer than 2 tokens per document; need at least 2 to "
+                     "score.")
+  losses = scoring.batch_token_losses(model, documents, chunk=FLAGS.chunk, impl=FLAGS.impl)
+  num_bytes = sum(len(d) - 1 if raw_bytes else len(tokenizer.decode(d[1:].tolist()).encode("utf-8")) for d in documents)
+  result = scoring.TextScore(np.concatenate(losses), num_bytes)
+  tokens = documents[0]
+  for tok, loss in list(zip(tokens[1:], losses[0]))[:FLAGS.show_tokens]:
     print(f"{tok:>8d} {tokenizer.decode([int(tok)])!r:>20}  loss {loss:7.3f}")
-  print(f"tokens scored: {len(result.token_losses)}  bytes: {result.num_bytes}")
+  print(f"documents: {len(documents)}  tokens scored: {len(result.token_losses)}  "
+        f"bytes: {result.num_bytes}")
   print(f"loss: {result.mean_loss:.4f} nats/token  perplexity: {result.perplexity:.3f}  "
         f"bits per byte: {result.bits_per_byte:.4f}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, usage_errors=(UsageError, ValueError, OSError), failures=(WriteError,))

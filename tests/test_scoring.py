@@ -143,3 +143,139 @@ def test_perplexity_of_a_diverged_model_is_infinite_not_an_error():
   score = scoring_lib.TextScore(np.asarray([1e4, 2e4], np.float32), num_bytes=2)
   assert score.perplexity == float("inf")
   assert scoring_lib.TextScore(np.asarray([1.0], np.float32), 1).perplexity == pytest.approx(np.e)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses computed on the device, batched documents, loss by position.
+
+def _losses_alone(model, doc):
+  return scoring.token_losses(scoring.logits_for(model, doc, chunk=64), doc)
+
+
+def test_batched_documents_of_different_lengths_equal_each_alone(model):
+  rng = np.random.default_rng(3)
+  docs = [rng.integers(0, 256, n) for n in (2, 5, 17, 33, 9)]
+  got = scoring.batch_token_losses(model, docs, chunk=8)
+  for doc, losses in zip(docs, got):
+    assert losses.shape == (len(doc) - 1,)
+    np.testing.assert_allclose(losses, _losses_alone(model, doc), rtol=2e-5, atol=2e-5)
+
+
+def test_loss_by_position_averages_over_the_documents_that_reach_it(model):
+  rng = np.random.default_rng(4)
+  docs = [rng.integers(0, 256, n) for n in (12, 4, 1, 9)]  # the 1-token one is skipped
+  result = scoring.loss_by_position(model, docs, batch_size=2, chunk=8)
+  alone = [_losses_alone(model, d) for d in docs if len(d) >= 2]
+  assert result.count.tolist() == [3, 3, 3, 2, 2, 2, 2, 2, 1, 1, 1]
+  for p in range(len(result.count)):
+    expected = np.mean([losses[p] for losses in alone if len(losses) > p])
+    assert result.mean_loss[p] == pytest.approx(expected, rel=1e-5)
+  capped = scoring.loss_by_position(model, docs, max_position=5, chunk=8)
+  assert capped.count.tolist() == [3, 3, 3, 2, 2]
+  np.testing.assert_allclose(capped.loss_sum, result.loss_sum[:5], rtol=1e-6)
+  assert [row[:2] for row in result.bucketed()] == [(1, 1), (2, 3), (4, 7), (8, 11)]
+
+
+def test_cli_writes_the_loss_by_position_of_separated_documents(model, pth, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  text = tmp_path / "docs.txt"
+  docs = [b"first document here", b"second, longer document goes on", b"third"]
+  text.write_bytes(b"\n\n".join(docs))
+  out = tmp_path / "by_position.json"
+  result = run_cli(f"--checkpoint={pth}", f"--text_file={text}", "--document_separator=\\n\\n",
+                   f"--position_loss={out}", "--chunk=8")
+  assert result.returncode == 0, result.stderr
+  record = json.loads(out.read_text())
+  expected = scoring.loss_by_position(
+      model, [np.frombuffer(d, np.uint8).astype(np.int64) for d in docs], chunk=8)
+  assert record["num_documents"] == 3 and record["documents"] == expected.count.tolist()
+  np.testing.assert_allclose(record["mean_loss"], expected.mean_loss, rtol=1e-5)
+
+
+def test_cli_scores_a_binidx_dataset_by_position(model, pth, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from rwkv_jax import binidx  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  docs = [rng.integers(0, 256, n).astype(np.uint16) for n in (20, 7)]
+  binidx.write_binidx(tmp_path / "val", docs, dtype=np.uint16)
+  out = tmp_path / "pos.json"
+  result = run_cli(f"--checkpoint={pth}", f"--binidx={tmp_path / 'val'}",
+                   f"--position_loss={out}", "--chunk=8")
+  assert result.returncode == 0, result.stderr
+  expected = scoring.loss_by_position(model, [d.astype(np.int64) for d in docs], chunk=8)
+  np.testing.assert_allclose(json.loads(out.read_text())["mean_loss"], expected.mean_loss,
+                             rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text that is not UTF-8, and other mistakes: one line, status 2, nothing written.
+
+@pytest.fixture(scope="module")
+def neox_pth(tmp_path_factory):
+  cfg = RWKVConfig(n_layer=1, n_embd=8, vocab_size=50277)
+  path = tmp_path_factory.mktemp("neox") / "neox.pth"
+  weights.save_pth(RWKV(cfg, rngs=nnx.Rngs(0)), path)
+  return path
+
+
+def _one_line_error(result, status=2):
+  assert result.returncode == status, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, result.stderr[-2000:]
+  return errors[0]
+
+
+def test_text_that_is_not_utf8_is_refused_unless_replacement_is_asked(neox_pth, tmp_path):
+  bad = tmp_path / "latin1.txt"
+  bad.write_bytes("café au lait, crème brûlée".encode("latin-1"))
+  line = _one_line_error(run_cli(f"--checkpoint={neox_pth}", f"--text_file={bad}"))
+  assert f"--text_file={bad} is not UTF-8" in line and "offset 3" in line
+  assert "--encoding_errors=replace" in line
+  result = run_cli(f"--checkpoint={neox_pth}", f"--text_file={bad}", "--encoding_errors=replace")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "4 undecodable byte sequence(s) were replaced" in result.stderr
+
+
+def test_the_byte_tokenizer_scores_raw_bytes_exactly(model, pth, tmp_path):
+  raw = "naïve façade".encode("latin-1") + b"\x00\xff\xfe"
+  path = tmp_path / "binary.dat"
+  path.write_bytes(raw)
+  result = run_cli(f"--checkpoint={pth}", f"--text_file={path}", "--chunk=8")
+  assert result.returncode == 0, result.stderr[-2000:]
+  tokens = np.frombuffer(raw, np.uint8).astype(np.int64)
+  expected = float(np.mean(_losses_alone(model, tokens)))
+  loss = float(re.search(r"loss: ([0-9.]+) nats/token", result.stdout).group(1))
+  assert loss == pytest.approx(expected, abs=1e-4)
+  assert f"bytes: {len(raw) - 1}" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["output dir missing", "truncated pth", "damaged export",
+                                  "bad dtype", "position loss with tokens", "zero chunk"])
+def test_cli_mistakes_are_one_line(model, pth, tmp_path, case):
+  ckpt, args = pth, ["--tokens=1,2,3"]
+  if case == "output dir missing":
+    args.append(f"--output={tmp_path / 'nowhere' / 'logits.npy'}")
+    expected = "the directory"
+  elif case == "truncated pth":
+    ckpt = tmp_path / "cut.pth"
+    ckpt.write_bytes(pth.read_bytes()[:1000])
+    expected = "cut.pth"
+  elif case == "damaged export":
+    from rwkv_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    ckpt = checkpoint.export(model, tmp_path / "export")
+    for f in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.stat().st_size > 1000):
+      f.write_bytes(f.read_bytes()[:100])
+    expected = "export"
+  elif case == "bad dtype":
+    args.append("--dtype=float8")
+    expected = "--dtype=float8 is not one of"
+  elif case == "position loss with tokens":
+    args.append(f"--position_loss={tmp_path / 'p.json'}")
+    expected = "--position_loss needs documents"
+  else:
+    args.append("--chunk=0")
+    expected = "--chunk=0 must be >= 1"
+  line = _one_line_error(run_cli(f"--checkpoint={ckpt}", *args))
+  assert expected in line, line
+  assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.npy"))
