@@ -8,15 +8,12 @@ finished runs and resumes the unfinished one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import pathlib
-import statistics
 import time
-from typing import Any, Iterator, Sequence
-from unittest import mock
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -24,30 +21,6 @@ from experiments import benchlib
 from rwkv_jax import metrics, sharding, train
 
 RESULT_FILE = "result.json"
-
-
-@contextlib.contextmanager
-def sharded_by(rules: Sequence[tuple[str, Any]] | None) -> Iterator[None]:
-  """Makes the trainer place parameters by `rules` first (then RWKV's), for a baseline model.
-
-  `train.abstract_state` calls `sharding.param_shardings` and `sharding.tree_shardings` with
-  RWKV's rules, which name RWKV's parameters only. Until the trainer takes a model's rules, this
-  swaps `sharding.tree_shardings` (both go through it) for the duration of one run.
-  """
-  if rules is None:
-    yield
-    return
-  original = sharding.tree_shardings
-
-  def with_rules(mesh, tree, base=sharding.PARAM_RULES):
-    return original(mesh, tree, tuple(rules) + tuple(base))
-
-  with mock.patch.object(sharding, "tree_shardings", with_rules):
-    yield
-
-
-def _median(xs: list[float]) -> float | None:
-  return statistics.median(xs) if xs else None
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
@@ -67,7 +40,7 @@ def train_run(name: str, config: ml_collections.ConfigDict, workdir: str | pathl
     make_model: the trainer's model hook.
     num_params: the model's parameter count, for the record.
     flops_per_token: the model's training FLOPs per token, for the record.
-    rules: partition rules for a model other than RWKV (see `sharded_by`).
+    rules: partition rules for a model other than RWKV (rwkv_jax/sharding.py); None: RWKV's.
 
   Returns:
     The run's record: sizes, steps, tokens, wall time, final validation loss and bits per
@@ -85,8 +58,8 @@ def train_run(name: str, config: ml_collections.ConfigDict, workdir: str | pathl
   logging.info("%s: %d parameters, %d steps of %d x %d tokens in %s.", name, num_params, t.steps,
                t.batch_size, config.model.ctx_len, workdir)
   start = time.perf_counter()
-  with sharded_by(rules):
-    final = train.train_and_evaluate(config, workdir, make_model=make_model)
+  final = train.train_and_evaluate(config, workdir, make_model=make_model,
+                                   rules=sharding.PARAM_RULES if rules is None else rules)
   wall_s = time.perf_counter() - start
   history = metrics.read_history(workdir)
   val = [(r["step"], r["val/loss"]) for r in history if "val/loss" in r]
@@ -103,9 +76,8 @@ def train_run(name: str, config: ml_collections.ConfigDict, workdir: str | pathl
       "tokens": tokens,
       "train_flops": flops_per_token * tokens,
       "wall_s": wall_s,  # this invocation's; less than the whole run's if it resumed
-      # The median of the logged windows (the last window can be a step or two long).
-      "train_tokens_per_s": _median([r["perf/tokens_per_s"] for r in history
-                                     if math.isfinite(r.get("perf/tokens_per_s", math.nan))]),
+      # This invocation's training steps after the first (which compiles), evaluation excluded.
+      "train_tokens_per_s": final.get("perf/tokens_per_s"),
       "val_loss": val_loss,
       "val_bits_per_token": val_loss / math.log(2),
       "train_curve": [(r["step"], r["train/loss_avg"]) for r in history if "train/loss_avg" in r],

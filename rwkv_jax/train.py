@@ -112,20 +112,26 @@ class TrainState:
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh, tx,
-                   make_model: ModelBuilder = build_model) -> TrainState:
-  """The TrainState's structure, shapes and shardings, with no array allocated."""
+                   make_model: ModelBuilder = build_model,
+                   rules: sharding.Rules = sharding.PARAM_RULES) -> TrainState:
+  """The TrainState's structure, shapes and shardings, with no array allocated.
+
+  `rules` place the parameters and the optimizer state that mirrors them (rwkv_jax/sharding.py);
+  a model other than RWKV passes its own.
+  """
   abstract_model = nnx.eval_shape(lambda: make_model(config, nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   return TrainState(graphdef, abstract_params, abstract_opt,
-                    sharding.param_shardings(mesh, abstract_params),
-                    sharding.tree_shardings(mesh, abstract_opt))
+                    sharding.param_shardings(mesh, abstract_params, rules),
+                    sharding.tree_shardings(mesh, abstract_opt, rules))
 
 
 def init_state(config: ml_collections.ConfigDict, mesh, tx,
-               make_model: ModelBuilder = build_model) -> TrainState:
+               make_model: ModelBuilder = build_model,
+               rules: sharding.Rules = sharding.PARAM_RULES) -> TrainState:
   """Creates params and optimizer state directly in their sharded layout (no host copy)."""
-  abstract = abstract_state(config, mesh, tx, make_model)
+  abstract = abstract_state(config, mesh, tx, make_model, rules)
 
   @functools.partial(jax.jit, out_shardings=abstract.param_shardings)
   def init_params():
@@ -277,7 +283,8 @@ def evaluate(eval_step, params, val_ds, mesh, max_batches: int) -> float:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        peak_flops: float | None = None,
-                       make_model: ModelBuilder = build_model) -> dict[str, float]:
+                       make_model: ModelBuilder = build_model,
+                       rules: sharding.Rules = sharding.PARAM_RULES) -> dict[str, float]:
   """Trains (resuming from WORKDIR's latest checkpoint if any) and returns final metrics.
 
   Args:
@@ -287,9 +294,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       utilization (perf/mfu). experiments/benchlib.py knows the common accelerators'.
     make_model: builds the model from the config (default: RWKV). Another model trains with the
       same data, optimizer and loop; only RWKV is exported at the end.
+    rules: partition rules of the model's parameters (rwkv_jax/sharding.py); default RWKV's.
+      Another model passes its own (e.g. experiments/baselines/transformer.PARAM_RULES).
 
   Returns:
-    The last logged training and validation metrics, and "step".
+    The last logged training and validation metrics, and "step". "perf/tokens_per_s" (and
+    "perf/mfu") there cover this invocation's whole run after its first step (which compiles),
+    evaluation time excluded (NaN for a run of one step); metrics.jsonl holds each logging
+    window's own.
 
   Raises:
     WorkdirError: WORKDIR is a file, or cannot be created or written.
@@ -303,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if jax.process_index() == 0:
       stack.enter_context(workdir_lock(workdir))
       _remove_unfinished_saves(workdir)
-    return _train_and_evaluate(config, workdir, peak_flops, make_model)
+    return _train_and_evaluate(config, workdir, peak_flops, make_model, rules)
 
 
 def _make_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -337,18 +349,22 @@ def _remove_unfinished_saves(workdir: pathlib.Path) -> None:
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                        peak_flops: float | None, make_model: ModelBuilder) -> dict[str, float]:
+                        peak_flops: float | None, make_model: ModelBuilder,
+                        rules: sharding.Rules) -> dict[str, float]:
   t = config.train
   lead = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   cfg = model_config(config)
-  logging.info("Mesh %s over %d devices (%d processes); model %s, %.2fM parameters.",
-               dict(mesh.shape), mesh.size, jax.process_count(), cfg, cfg.num_params() / 1e6)
 
   source = data_lib.open_training_source(config.data, workdir, config.model.vocab_size)
   train_it, val_ds = make_datasets(config, source)
   tx, schedule = build_optimizer(config)
-  state = init_state(config, mesh, tx, make_model)
+  state = init_state(config, mesh, tx, make_model, rules)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("Mesh %s over %d devices (%d processes); model %s, %s parameters.",
+               dict(mesh.shape), mesh.size, jax.process_count(),
+               cfg if make_model is build_model else type(nnx.merge(state.graphdef, state.params))
+               .__name__, f"{num_params:,}")
   ckpt = ckpt_lib.TrainCheckpointer(workdir, keep=t.keep_checkpoints,
                                     async_save=t.async_checkpoints)
   step = 0
@@ -383,12 +399,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   pending = None  # (step, metrics) dispatched but not yet fetched
   window_start, window_steps = time.perf_counter(), 0
   window_losses: list[float] = []  # since the last log line: one step's loss is noisy
+  # The whole run's throughput: from the end of its first step (the compilation's) to the end of
+  # its last, less the time spent evaluating.
+  run_start, run_steps, run_paused = None, 0, 0.0
   final: dict[str, float] = {}
 
   def fetch(pending_step, step_metrics):
-    nonlocal window_start, window_steps
+    nonlocal window_start, window_steps, run_start, run_steps
     m = jax.device_get(step_metrics)
     window_steps += 1  # counted once finished, so back-to-back fetches do not report 0 tokens/s
+    if run_start is None:
+      run_start = time.perf_counter()
+    else:
+      run_steps += 1
     loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
     window_losses.append(loss)
     # An infinite gradient norm with a finite loss is divergence too: clipping scales such
@@ -435,7 +458,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       if t.eval_every and (step % t.eval_every == 0 or boundary):
         fetch(*pending)
         pending = None
+        eval_start = time.perf_counter()
         val_loss = evaluate(eval_step, state.params, val_ds, mesh, t.eval_batches)
+        run_paused += time.perf_counter() - eval_start
         writer.write(step, {"val/loss": val_loss, "val/bits_per_token": val_loss / math.log(2)})
         final.update({"val/loss": val_loss, "val/bits_per_token": val_loss / math.log(2)})
         logging.info("step %d: validation loss %.4f, %.4f bits/token", step, val_loss,
@@ -448,6 +473,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         save(step)
     if pending is not None:
       fetch(*pending)
+    if run_start is not None:  # NaN for a single step: there is no step after the first
+      run_s = time.perf_counter() - run_start - run_paused
+      final["perf/tokens_per_s"] = (run_steps * tokens_per_step / run_s if run_steps
+                                    else float("nan"))
+      if peak_flops:
+        final["perf/mfu"] = (final["perf/tokens_per_s"] * cfg.flops_per_token()
+                             / (peak_flops * jax.device_count()))
   finally:
     if progress is not None:
       progress.close()

@@ -2,6 +2,7 @@
 write, the power-law fit, and the matched sizes of the character-level comparison."""
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -39,7 +40,9 @@ def test_transformer_rules_place_every_parameter_on_a_sharded_mesh():
   assert specs["blocks/0/ln1/scale"] == jax.sharding.PartitionSpec()
 
 
-def test_char_level_records_bits_per_char_of_both_models_and_skips_finished_runs(tmp_path):
+def test_char_level_records_bits_per_char_of_both_models_and_skips_finished_runs(tmp_path,
+                                                                                 caplog):
+  caplog.set_level(logging.INFO)
   record = char_level.run("tiny", tmp_path / "runs")
   path = char_level.save(record, tmp_path / "out", "tiny")
   saved = json.loads(path.read_text())
@@ -49,7 +52,9 @@ def test_char_level_records_bits_per_char_of_both_models_and_skips_finished_runs
   for name, run in saved["runs"].items():
     assert run["steps"] == 4 and run["tokens"] == 4 * 8 * 32
     assert run["val_bits_per_token"] == saved["val_bits_per_char"][name] > 0
-    assert run["num_params"] > 0 and run["wall_s"] > 0
+    assert run["num_params"] > 0 and run["wall_s"] > 0 and run["train_tokens_per_s"] > 0
+    # The trainer's start-up line counts the parameters of the model it trains.
+    assert f"{run['num_params']:,} parameters" in caplog.text, name
   assert abs(saved["param_ratio_transformer_to_rwkv"] - 1) < 0.01
   again = char_level.run("tiny", tmp_path / "runs")  # finished: read back, not trained again
   assert again["runs"]["rwkv"]["wall_s"] == record["runs"]["rwkv"]["wall_s"]
