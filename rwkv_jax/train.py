@@ -11,7 +11,10 @@ at logging, evaluation and checkpoint boundaries. Metrics go to rwkv_jax/metrics
 A non-finite loss or gradient norm stops the run with an error and writes nothing: the last
 checkpoint on disk is the last good state. One run at a time trains in a workdir: process 0 holds
 WORKDIR/.lock (an flock, which the OS drops when the process dies) from start to end, and
-first removes what a killed run's unfinished checkpoint save left behind.
+first removes what a killed run's unfinished checkpoint save left behind. A run resumes from the
+newest checkpoint that reads back whole: newer damaged ones are moved to WORKDIR/damaged_checkpoints
+with a warning naming them and the step used. Long windows train in chunks that carry the
+recurrent state (train.chunk_len, train.bptt; rwkv_jax/bptt.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import itertools
 import json
 import math
 import os
@@ -36,6 +40,7 @@ import ml_collections
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from rwkv_jax import bptt as bptt_lib
 from rwkv_jax import checkpoint as ckpt_lib
@@ -59,6 +64,7 @@ class WorkdirError(ValueError):
 
 
 LOCK_FILE = ".lock"
+DAMAGED_DIR = "damaged_checkpoints"  # where unreadable checkpoints are moved, in the workdir
 # What Orbax appends to a checkpoint directory's name until its save completes.
 _ORBAX_TMP = ".orbax-checkpoint-tmp"
 
@@ -348,6 +354,73 @@ def _remove_unfinished_saves(workdir: pathlib.Path) -> None:
       tmp.unlink()
 
 
+def _restore_newest_complete(ckpt: ckpt_lib.TrainCheckpointer, state: TrainState, train_it,
+                             cfg: RWKVConfig, workdir: pathlib.Path) -> tuple[int, list[int]]:
+  """Restores into `state` and `train_it` the newest checkpoint that reads back whole.
+
+  A newer checkpoint that cannot be read (a file truncated or missing, e.g. a disk that filled
+  up) is passed over for the one before it, with a warning naming both.
+
+  Returns:
+    (the restored step, or 0 when the workdir has no checkpoint; the damaged newer steps).
+
+  Raises:
+    CheckpointError: a checkpoint was written for another model, or none reads back whole.
+  """
+  damaged: list[tuple[int, ckpt_lib.CheckpointError]] = []
+  for s in sorted(ckpt.all_steps(), reverse=True):
+    try:
+      meta = ckpt.read_meta(s)
+    except ckpt_lib.CheckpointError as e:
+      damaged.append((s, e))
+      continue
+    # Another model's checkpoint is the user's mistake, not damage: never pass over it.
+    ckpt_lib.check_compatible(meta, cfg, f"Checkpoint {s} in {workdir}")
+    try:
+      state.params, state.opt_state = ckpt.restore(s, state.params, state.opt_state, train_it)
+    except ckpt_lib.CheckpointError as e:
+      damaged.append((s, e))
+      continue
+    for bad, error in damaged:
+      logging.warning(
+          "CHECKPOINT STEP %d IN %s IS DAMAGED; resuming from step %d, the newest complete one "
+          "(the steps after it are trained again). Step %d is moved to %s. %s", bad,
+          ckpt.directory, s, bad, workdir / DAMAGED_DIR, error)
+    return s, [bad for bad, _ in damaged]
+  if len(damaged) > 1:
+    raise ckpt_lib.CheckpointError(
+        f"Every checkpoint in {ckpt.directory} (steps {sorted(s for s, _ in damaged)}) is "
+        f"damaged; use a new --workdir to start again. Newest: {damaged[0][1]}")
+  if damaged:
+    raise damaged[0][1]
+  return 0, []
+
+
+def _set_aside(steps: list[int], ckpt: ckpt_lib.TrainCheckpointer, workdir: pathlib.Path,
+               reopen: Callable[[], ckpt_lib.TrainCheckpointer]) -> ckpt_lib.TrainCheckpointer:
+  """Moves damaged checkpoints out of checkpoints/ and returns a checkpointer without them.
+
+  Kept, not deleted, for a post-mortem; out of the way, since the run saves those steps again.
+  """
+  multi = jax.process_count() > 1
+  if multi:  # every process has finished reading them
+    multihost_utils.sync_global_devices("rwkv_jax: damaged checkpoints found")
+  if jax.process_index() == 0:
+    aside = workdir / DAMAGED_DIR
+    aside.mkdir(exist_ok=True)
+    for s in steps:
+      target = aside / str(s)
+      for i in itertools.count(1):
+        if not target.exists():
+          break
+        target = aside / f"{s}.{i}"
+      shutil.move(ckpt.directory / str(s), target)
+  if multi:
+    multihost_utils.sync_global_devices("rwkv_jax: damaged checkpoints moved")
+  ckpt.close()
+  return reopen()
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                         peak_flops: float | None, make_model: ModelBuilder,
                         rules: sharding.Rules) -> dict[str, float]:
@@ -365,14 +438,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                dict(mesh.shape), mesh.size, jax.process_count(),
                cfg if make_model is build_model else type(nnx.merge(state.graphdef, state.params))
                .__name__, f"{num_params:,}")
-  ckpt = ckpt_lib.TrainCheckpointer(workdir, keep=t.keep_checkpoints,
-                                    async_save=t.async_checkpoints)
-  step = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    ckpt_lib.check_compatible(ckpt.read_meta(latest), cfg, f"Checkpoint {latest} in {workdir}")
-    state.params, state.opt_state = ckpt.restore(latest, state.params, state.opt_state, train_it)
-    step = latest
+  open_checkpoints = lambda: ckpt_lib.TrainCheckpointer(workdir, keep=t.keep_checkpoints,
+                                                        async_save=t.async_checkpoints)
+  ckpt = open_checkpoints()
+  step, damaged = _restore_newest_complete(ckpt, state, train_it, cfg, workdir)
+  if damaged:
+    ckpt = _set_aside(damaged, ckpt, workdir, open_checkpoints)
+  if step:
     logging.info("Resumed from step %d in %s.", step, ckpt.directory)
   if lead:  # only now: a refused resume leaves the accepted run's config.json as it was
     with files.atomic_write(workdir / "config.json", "w") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,8 +20,8 @@ from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import data as data_lib
 from rwkv_jax import metrics, sharding, train
 from rwkv_jax.config import Preset, RWKVConfig
-from training_util import (REPO, TOTAL, compile_cache, copy_run, corpus, full_run,  # noqa: F401
-                           half_run, losses, tiny_config)
+from training_util import (N, REPO, TOTAL, compile_cache, copy_run, corpus,  # noqa: F401
+                           full_run, half_run, latest_params, losses, tiny_config)
 
 CONFIGS = REPO / "experiments" / "configs"
 
@@ -206,3 +207,36 @@ def test_a_resumed_run_logs_each_step_once(full_run, corpus, tmp_path):
 
   steps = [r["step"] for r in metrics.read_history(workdir) if "train/loss" in r]
   assert steps == list(range(1, TOTAL + 1))
+
+
+def _truncate_largest_param_file(step_dir):
+  files = sorted((p for p in (step_dir / "params").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+  files[-1].write_bytes(files[-1].read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage", [
+    _truncate_largest_param_file,
+    lambda step_dir: (step_dir / "params" / "manifest.ocdbt").unlink(),
+], ids=["truncated_params", "missing_manifest"])
+# Orbax abandons the other reads of a failed restore; their coroutines are reported when collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    full_run, corpus, tmp_path, caplog, damage):
+  workdir = copy_run(full_run, tmp_path / "run")  # checkpoints N and TOTAL
+  shutil.rmtree(workdir / "export")
+  damage(workdir / "checkpoints" / str(TOTAL))
+  caplog.set_level(logging.WARNING)
+
+  train.train_and_evaluate(tiny_config(corpus), workdir)
+
+  assert (f"CHECKPOINT STEP {TOTAL} IN {workdir / 'checkpoints'} IS DAMAGED; resuming from step "
+          f"{N}") in caplog.text
+  assert (workdir / train.DAMAGED_DIR / str(TOTAL) / "params").is_dir()  # kept for a look
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [N, TOTAL]
+  resumed, whole = losses(workdir), losses(full_run)
+  for step in range(N + 1, TOTAL + 1):
+    assert resumed[step] == pytest.approx(whole[step], abs=1e-6), step
+  got, want = latest_params(workdir), latest_params(full_run)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
