@@ -7,8 +7,26 @@ r"""Generates text from an RWKV-4 checkpoint, printing it as it comes.
 directory, or an Orbax export / training work directory of experiments.train. Only the
 continuation goes to stdout; with --num_samples > 1 the samples are generated as one batch and
 printed one after another.
+
+Scripting: --prompt_tokens=1,2,3 gives token ids instead of text; --output=FILE.json writes the
+generated ids (a JSON list with one list per sample, prompt excluded, a stop token included);
+--max_tokens=0 only runs the prompt.
+
+Prompt cache: --save_state=FILE writes the recurrent state after everything processed (the prompt
+and the generated tokens; with --max_tokens=0, the prompt's) in the format of
+rwkv_jax.state_file; --load_state=FILE continues from such a state, the prompt then optional.
+Continuing a saved prompt's state with more prompt gives the tokens that the whole prompt in one
+go gives (same --seed). A state of one sequence is forked into --num_samples.
+
+    python -m experiments.generate --checkpoint=M.pth --prompt_file=long.txt --max_tokens=0 \
+        --save_state=long.state
+    python -m experiments.generate --checkpoint=M.pth --load_state=long.state --prompt="Q: ..."
+
+A mistake in the flags or the files they name ends in one line and exit status 2, a failure
+(e.g. an output that cannot be written) in one line and status 1; --debug shows tracebacks.
 """
 
+import json
 import pathlib
 import sys
 import time
@@ -18,8 +36,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import _cli
 from rwkv_jax import checkpoint as _  # noqa: F401  (registers Orbax exports with weights.load)
+from rwkv_jax import files
 from rwkv_jax import sampling
+from rwkv_jax import state_file
 from rwkv_jax import tokenizer as tokenizer_lib
 from rwkv_jax import weights
 
@@ -27,11 +48,14 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Official .pth file, HF directory or Orbax export.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "File holding the text to continue.")
+_PROMPT_TOKENS = flags.DEFINE_string("prompt_tokens", None,
+                                     "Token ids to continue, comma-separated (instead of text).")
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", "neox", "bytes, neox (RWKV-4 Pile models), world, or a tokenizer file path.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 200, "New tokens per sample.", lower_bound=0)
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 200, "New tokens per sample; 0 = prompt only.",
+                                   lower_bound=0)
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0 = greedy.", lower_bound=0.0)
-_TOP_P = flags.DEFINE_float("top_p", 0.85, "Nucleus mass; 1 = off.")
+_TOP_P = flags.DEFINE_float("top_p", 0.85, "Nucleus mass in (0, 1]; 1 = off.", upper_bound=1.0)
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most probable tokens; 0 = off.",
                               lower_bound=0)
 _ALPHA_PRESENCE = flags.DEFINE_float("alpha_presence", 0.0,
@@ -45,87 +69,138 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Continuations of the same
                                     lower_bound=1)
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 1024, "Prompt tokens per parallel call.",
                                       lower_bound=1)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+# The names weights.load accepts (weights.DTYPES where it declares them).
+_DTYPES = list(getattr(weights, "DTYPES", None) or ("float32", "bfloat16"))
+_DTYPE = flags.DEFINE_enum("dtype", "float32", _DTYPES, "Parameter and compute dtype.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the generated token ids here (.json): one "
+                              "list per sample, prompt excluded.")
+_SAVE_STATE = flags.DEFINE_string("save_state", None, "Write the state after the prompt and the "
+                                  "generated tokens here, to continue from with --load_state.")
+_LOAD_STATE = flags.DEFINE_string("load_state", None, "Continue from a state written with "
+                                  "--save_state (by the same model); the prompt is optional.")
+
+flags.register_validator("top_p", lambda p: p > 0, "--top_p must be in (0, 1]; 1 disables "
+                         "nucleus sampling.")
+flags.register_validator("temperature", lambda t: t == t and t != float("inf"),
+                         "--temperature must be a finite number >= 0 (0 = greedy).")
+for _name in ("alpha_presence", "alpha_frequency"):
+  flags.register_validator(_name, lambda a: abs(a) != float("inf") and a == a,
+                           f"--{_name} must be a finite number.")
 
 
-def _read_prompt() -> str:
-  if _PROMPT.value is not None and _PROMPT_FILE.value is not None:
-    raise app.UsageError("Pass either --prompt or --prompt_file, not both.")
-  if _PROMPT_FILE.value is not None:
-    path = pathlib.Path(_PROMPT_FILE.value)
+def _output_path(flag: flags.FlagHolder) -> pathlib.Path | None:
+  """The file a flag names, refused before any work if it could not be written there."""
+  if flag.value is None:
+    return None
+  path = pathlib.Path(flag.value)
+  if not flag.value or path.is_dir():
+    raise app.UsageError(f"--{flag.name}={flag.value} is a directory or empty; name a file.")
+  if not path.parent.is_dir():
+    raise app.UsageError(f"--{flag.name}={flag.value}: directory {path.parent} does not exist; "
+                         f"create it first or write elsewhere.")
+  return path
+
+
+def _read_prompt(optional: bool) -> str | list[int]:
+  """The prompt as text or token ids, checked before anything is loaded."""
+  given = [f for f in (_PROMPT, _PROMPT_FILE, _PROMPT_TOKENS) if f.value is not None]
+  if len(given) > 1:
+    raise app.UsageError(f"Pass only one of {', '.join('--' + f.name for f in given)}.")
+  if not given:
+    if optional:
+      return []
+    raise app.UsageError("Give a prompt: --prompt=TEXT, --prompt_file=FILE or "
+                         "--prompt_tokens=1,2,3 (or --load_state=FILE to continue a state).")
+  flag = given[0]
+  if flag is _PROMPT_TOKENS:
+    try:
+      prompt = [int(x) for x in flag.value.replace(" ", "").split(",") if x]
+    except ValueError:
+      raise app.UsageError(f"--prompt_tokens={flag.value!r} must be comma-separated integers, "
+                           f"e.g. --prompt_tokens=1,2,3.") from None
+  elif flag is _PROMPT_FILE:
+    path = pathlib.Path(flag.value)
     if not path.is_file():
       raise app.UsageError(f"--prompt_file={path} does not exist.")
-    text = path.read_text(encoding="utf-8")
-    where = f"--prompt_file={path}"
+    try:
+      prompt = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+      raise app.UsageError(f"--prompt_file={path} is not UTF-8 text ({e.reason} at byte "
+                           f"{e.start}).") from None
   else:
-    text, where = _PROMPT.value or "", "--prompt"
-  if not text:
-    raise app.UsageError(f"{where} is empty; give some text to continue (--prompt=... or "
-                         f"--prompt_file=...).")
-  return text
+    prompt = flag.value
+  if not prompt and not optional:
+    where = f"--{flag.name}" + (f"={flag.value}" if flag is _PROMPT_FILE else "")
+    raise app.UsageError(f"{where} is empty; give something to continue.")
+  return prompt
 
 
-class _TextStream:
-  """Prints decoded tokens as they arrive.
+def _prompt_ids(prompt: str | list[int], tokenizer, vocab_size: int, optional: bool
+                ) -> list[int]:
+  if isinstance(prompt, str):
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids and not optional:
+      raise app.UsageError("The prompt encodes to no tokens; give some text to continue.")
+    return ids
+  bad = [i for i in prompt if not 0 <= i < vocab_size]
+  if bad:
+    raise app.UsageError(f"--prompt_tokens: ids {bad[:5]} are outside the model's vocabulary "
+                         f"[0, {vocab_size}).")
+  return prompt
 
-  The text printed so far is always a prefix of the decoding of every token so far: the whole
-  list is decoded each time and trailing U+FFFD (possibly a character whose bytes have not all
-  arrived yet) is held back until later tokens settle it.
-  """
 
-  def __init__(self, tokenizer: tokenizer_lib.Tokenizer, skip: set[int]):
-    self._tok, self._skip = tokenizer, skip
-    self._ids: list[int] = []
-    self._printed = ""
-
-  def add(self, token: int) -> None:
-    if token not in self._skip:
-      self._ids.append(token)
-      self._write(self._tok.decode(self._ids).rstrip("\ufffd"))
-
-  def flush(self) -> None:
-    self._write(self._tok.decode(self._ids))
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-
-  def _write(self, text: str) -> None:
-    if len(text) > len(self._printed) and text.startswith(self._printed):
-      sys.stdout.write(text[len(self._printed):])
-      sys.stdout.flush()
-      self._printed = text
+def _load_state(config, n: int) -> state_file.SavedState | None:
+  if _LOAD_STATE.value is None:
+    return None
+  try:
+    saved = state_file.load(_LOAD_STATE.value, config=config)
+  except state_file.StateFileError as e:
+    raise app.UsageError(f"--load_state: {e}") from None
+  if saved.batch == 1 and n > 1:
+    saved = state_file.SavedState(
+        state_file.fork(saved.state, n), saved.next_logits.repeat(n, axis=0),
+        saved.tokens_consumed * n, saved.n_layer, saved.n_embd, saved.dim_att,
+        saved.vocab_size, saved.param_dtype)
+  if saved.batch != n:
+    raise app.UsageError(f"--load_state={_LOAD_STATE.value} holds {saved.batch} sequences but "
+                         f"--num_samples={n}; pass --num_samples={saved.batch}, or a state of "
+                         f"one sequence (which is forked).")
+  return saved
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  output, save_path = _output_path(_OUTPUT), _output_path(_SAVE_STATE)
+  prompt = _read_prompt(optional=_LOAD_STATE.value is not None)
   checkpoint = pathlib.Path(_CHECKPOINT.value)
   if not checkpoint.exists():
     raise app.UsageError(f"--checkpoint={checkpoint} does not exist; pass an official RWKV-4 "
                          f".pth file, a HuggingFace directory or an rwkv_jax export.")
-  text = _read_prompt()
   try:
     tokenizer = tokenizer_lib.load_tokenizer(_TOKENIZER.value)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(f"--tokenizer: {e}") from None
   try:
     model, config = weights.load(checkpoint, dtype=_DTYPE.value)
-  except weights.CheckpointError as e:
-    raise app.UsageError(str(e)) from None
+  except (weights.CheckpointError, FileNotFoundError) as e:
+    raise app.UsageError(f"--checkpoint={checkpoint}: {e}") from None
   if tokenizer.vocab_size > config.vocab_size:
     raise app.UsageError(
         f"--tokenizer={_TOKENIZER.value} has {tokenizer.vocab_size} tokens but the model only "
         f"{config.vocab_size}; use the tokenizer the model was trained with (RWKV-4 Pile models: "
         f"neox; byte-level models: bytes).")
-  prompt = tokenizer.encode(text)
-  if not prompt:
-    raise app.UsageError("The prompt encodes to no tokens; give some text to continue.")
+  n = _NUM_SAMPLES.value
+  saved = _load_state(config, n)
+  prompt = _prompt_ids(prompt, tokenizer, config.vocab_size, optional=saved is not None)
   eos = tokenizer.end_of_text_id
   stop = (eos,) if _STOP_AT_EOS.value and eos is not None else ()
-  n = _NUM_SAMPLES.value
-  logging.info("Model n_layer=%d n_embd=%d vocab=%d; prompt of %d tokens; %s devices.",
-               config.n_layer, config.n_embd, config.vocab_size, len(prompt), jax.devices())
+  logging.info("Model n_layer=%d n_embd=%d vocab=%d; prompt of %d tokens%s; %s devices.",
+               config.n_layer, config.n_embd, config.vocab_size, len(prompt),
+               f" after a saved state of {saved.tokens_consumed[0]}" if saved else "",
+               jax.devices())
 
-  stream = _TextStream(tokenizer, set(stop)) if n == 1 else None
+  stream = _TextStream(tokenizer_lib.StreamDecoder(tokenizer), set(stop)) if n == 1 else None
 
   def on_token(token_b, emitted_b):
     if emitted_b[0]:
@@ -138,16 +213,56 @@ def main(argv: list[str]) -> None:
           temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
           alpha_presence=_ALPHA_PRESENCE.value, alpha_frequency=_ALPHA_FREQUENCY.value,
           stop_tokens=stop, vocab_limit=tokenizer.vocab_size),
-      prefill_chunk=_PREFILL_CHUNK.value, callback=on_token if stream else None)
+      prefill_chunk=_PREFILL_CHUNK.value, callback=on_token if stream else None,
+      state=saved.state if saved else None, next_logits=saved.next_logits if saved else None)
   seconds = time.perf_counter() - start
   if stream:
-    stream.flush()
+    stream.flush(newline=_MAX_TOKENS.value > 0)
   else:
     for i, seq in enumerate(result.sequences()):
       print(f"--- sample {i + 1} of {n} ---")
       print(tokenizer.decode([t for t in seq if t not in stop]))
   logging.info("%d tokens in %.2f s (compilation included).", int(result.lengths.sum()), seconds)
 
+  if output is not None:
+    with files.atomic_write(output, "w") as f:
+      json.dump(result.sequences(), f)
+      f.write("\n")
+  if save_path is not None:
+    before = saved.tokens_consumed if saved else (0,) * n
+    state_file.save(save_path, state_file.SavedState.of(
+        config, result.state, result.next_logits,
+        [b + len(prompt) + int(k) for b, k in zip(before, result.lengths)]))
+
+
+class _TextStream:
+  """Prints decoded tokens as they arrive; the printed text equals the decoding of all of them.
+
+  Each token is decoded once (tokenizer.StreamDecoder), so the work per token does not grow with
+  the text; a character split across tokens is printed when its last byte arrives.
+  """
+
+  def __init__(self, decoder: tokenizer_lib.StreamDecoder, skip: set[int]):
+    self._decoder, self._skip = decoder, skip
+
+  def add(self, token: int) -> None:
+    if token not in self._skip:
+      self._write(self._decoder.add(token))
+
+  def flush(self, newline: bool = True) -> None:
+    self._write(self._decoder.flush())
+    if newline:
+      sys.stdout.write("\n")
+    sys.stdout.flush()
+
+  def _write(self, text: str) -> None:
+    if text:
+      sys.stdout.write(text)
+      sys.stdout.flush()
+
 
 if __name__ == "__main__":
-  app.run(main)
+  # A mistake in the flags or the files they name is the user's to fix (status 2); an output that
+  # cannot be written is a failed run (status 1). --debug shows tracebacks.
+  _cli.run(main, usage_errors=(state_file.StateFileError, weights.CheckpointError),
+           failures=(OSError,))

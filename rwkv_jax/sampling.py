@@ -10,8 +10,9 @@ distribution softmax(logits); temperature then reshapes the probabilities inside
 greedy. The optional presence and frequency penalties are those of ChatRWKV's chat: every token
 generated so far has its logit lowered by alpha_presence + count * alpha_frequency.
 
-Generation prefills the prompt with the parallel model in chunks (the state is carried between
-chunks, so memory does not grow with the prompt), then decodes one token per step with the
+Generation prefills the prompts with the parallel model in chunks (the state is carried between
+chunks, so memory does not grow with the prompt; prompts of different lengths share each chunk's
+call, see rwkv_jax.chunks), then decodes one token per step with the
 recurrent form. Without a callback the whole decoding is one jitted `lax.while_loop`; with one, a
 jitted step runs in a Python loop so that each token reaches the host as soon as it is sampled.
 Both run the same step function with the same keys, so they give the same tokens.
@@ -169,12 +170,15 @@ class GenerationResult(NamedTuple):
       stop token), ready to continue from.
     logits: float32 [b, n, v] numpy array of the model's logits each token was sampled from
       (before penalties), or None unless `return_logits=True`.
+    next_logits: float32 [b, v]: the model's scores for the token after `state` (with the state,
+      all that is needed to continue; see rwkv_jax.state_file).
   """
 
   tokens: np.ndarray
   lengths: np.ndarray
   state: model_lib.RWKVState
   logits: np.ndarray | None = None
+  next_logits: Array | None = None
 
   def sequences(self) -> list[list[int]]:
     """The new tokens of each sequence as plain lists, without padding."""
@@ -262,26 +266,49 @@ def _decode_loop(graphdef, params, carry: _Carry, key: Array, cfg: SamplingConfi
 
 
 def prefill(model: model_lib.RWKV, tokens_bt: Array | np.ndarray,
-            state: model_lib.RWKVState | None = None, *, chunk: int = 1024, impl: str = "auto"
-            ) -> tuple[Array, model_lib.RWKVState]:
-  """Runs a prompt through the parallel model, `chunk` tokens at a time.
+            state: model_lib.RWKVState | None = None, *, chunk: int = 1024, impl: str = "auto",
+            lengths=None) -> tuple[Array, model_lib.RWKVState]:
+  """Runs prompts through the parallel model, `chunk` tokens at a time, all rows in each call.
 
   Args:
     model: the model.
-    tokens_bt: int [b, t] prompt, t >= 1.
+    tokens_bt: int [b, t] prompts, t >= 1; with `lengths`, row i is its first lengths[i] tokens
+      followed by padding (any valid ids).
     state: state to continue from, or None for an empty one.
     chunk: tokens per parallel call; memory is bounded by this, not by t. The state is exact
       and one program is compiled per chunk length, whatever the prompt lengths (see
       rwkv_jax.chunks).
     impl: WKV implementation for the parallel calls (see rwkv_jax.wkv).
+    lengths: int [b] prompt length of each row, or None (all t). A row of length 0 keeps its
+      state and gets zero logits.
 
   Returns:
-    (logits_bv for the token after the prompt, state after the prompt).
+    (logits_bv for the token after each prompt, state after each prompt).
   """
-  return chunks.run_chunks(model, tokens_bt, state, chunk=chunk, impl=impl, last_only=True)
+  return chunks.run_chunks(model, tokens_bt, state, chunk=chunk, impl=impl, last_only=True,
+                           lengths=lengths)
 
 
-def _as_batch(prompt_tokens) -> list[np.ndarray]:
+def prefill_one_by_one(model: model_lib.RWKV, rows: Sequence[np.ndarray], *, chunk: int = 1024,
+                       impl: str = "auto") -> tuple[Array, model_lib.RWKVState]:
+  """Prompts of different lengths prefilled one at a time and joined: the slow, obvious path
+  that batched `prefill(..., lengths=)` replaces (kept as its reference and its benchmark
+  baseline)."""
+  outs = [prefill(model, np.asarray(r)[None], chunk=chunk, impl=impl) for r in rows]
+  return (jnp.concatenate([o[0] for o in outs]),
+          jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *(o[1] for o in outs)))
+
+
+def pad_rows(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """Token rows of different lengths as (int32 [b, max length] padded with 0, lengths [b])."""
+  lengths_b = np.asarray([len(r) for r in rows], np.int32)
+  tokens_bt = np.zeros((len(rows), max(int(lengths_b.max()), 1)), np.int32)
+  for i, r in enumerate(rows):
+    tokens_bt[i, :len(r)] = r
+  return tokens_bt, lengths_b
+
+
+def _as_batch(prompt_tokens, allow_empty: bool = False) -> list[np.ndarray]:
   """One int array per sequence, from a list of ints, a list of lists, or a [b, t] array."""
   if isinstance(prompt_tokens, (np.ndarray, jax.Array)):
     arr = np.asarray(prompt_tokens)
@@ -299,7 +326,9 @@ def _as_batch(prompt_tokens) -> list[np.ndarray]:
     raise ValueError(f"prompt_tokens must be a list of token ids, a list of such lists or a "
                      f"[batch, time] array; got {type(prompt_tokens).__name__}.")
   for i, row in enumerate(rows):
-    if row.size == 0:
+    if row.size == 0 and allow_empty:
+      row = rows[i] = np.zeros((0,), np.int32)
+    if row.size == 0 and not allow_empty:
       raise ValueError(f"prompt {i} is empty; give at least one token (e.g. the tokenizer's "
                        f"end-of-text id to start from nothing).")
     if not np.issubdtype(row.dtype, np.integer):
@@ -311,13 +340,15 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
              max_new_tokens: int, key: Array, *, sampling: SamplingConfig = SamplingConfig(),
              prefill_chunk: int = 1024, state: model_lib.RWKVState | None = None,
              impl: str = "auto", callback: Callable[[np.ndarray, np.ndarray], None] | None = None,
-             return_logits: bool = False) -> GenerationResult:
+             return_logits: bool = False, next_logits: Array | None = None
+             ) -> GenerationResult:
   """Continues each prompt with up to `max_new_tokens` sampled tokens.
 
   Args:
     model: the model.
     prompt_tokens: one prompt (list of ids), several (list of lists; lengths may differ) or an
-      int [b, t] array.
+      int [b, t] array. With `state` and `next_logits` (a saved state, see
+      rwkv_jax.state_file), prompts may be empty: those rows continue from the state as it is.
     max_new_tokens: tokens to generate per sequence (fewer if a stop token comes first).
     key: PRNG key; step i samples with fold_in(key, i).
     sampling: how each token is chosen (temperature, top_p, top_k, penalties, stop tokens,
@@ -328,6 +359,8 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
     callback: called after each step with (token_b, emitted_b) as numpy arrays; emitted_b is
       False for rows that had already stopped. Decoding then runs step by step on the host.
     return_logits: also return the logits every token was sampled from.
+    next_logits: float32 [b, v] scores for the token after `state` (GenerationResult.next_logits
+      of the run that made it); needed only for empty prompts.
 
   Returns:
     GenerationResult(tokens, lengths, state, logits).
@@ -338,20 +371,22 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
   cfg = sampling
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
     raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0.")
-  rows = _as_batch(prompt_tokens)
+  can_continue = state is not None and next_logits is not None
+  rows = _as_batch(prompt_tokens, allow_empty=can_continue)
   b, v = len(rows), model.config.vocab_size
   if state is not None and state.num.shape[1] != b:
     raise ValueError(f"state has batch {state.num.shape[1]} but there are {b} prompts.")
+  if next_logits is not None and tuple(next_logits.shape) != (b, v):
+    raise ValueError(f"next_logits has shape {tuple(next_logits.shape)}; expected {(b, v)}.")
 
-  if len({len(r) for r in rows}) == 1:
-    logits_bv, state = prefill(model, np.stack(rows), state, chunk=prefill_chunk, impl=impl)
+  tokens_bt, lengths_b = pad_rows(rows)
+  if lengths_b.max() == 0:
+    logits_bv = jnp.asarray(next_logits, jnp.float32)
   else:
-    # RWKV has no padding mask: ragged prompts are prefilled one by one and their states joined.
-    outs = [prefill(model, r[None], None if state is None else jax.tree.map(
-        lambda x, i=i: x[:, i:i + 1], state), chunk=prefill_chunk, impl=impl)
-            for i, r in enumerate(rows)]
-    logits_bv = jnp.concatenate([o[0] for o in outs])
-    state = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *(o[1] for o in outs))
+    logits_bv, state = prefill(model, tokens_bt, state, chunk=prefill_chunk, impl=impl,
+                               lengths=None if lengths_b.min() == lengths_b.max() else lengths_b)
+    if lengths_b.min() == 0:
+      logits_bv = jnp.where(jnp.asarray(lengths_b > 0)[:, None], logits_bv, next_logits)
 
   counts_bv = jnp.zeros((b, v if cfg.uses_penalties else 0), jnp.float32)
   carry = _Carry(logits_bv, state, counts_bv, jnp.zeros((b,), bool))
@@ -383,4 +418,4 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
       if logits:
         logits_bnv[:, :len(logits)] = np.stack(logits, axis=1)
   lengths_b = np.sum(tokens_bn != PAD_ID, axis=1).astype(np.int32)
-  return GenerationResult(tokens_bn, lengths_b, carry.state, logits_bnv)
+  return GenerationResult(tokens_bn, lengths_b, carry.state, logits_bnv, carry.logits_bv)

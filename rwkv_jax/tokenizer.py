@@ -6,13 +6,15 @@
   * `WorldTokenizer`: the RWKV World vocabulary (vocab 65536), greedy longest match over bytes.
 
 `load_tokenizer("bytes" | "neox" | "world" | path)` picks one; "neox" and "world" fetch the standard
-files once (see `rwkv_jax.assets`).
+files once (see `rwkv_jax.assets`). `StreamDecoder` turns ids into text one token at a time (for
+printing generation as it comes) with work per token that does not grow with the text.
 """
 
 from __future__ import annotations
 
 import abc
 import ast
+import codecs
 import os
 import pathlib
 from collections.abc import Iterable
@@ -48,6 +50,16 @@ class Tokenizer(abc.ABC):
   def decode(self, ids: Iterable[int]) -> str:
     """Returns the text of `ids`; invalid UTF-8 becomes U+FFFD."""
 
+  def token_bytes(self, token_id: int) -> bytes | None:
+    """The bytes token `token_id` contributes to the UTF-8 text of any sequence holding it.
+
+    `decode(ids)` is then the UTF-8 decoding (errors replaced) of the tokens' joined bytes, which
+    is what lets `StreamDecoder` decode one token at a time. None where a tokenizer's text is not
+    built that way.
+    """
+    del token_id
+    return None
+
   def _check_ids(self, ids: list[int]) -> None:
     bad = [i for i in ids if not 0 <= i < self.vocab_size]
     if bad:
@@ -70,6 +82,10 @@ class ByteTokenizer(Tokenizer):
     self._check_ids(ids)
     # A sampled sequence may cut a multi-byte character; keep going rather than fail.
     return bytes(ids).decode("utf-8", errors="replace")
+
+  def token_bytes(self, token_id: int) -> bytes:
+    self._check_ids([int(token_id)])
+    return bytes([int(token_id)])
 
 
 class NeoXTokenizer(Tokenizer):
@@ -94,6 +110,9 @@ class NeoXTokenizer(Tokenizer):
     self._tok = tokenizers.Tokenizer.from_file(str(path))
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.end_of_text_id = self._tok.token_to_id("<|endoftext|>")
+    # Per-token bytes exist for the byte-level decoder of GPT-2 style BPEs (NeoX's among them).
+    self._byte_level = isinstance(self._tok.decoder, tokenizers.decoders.ByteLevel)
+    self._token_bytes: dict[int, bytes] = {}
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text).ids
@@ -104,6 +123,25 @@ class NeoXTokenizer(Tokenizer):
     self._check_ids(ids)
     # Keep <|endoftext|> visible so that decode(encode(text)) gives the text back.
     return self._tok.decode(ids, skip_special_tokens=False)
+
+  def token_bytes(self, token_id: int) -> bytes | None:
+    if not self._byte_level:
+      return None
+    token_id = int(token_id)
+    found = self._token_bytes.get(token_id)
+    if found is None:
+      self._check_ids([token_id])
+      # As the library's ByteLevel decoder: every character of the token's string maps back to
+      # one byte, or, if any does not (added tokens such as <|endoftext|> or runs of spaces),
+      # the string's own UTF-8 bytes are used.
+      token = self._tok.id_to_token(token_id)
+      table = _unicode_to_byte()
+      if all(ch in table for ch in token):
+        found = bytes(table[ch] for ch in token)
+      else:
+        found = token.encode("utf-8")
+      self._token_bytes[token_id] = found
+    return found
 
 
 class WorldTokenizer(Tokenizer):
@@ -217,6 +255,71 @@ class WorldTokenizer(Tokenizer):
   def decode(self, ids: Iterable[int]) -> str:
     # Decoding the whole byte string at once keeps characters split across tokens intact.
     return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+  def token_bytes(self, token_id: int) -> bytes:
+    return self.decode_bytes([token_id])
+
+
+_BYTE_TABLE: dict[str, int] = {}
+
+
+def _unicode_to_byte() -> dict[str, int]:
+  """GPT-2's byte-level alphabet, reversed: printable bytes stand for themselves, the other 68
+  bytes for the characters U+0100 onwards, in byte order."""
+  if not _BYTE_TABLE:
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    _BYTE_TABLE.update({chr(b): b for b in kept})
+    _BYTE_TABLE.update({chr(256 + i): b for i, b in enumerate(shifted)})
+  return _BYTE_TABLE
+
+
+class StreamDecoder:
+  """Decodes token ids one at a time; the pieces joined equal `tokenizer.decode(all ids)`.
+
+    stream = StreamDecoder(tokenizer)
+    for token in tokens:
+      print(stream.add(token), end="")
+    print(stream.flush())
+
+  A character whose UTF-8 bytes are split across tokens comes out whole, with the token that
+  completes it. Where the tokenizer gives per-token bytes (`Tokenizer.token_bytes`: the byte,
+  World and NeoX tokenizers) each token is decoded alone through an incremental UTF-8 decoder, so
+  the work per token is constant. Otherwise the tokens since the last complete character are
+  decoded together, at most `max_pending` of them, after which they are let out as they are.
+
+  Attributes:
+    bytes_decoded: bytes (or, without per-token bytes, tokens) passed to a decoder so far.
+  """
+
+  def __init__(self, tokenizer: Tokenizer, max_pending: int = 16):
+    self._tok = tokenizer
+    self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    self._pending: list[int] = []
+    self._max_pending = max_pending
+    self.bytes_decoded = 0
+
+  def add(self, token_id: int) -> str:
+    """Takes one token; returns the text it completes (possibly empty)."""
+    data = self._tok.token_bytes(token_id)
+    if data is not None:
+      self.bytes_decoded += len(data)
+      return self._utf8.decode(data)
+    self._pending.append(int(token_id))
+    self.bytes_decoded += len(self._pending)
+    text = self._tok.decode(self._pending)
+    if text.endswith("\ufffd") and len(self._pending) < self._max_pending:
+      return ""
+    self._pending = []
+    return text
+
+  def flush(self) -> str:
+    """The text still held back (an incomplete character, decoded with replacement)."""
+    text = self._utf8.decode(b"", final=True)
+    if self._pending:
+      text += self._tok.decode(self._pending)
+      self._pending = []
+    return text
 
 
 def load_tokenizer(spec: str | os.PathLike[str],
