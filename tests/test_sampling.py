@@ -158,6 +158,27 @@ def test_ragged_prompts_generate_as_if_alone(model):
   np.testing.assert_allclose(batched.logits[1], full[0, 7:7 + N], atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("lengths", [(13, 1, 6, 8), (3, 8, 8, 0)])
+def test_batched_prefill_of_ragged_prompts_equals_each_prompt_alone(model, lengths):
+  rows = [prompts(1, max(n, 1), seed=20 + i)[0][:n] for i, n in enumerate(lengths)]
+  tokens_bt, lengths_b = sampling.pad_rows(rows)
+  start = forward_state(model, prompts(len(rows), 3, seed=30))  # continue a non-empty state
+  logits_bv, state = sampling.prefill(model, tokens_bt, start, chunk=4, lengths=lengths_b)
+  all_logits, _ = chunks.run_chunks(model, tokens_bt, start, chunk=4, lengths=lengths_b)
+  for i, row in enumerate(rows):
+    alone = jax.tree.map(lambda x, i=i: x[:, i:i + 1], start)
+    if len(row) == 0:  # nothing to run: the state is kept
+      want_state, want_logits, want_all = alone, np.zeros_like(logits_bv[i]), None
+    else:
+      want_all, want_state = _forward(*nnx.split(model), jnp.asarray(row[None], jnp.int32), alone)
+      want_logits = want_all[0, -1]
+    np.testing.assert_allclose(logits_bv[i], want_logits, atol=2e-5, rtol=0)
+    if want_all is not None:
+      np.testing.assert_allclose(all_logits[i, :len(row)], want_all[0], atol=2e-5, rtol=0)
+    for got, want in zip(state, want_state):
+      np.testing.assert_allclose(got[:, i], want[:, 0], atol=2e-5, rtol=1e-5)
+
+
 def test_stop_token_ends_only_its_sequence_and_freezes_its_state(model):
   prompt = prompts(B, 5, seed=8)
   free = greedy(model, prompt)
