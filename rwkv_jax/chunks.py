@@ -1,18 +1,20 @@
 """Runs a long token array through the parallel model in fixed-size chunks, carrying the state.
 
 Scoring and prefill share this one runner. Memory is bounded by the chunk, not by the sequence,
-and there is one compiled program per chunk length (and batch size), whatever the lengths:
+and there is one compiled program per chunk length (and batch size; a second for rows of
+different lengths), whatever the lengths:
 
   * Every chunk, the last one too, reaches the program padded to `chunk` tokens, with each row's
     real length in it as a traced number.
   * RWKV has no padding mask, so padding run through the model would leak into the state.
-    The program therefore never keeps it: it holds one model call per piece length (`chunk`, and
-    every power of two below it) and runs the full chunk, or the pieces that sum to a row's real
-    length (13 = 8 + 4 + 1), each piece under `lax.cond` so that a piece no row needs costs
-    nothing. Each row reads its piece from its own offset, and keeps the piece's state and logits
-    only if its length has that piece. Every token a row's result sees is real, so the logits and
-    the state after each row's last real token are exact, and prompts of different lengths are
-    prefilled together in one batch (rows that end early keep their state).
+    The program therefore never runs it: it holds one model call per piece length (`chunk`, and
+    every power of two below it) and, under `lax.cond`, runs the full chunk or the pieces that
+    sum to the real length (13 = 8 + 4 + 1). Every token the model sees is real, so the logits
+    and the state after the last real token are exact.
+  * Prompts of different lengths share every call (batched prefill): the pieces cover the
+    longest row, and the model's `lengths=` stops each row's state at its own last token
+    (rwkv_jax.wkv.wkv_state_after); a row with nothing left in a piece keeps its state. This
+    path is compiled apart (`ragged`), so equal lengths pay nothing for it.
 
 Shapes: b = batch, t = time, v = vocab, c = chunk.
 """
@@ -31,43 +33,51 @@ from rwkv_jax import model as model_lib
 Array = jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "last_only"))
-def _run_chunk(graphdef, params, tokens_bc, lengths_b, state, logits_in, impl, last_only):
+@functools.partial(jax.jit, static_argnames=("impl", "last_only", "ragged"))
+def _run_chunk(graphdef, params, tokens_bc, lengths_b, state, logits_in, impl, last_only,
+               ragged):
   """The first lengths_b[i] tokens of row i of the padded chunk tokens_bc [b, c] through the model.
 
   Module-level, so every call with the same model structure and chunk length reuses one
-  compilation. Rows with length 0 keep their state (and logits_in). Returns (logits [b, c, v],
-  zeros past each row's length; or, if last_only, [b, 1, v] after each row's last real token, else
-  logits_in; the state after each row's last real token).
+  compilation. Without `ragged` every row has lengths_b[0] tokens. Returns (logits [b, c, v],
+  zeros past each row's length; or, if last_only, [b, 1, v] after each row's last real token,
+  logits_in for rows with no tokens; the state after each row's last real token).
   """
   model = nnx.merge(graphdef, params)
   b, chunk = tokens_bc.shape
-  rows_b1 = jnp.arange(b)[:, None]
+  length = jnp.max(lengths_b)
 
-  def call(n, take_b):
+  def call(n):
     def run(carry):
-      start_b, state, logits = carry
-      pos_bn = start_b[:, None] + jnp.arange(n)
-      piece_bn = jnp.take_along_axis(tokens_bc, jnp.minimum(pos_bn, chunk - 1), axis=1)
-      out, new_state = model(piece_bn, state, impl=impl, last_only=last_only)
-      state = jax.tree.map(lambda new, old: jnp.where(take_b[None, :, None], new, old),
-                           new_state, state)
-      if last_only:
-        logits = jnp.where(take_b[:, None, None], out, logits)
-      else:  # rows not taking the piece write out of bounds, which is dropped
-        logits = logits.at[rows_b1, jnp.where(take_b[:, None], pos_bn, chunk)].set(
-            out, mode="drop")
-      return start_b + n * take_b, state, logits
-    return lambda carry: jax.lax.cond(jnp.any(take_b), run, lambda c: c, carry)
+      start, state, logits = carry
+      piece_bn = jax.lax.dynamic_slice_in_dim(tokens_bc, start, n, axis=1)
+      if ragged:
+        real_b = jnp.clip(lengths_b - start, 0, n)
+        out, new_state = model(piece_bn, state, impl=impl, last_only=last_only,
+                               lengths=jnp.maximum(real_b, 1))
+        keep_b = real_b > 0
+        state = jax.tree.map(lambda x, y: jnp.where(keep_b[None, :, None], x, y),
+                             new_state, state)
+        if last_only:
+          out = jnp.where(keep_b[:, None, None], out, logits)
+        else:
+          out = jnp.where((jnp.arange(n) < real_b[:, None])[..., None], out, 0.0)
+      else:
+        out, state = model(piece_bn, state, impl=impl, last_only=last_only)
+      if not last_only:
+        out = jax.lax.dynamic_update_slice_in_dim(logits, out, start, axis=1)
+      return start + n, state, out
+    return run
 
   # The whole chunk, or the powers of two in the binary form of length < chunk, largest first.
-  full_b = lengths_b == chunk
+  full = length == chunk
   logits = logits_in if last_only else jnp.zeros((b, chunk, model.config.vocab_size),
                                                  jnp.float32)
-  carry = (jnp.zeros((b,), jnp.int32), state, logits)
-  carry = call(chunk, full_b)(carry)
+  carry = (jnp.zeros((), jnp.int32), state, logits)
+  carry = jax.lax.cond(full, call(chunk), lambda c: c, carry)
   for i in reversed(range((chunk - 1).bit_length())):
-    carry = call(1 << i, ~full_b & ((lengths_b >> i) & 1 == 1))(carry)
+    take = ~full & ((length >> i) & 1 == 1)
+    carry = jax.lax.cond(take, call(1 << i), lambda c: c, carry)
   _, state, logits = carry
   return logits, state
 
@@ -114,6 +124,7 @@ def run_chunks(model: model_lib.RWKV, tokens_bt: np.ndarray | Array,
   if state is None:
     state = model_lib.empty_state(model.config, b)
   logits = jnp.zeros((b, 1, model.config.vocab_size), jnp.float32) if last_only else None
+  ragged = bool(lengths_b.min() != lengths_b.max())
   out = []
   for start in range(0, max(int(lengths_b.max()), 1), chunk):
     piece_bt = tokens_bt[:, start:start + chunk]
@@ -122,7 +133,7 @@ def run_chunks(model: model_lib.RWKV, tokens_bt: np.ndarray | Array,
     real_b = np.clip(lengths_b - start, 0, chunk)
     logits_btv, state = _run_chunk(graphdef, params, jnp.asarray(piece_bt, jnp.int32),
                                    jnp.asarray(real_b, jnp.int32), state, logits, impl,
-                                   last_only)
+                                   last_only, ragged)
     if last_only:
       logits = logits_btv
     else:
