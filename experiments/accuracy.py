@@ -15,6 +15,8 @@ import tempfile
 
 from absl import app, flags
 
+from experiments import _cli
+
 flags.DEFINE_string("out", "experiments/results/accuracy_cpu.json", "Output JSON.")
 FLAGS = flags.FLAGS
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

@@ -31,6 +31,8 @@ from typing import Any
 
 from absl import app, flags
 
+from experiments import _cli
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ("char_tiny", "169m", "430m", "1b5", "3b", "7b", "14b")
 
@@ -39,13 +41,16 @@ def define_flags() -> None:
   """Defines the command-line flags. Called only when run as a program, so that importing
   `run` (as the tests do) next to other entry points cannot collide on flag names."""
   flags.DEFINE_enum("model", "char_tiny", MODELS, "Model: a Pile preset or char_tiny.")
-  flags.DEFINE_integer("batch_size", 8, "Global batch size (sequences per step).")
-  flags.DEFINE_integer("ctx_len", None, "Tokens per sequence; default: the model's.")
+  flags.DEFINE_integer("batch_size", 8, "Global batch size (sequences per step).",
+                       lower_bound=1)
+  flags.DEFINE_integer("ctx_len", None, "Tokens per sequence; default: the model's.",
+                       lower_bound=1)
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                     "Compute dtype; default: the model config's.")
   flags.DEFINE_list("impls", ["auto"], "WKV implementations to time, comma-separated.")
-  flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
-  flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
+  flags.DEFINE_integer("steps", 10, "Timed steps per repeat.", lower_bound=1)
+  flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.",
+                       lower_bound=1)
   flags.DEFINE_bool("remat", None, "Rematerialize blocks; default: the model config's.")
   flags.DEFINE_bool("plan_only", False, "Compile from shapes and record XLA's memory plan only: "
                     "no allocation, no timing.")
@@ -224,4 +229,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _cli.run(main, usage_errors=(ValueError,))

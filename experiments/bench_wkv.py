@@ -36,7 +36,7 @@ import matplotlib
 matplotlib.use("Agg")  # Headless machines; must precede pyplot.
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from experiments import benchlib
+from experiments import _cli, benchlib
 from rwkv_jax import wkv as wkv_lib
 
 Shape = tuple[int, int, int]
@@ -345,4 +345,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, usage_errors=(ValueError,))

@@ -14,6 +14,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import _cli
+
 flags.DEFINE_string("workdir", "workdir/demo", "Where checkpoints, logs and the export go.")
 flags.DEFINE_integer("steps", None, "Override the number of training steps.")
 flags.DEFINE_integer("sample_chars", 400, "Length of the printed sample.")
@@ -70,4 +72,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from rwkv_jax import checkpoint as checkpoint_lib, train as train_lib  # pylint: disable=g-import-not-at-top
+  _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
+           failures=(train_lib.NonFiniteLossError, train_lib.WorkdirBusyError,
+                     checkpoint_lib.CheckpointError))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from experiments import benchlib
+from experiments import _cli, benchlib
 from experiments.baselines import transformer as tf_lib
 from rwkv_jax import model as model_lib
 from rwkv_jax.config import RWKVConfig
@@ -180,4 +180,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  _cli.run(main, usage_errors=(ValueError,))

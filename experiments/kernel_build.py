@@ -15,6 +15,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import _cli
+
 flags.DEFINE_string("out", "experiments/results/kernel_build.json", "Output JSON.")
 flags.DEFINE_list("archs", ["80", "90"], "Compute capabilities to compile for.")
 flags.DEFINE_list("shape", ["8", "1024", "768"], "B,T,C the Pallas kernels are lowered at.")
@@ -61,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main)

@@ -113,3 +113,21 @@ def test_make_binidx_errors_are_one_line_and_status_2(tmp_path, case, expected):
   result = _make_binidx(*(f"--{k}={v}" for k, v in flags.items()), *extra)
   assert expected.replace("TMP", str(tmp_path)) in _one_line_error(result, 2)
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module, flags, expected", [
+    ("bench_wkv", ["--impls=scan,nope"], "--impls=scan,nope: ['nope'] not among"),
+    ("bench_wkv", ["--shapes=8x0x4"], "--shapes entry '8x0x4' is not BxTxC"),
+    ("bench_train", ["--batch_size=0"], "--batch_size=0"),
+    ("figure7", ["--tokens=0"], "--tokens"),
+    ("demo", ["--workdir=AFILE"], "AFILE is a file, not a directory"),
+])
+def test_runner_errors_are_one_line_and_status_2(tmp_path, module, flags, expected):
+  a_file = tmp_path / "afile"
+  a_file.write_text("not a directory")
+  flags = [f.replace("AFILE", str(a_file)) for f in flags]
+  result = run_module([sys.executable, "-m", f"experiments.{module}", *flags,
+                       f"--out={tmp_path / 'out'}" if module != "demo" else "--steps=1"],
+                      subprocess_env())
+  assert expected.replace("AFILE", str(a_file)) in _one_line_error(result, 2)
+  assert not (tmp_path / "out").exists()
