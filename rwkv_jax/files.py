@@ -59,11 +59,17 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
   tmp_path = pathlib.Path(tmp)
   try:
     yield tmp_path
-    os.chmod(tmp_path, 0o644)  # mkstemp makes it owner-only; results and caches are shared data
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes it owner-only; honour the umask
     os.replace(tmp_path, path)
   except BaseException:
     tmp_path.unlink(missing_ok=True)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+  os.umask(mask)
+  return mask
 
 
 @contextlib.contextmanager
