@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -174,3 +175,26 @@ def test_a_chunked_run_resumes_and_ends_as_the_one_call_run(full_run, corpus, tm
   got, want = latest_params(tmp_path), latest_params(full_run)
   for name in want:
     np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_context_runner_records_loss_by_position_for_every_window(tmp_path):
+  from experiments import long_context  # pylint: disable=g-import-not-at-top
+
+  record = long_context.run("tiny", tmp_path / "runs")
+  path = long_context.save(record, tmp_path / "out", "tiny")
+  saved = json.loads(path.read_text())
+
+  assert (tmp_path / "out" / "context_tiny.png").is_file()
+  assert saved["environment"]["command"] and saved["spans"] == ["1-8", "9-16", "17-32"]
+  assert list(saved["runs"]) == ["ctx8", "ctx16", "ctx32"]
+  for window, run in zip((8, 16, 32), saved["runs"].values()):
+    assert run["window"] == window and run["steps"] == 3
+    assert run["chunk_len"] == (8 if window > 8 else 0)  # longer windows train in chunks
+    assert run["tokens"] == 3 * 256  # the same tokens per step for every window
+    # Every position up to 32 is scored, on the same 4 held-out segments.
+    assert sum(b["tokens"] for b in run["buckets"]) == 4 * 32
+    assert all(np.isfinite(b["mean_loss"]) for b in run["buckets"])
+  assert set(saved["mean_loss_17-32"]) == {"ctx8", "ctx16", "ctx32"}
+  again = long_context.run("tiny", tmp_path / "runs")  # finished: read back, not trained again
+  assert again["runs"]["ctx8"]["wall_s"] == record["runs"]["ctx8"]["wall_s"]
+  assert again["runs"]["ctx8"]["buckets"] == record["runs"]["ctx8"]["buckets"]
