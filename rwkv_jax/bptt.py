@@ -16,8 +16,9 @@ compute.
 
 bptt="truncated": the state is carried forward but its gradient is stopped at every chunk
 boundary (each chunk is trained as if its incoming state were data), as community
-"infinite context" RWKV trainers do. Cheaper in the backward pass and no recomputation, at the
-price of gradients that ignore dependencies across chunks.
+"infinite context" RWKV trainers do: gradients that ignore dependencies across chunks. The
+chunks are rematerialized as in "full" mode (autodiff of a scan keeps every iteration's
+residuals otherwise), so memory follows the chunk here too.
 
 Shapes: b = batch, t = time (the window), n = chunks, c = chunk_len, v = vocab.
 """
@@ -84,8 +85,8 @@ def window_loss(graphdef, params, inputs_bt: Array, targets_bt: Array, *, chunk_
                                   "accuracy": metrics["accuracy"] * share,
                                   "num_tokens": metrics["num_tokens"]})
 
-  if bptt == "full":  # keep only the chunk's inputs (the boundary state); recompute the rest
-    chunk = jax.checkpoint(chunk)
+  # Keep only each chunk's inputs (the boundary state and its tokens); recompute the rest.
+  chunk = jax.checkpoint(chunk)
 
   n, rest = divmod(t, chunk_len)
   # [b, n * c] -> [n, b, c]: the scan runs over chunks; b keeps its place on the data axes.
