@@ -118,3 +118,27 @@ def test_write_json_rejects_nan(tmp_path):
   with pytest.raises(ValueError):
     benchlib.write_json(tmp_path / "a" / "r.json", {"x": float("nan")})
   assert [p.name for p in (tmp_path / "a").iterdir()] == ["r.json"]  # Old file kept, no debris.
+
+
+def test_bench_decode_writes_a_complete_record_on_a_tiny_model(tmp_path):
+  from experiments import bench_decode
+  record = bench_decode.run(
+      models=["tiny"], dtypes=["float32", "no_such_dtype"], batches=[1, 2], decode_tokens=2,
+      repeats=1, baseline=False, prefill_prompts=3, prefill_max_len=4, prefill_chunk=4,
+      memory_lengths=[], memory_model="tiny", memory_dtype="float32",
+      weights_dir=str(tmp_path / "w"), out_dir=str(tmp_path), tag="test")
+  saved = json.loads((tmp_path / "bench_decode_test.json").read_text())
+  assert saved == json.loads(json.dumps(record))
+  assert (tmp_path / "bench_decode_test.png").stat().st_size > 0
+  assert saved["environment"]["jax"] == jax.__version__ and saved["environment"]["command"]
+  ok = [e for e in saved["decode"] if e["status"] == "ok"]
+  assert [(e["batch"], e["tokens"]) for e in ok] == [(1, 2), (2, 2)]
+  assert all(e["tokens_per_s"] > 0 for e in ok)
+  assert [e["status"] for e in saved["decode"] if e["dtype"] == "no_such_dtype"] == ["skipped"]
+  (prefill,) = saved["prefill"]
+  assert prefill["lengths"][0] == 4 and len(prefill["lengths"]) == 3
+  assert prefill["speedup"] > 0 and prefill["batched"]["tokens_per_s"] > 0
+  # The memory of one generation, measured in this process.
+  path = bench_decode.weights_path("tiny", tmp_path / "w")
+  memory = bench_decode.memory_worker(str(path), "float32", 2)
+  assert memory["generated"] == 2 and memory["peak_rss_bytes"] > 0

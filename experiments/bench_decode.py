@@ -1,0 +1,493 @@
+r"""Benchmarks generation: decode and prefill tokens/s, and peak memory against generated length.
+
+    python -m experiments.bench_decode                       # the CPU defaults, a few minutes
+    python -m experiments.bench_decode --models=169m,1b5 --dtypes=bfloat16 --batches=1,64 \
+        --memory_lengths=1024,4096,16384,65536 --memory_model=169m
+
+Models have random weights in the official .pth format with the Pile vocabulary (50277), written
+once into the cache directory (rwkv_jax.files.cache_dir) and loaded with `weights.load(path,
+dtype)`, so every dtype weights.load accepts is measured the way a user would run it:
+  * decode: tokens/s of `sampling.generate` continuing a prefilled state (greedy, so the number is
+    the model's; top-p sampling adds a sort over the vocabulary per token), compilation excluded,
+    at each batch size; tokens/s counts every row's tokens.
+  * the rwkv package (ChatRWKV) in RNN mode on the same .pth in the same run, strategy
+    'cpu fp32' with RWKV_JIT_ON=1 and RWKV_CUDA_ON=0 (batch 1, one `forward([token], state)` per
+    token): the baseline of the targets below. Skipped where the package is not installed.
+  * prefill: prompts of different lengths through `sampling.prefill(..., lengths=)` in one
+    batch, against the same prompts one at a time (`sampling.prefill_one_by_one`).
+  * memory: peak memory while generating 1k..64k tokens, each length in its own process (so one
+    length's peak cannot hide another's): the device's peak_bytes_in_use where it reports one
+    (GPUs), else the process's peak resident set (ru_maxrss), next to its value right after
+    loading the model. It must stay flat: the state is fixed-size and only the [batch, length]
+    int32 token array grows.
+Targets (reported, not asserted): see TARGETS.
+
+Writes <out>/bench_decode_<tag>.json (rewritten after every entry) and bench_decode_<tag>.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+
+from experiments import _cli
+from experiments import benchlib
+
+PILE_VOCAB = 50277
+MODELS = {"169m": (12, 768), "l6d256": (6, 256), "430m": (24, 1024), "1b5": (24, 2048),
+          "tiny": (2, 64)}
+TARGETS = (
+    # (name, what is compared, the minimum ratio; applies to)
+    ("169m float32 batch 1 vs rwkv package", ("169m", "float32", 1), ("rwkv_package", "169m"),
+     2.0, "cpu"),
+    ("l6d256 float32 batch 1 vs rwkv package", ("l6d256", "float32", 1),
+     ("rwkv_package", "l6d256"), 3.0, "cpu"),
+    ("169m int8 vs float32, batch 1", ("169m", "int8", 1), ("169m", "float32", 1), 1.6, "cpu"),
+    ("169m float32 batch 8 vs batch 1", ("169m", "float32", 8), ("169m", "float32", 1), 4.0,
+     "cpu"),
+)
+GPU_TARGETS = (  # tokens/s
+    ("169m bfloat16 batch 1", ("169m", "bfloat16", 1), 2500.0),
+    ("1b5 bfloat16 batch 1", ("1b5", "bfloat16", 1), 600.0),
+    ("169m bfloat16 batch 64", ("169m", "bfloat16", 64), 50000.0),
+)
+
+
+def define_flags() -> None:
+  """Defines the flags; only when run as a program, so that tests can import `run`."""
+  flags.DEFINE_list("models", ["169m", "l6d256"], f"Models from {sorted(MODELS)}.")
+  flags.DEFINE_list("dtypes", ["float32", "bfloat16", "int8"],
+                    "Precisions (those weights.load does not accept are recorded as skipped).")
+  flags.DEFINE_list("batches", ["1", "8", "64"], "Decode batch sizes.")
+  flags.DEFINE_integer("decode_tokens", None, "Tokens per timed decode; default 16 on CPU, 256 "
+                       "on accelerators.", lower_bound=1)
+  flags.DEFINE_integer("repeats", 2, "Timed repeats per entry (the median is reported).",
+                       lower_bound=1)
+  flags.DEFINE_bool("baseline", True, "Also time the rwkv package (if installed).")
+  flags.DEFINE_integer("prefill_prompts", 8, "Prompts in the prefill comparison.", lower_bound=1)
+  flags.DEFINE_integer("prefill_max_len", None, "Longest prompt; lengths are spread over "
+                       "[max/4, max]. Default 256 on CPU, 2048 on accelerators.", lower_bound=1)
+  flags.DEFINE_integer("prefill_chunk", None, "Prefill chunk; default 128 on CPU, 1024 on "
+                       "accelerators.", lower_bound=1)
+  flags.DEFINE_list("memory_lengths", None, "Generated lengths for the memory curve; default "
+                    "1024,2048,4096 on CPU, 1024,4096,16384,65536 on accelerators; empty = none.")
+  flags.DEFINE_string("memory_model", None, "Model for the memory curve; default l6d256 on "
+                      "CPU, 169m on accelerators.")
+  flags.DEFINE_string("memory_dtype", None, "Its dtype; default float32 on CPU, bfloat16 on "
+                      "accelerators.")
+  flags.DEFINE_string("weights_dir", None, "Where the random .pth files are kept; default "
+                      "<cache>/bench_decode.")
+  flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "results"),
+                      "Directory for the JSON and PNG.")
+  flags.DEFINE_string("tag", None, "File name suffix; default the device (cpu, gpu_h200, ...).")
+  # One memory measurement in a fresh process (used by the benchmark itself).
+  flags.DEFINE_integer("memory_worker", None, "Internal: generate this many tokens, print the "
+                       "peak memory as JSON and exit.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights.
+
+def weights_path(name: str, directory: str | os.PathLike | None = None) -> pathlib.Path:
+  """A random official-format .pth of model `name`, written once and reused.
+
+  Every matrix is random (the official init leaves several at zero, which would make int8
+  quantisation and the logits degenerate); the values are the init's plus small noise.
+  """
+  from rwkv_jax import files
+
+  n_layer, n_embd = MODELS[name]
+  root = pathlib.Path(directory) if directory else files.cache_dir() / "bench_decode"
+  path = root / f"random_{name}_L{n_layer}_D{n_embd}_V{PILE_VOCAB}.pth"
+  if path.is_file():
+    return path
+  import jax
+  from flax import nnx
+
+  from rwkv_jax import model as model_lib
+  from rwkv_jax import weights
+  from rwkv_jax.config import RWKVConfig
+
+  model = model_lib.RWKV(RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=PILE_VOCAB),
+                         rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  nnx.update(model, jax.tree.unflatten(treedef, [
+      x + (0.02 if x.ndim == 2 else 0.0) * jax.random.normal(k, x.shape, x.dtype)
+      for x, k in zip(leaves, keys)]))
+  weights.save_pth(model, path)  # atomic
+  return path
+
+
+def supported_dtypes() -> tuple[str, ...]:
+  from rwkv_jax import weights
+  return tuple(getattr(weights, "DTYPES", ("float32", "bfloat16", "float16")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements.
+
+def _median(xs: list[float]) -> float:
+  xs = sorted(xs)
+  return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def decode_entry(model, config, batch: int, tokens: int, repeats: int) -> dict[str, Any]:
+  """Tokens/s of `sampling.generate` continuing a prefilled state, compilation excluded."""
+  import jax
+  import numpy as np
+
+  from rwkv_jax import sampling
+
+  prompt = np.random.default_rng(0).integers(0, config.vocab_size, size=(batch, 8))
+  greedy = sampling.SamplingConfig(temperature=0.0)
+  start = sampling.generate(model, prompt, 0, jax.random.key(0), sampling=greedy,
+                            prefill_chunk=8)  # a small program to compile
+  rows = [[]] * batch
+
+  def run():
+    out = sampling.generate(model, rows, tokens, jax.random.key(0), sampling=greedy,
+                            state=start.state, next_logits=start.next_logits)
+    jax.block_until_ready(out.state)
+    return out
+
+  t0 = time.perf_counter()
+  run()
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t0)
+  seconds = _median(times)
+  return {"batch": batch, "tokens": tokens, "repeats": repeats, "median_s": seconds,
+          "min_s": min(times), "first_call_s": first, "tokens_per_s": batch * tokens / seconds,
+          "ms_per_step": 1e3 * seconds / tokens}
+
+
+def rwkv_package_entry(path: pathlib.Path, tokens: int, repeats: int) -> dict[str, Any]:
+  """The rwkv package in RNN mode, batch 1, strategy 'cpu fp32', on the same .pth."""
+  os.environ["RWKV_JIT_ON"] = "1"  # read when rwkv.model is imported
+  os.environ["RWKV_CUDA_ON"] = "0"
+  try:
+    import torch
+    from rwkv.model import RWKV as PackageRWKV  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return {"status": "skipped", "error": f"rwkv package not installed ({e})"}
+  import contextlib
+  import io
+  with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it loads
+    model = PackageRWKV(model=str(path), strategy="cpu fp32")
+  with torch.no_grad():
+    _, state = model.forward([1], None)
+    times = []
+    for _ in range(repeats + 1):  # the first repeat warms up
+      t0 = time.perf_counter()
+      token = 1
+      for _ in range(tokens):
+        logits, state = model.forward([token], state)
+        token = int(torch.argmax(logits))
+      times.append(time.perf_counter() - t0)
+  seconds = _median(times[1:])
+  return {"status": "ok", "batch": 1, "tokens": tokens, "repeats": repeats, "median_s": seconds,
+          "tokens_per_s": tokens / seconds, "ms_per_step": 1e3 * seconds / tokens,
+          "strategy": "cpu fp32", "RWKV_JIT_ON": "1", "torch": torch.__version__,
+          "torch_threads": torch.get_num_threads()}
+
+
+def prefill_entry(model, config, prompts: int, max_len: int, chunk: int, repeats: int
+                  ) -> dict[str, Any]:
+  """Ragged prompts prefilled in one batch against one at a time, compilation excluded."""
+  import jax
+  import numpy as np
+
+  from rwkv_jax import sampling
+
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(max(1, max_len // 4), max_len + 1, size=prompts)
+  lengths[0] = max_len
+  rows = [rng.integers(0, config.vocab_size, size=n) for n in lengths]
+  tokens_bt, lengths_b = sampling.pad_rows(rows)
+  ways = {
+      "batched": lambda: sampling.prefill(model, tokens_bt, chunk=chunk, lengths=lengths_b),
+      "one_by_one": lambda: sampling.prefill_one_by_one(model, rows, chunk=chunk),
+  }
+  entry: dict[str, Any] = {"prompts": prompts, "lengths": lengths.tolist(), "chunk": chunk,
+                           "total_tokens": int(lengths.sum())}
+  for name, fn in ways.items():
+    jax.block_until_ready(fn())  # compiles
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - t0)
+    entry[name] = {"median_s": _median(times), "tokens_per_s": lengths.sum() / _median(times)}
+  entry["speedup"] = entry["one_by_one"]["median_s"] / entry["batched"]["median_s"]
+  return entry
+
+
+def memory_worker(path: str, dtype: str, length: int) -> dict[str, Any]:
+  """In this (fresh) process: load, generate `length` tokens, report peak memory."""
+  import jax
+
+  from rwkv_jax import sampling, weights
+
+  def peaks():
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use"), _peak_rss()
+
+  model, _ = weights.load(path, dtype=dtype)
+  jax.block_until_ready(nnx_params(model))
+  device_loaded, rss_loaded = peaks()
+  reset = _reset_peak_rss()  # so that the peak below is the generation's, not the loading's
+  t0 = time.perf_counter()
+  result = sampling.generate(model, [1, 2, 3, 4], length, jax.random.key(0),
+                             sampling=sampling.SamplingConfig(temperature=0.0), prefill_chunk=4)
+  seconds = time.perf_counter() - t0
+  device_peak, rss_peak = peaks()
+  return {"length": length, "generated": int(result.lengths[0]), "seconds": seconds,
+          "peak_device_bytes": device_peak, "device_bytes_after_load": device_loaded,
+          "peak_rss_bytes": rss_peak, "rss_bytes_after_load": rss_loaded,
+          "rss_peak_is": "during generation" if reset else "of the whole process"}
+
+
+def nnx_params(model):
+  from flax import nnx
+  return nnx.state(model)
+
+
+def _peak_rss() -> int:
+  """The process's peak resident set (VmHWM) in bytes."""
+  try:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _reset_peak_rss() -> bool:
+  """Resets VmHWM to the current resident set (Linux >= 4.0); False where it cannot."""
+  try:
+    pathlib.Path("/proc/self/clear_refs").write_text("5")
+    return True
+  except OSError:
+    return False
+
+
+def memory_entry(name: str, dtype: str, length: int, weights_dir: str | None
+                 ) -> dict[str, Any]:
+  cmd = [sys.executable, "-m", "experiments.bench_decode", f"--memory_worker={length}",
+         f"--memory_model={name}", f"--memory_dtype={dtype}",
+         *([f"--weights_dir={weights_dir}"] if weights_dir else [])]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=benchlib._REPO)  # pylint: disable=protected-access
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  if proc.returncode or not lines:
+    return {"length": length, "status": "error", "error": proc.stderr[-2000:]}
+  return {"status": "ok", **json.loads(lines[-1])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets, plot, main.
+
+def _find(record, key):
+  if key[0] == "rwkv_package":
+    e = record["baseline"].get(key[1], {})
+    return e.get("tokens_per_s") if e.get("status") == "ok" else None
+  for e in record["decode"]:
+    if (e["model"], e["dtype"], e.get("batch")) == key and e["status"] == "ok":
+      return e["tokens_per_s"]
+  return None
+
+
+def targets(record) -> list[dict[str, Any]]:
+  out = []
+  on_cpu = record["environment"]["platform"] == "cpu"
+  for name, a, b, ratio, where in TARGETS:
+    x, y = _find(record, a), _find(record, b)
+    if x and y:
+      out.append({"target": name, "ratio": x / y, "min_ratio": ratio, "met": x / y >= ratio,
+                  "applies_to": where, "applies_here": on_cpu})
+  for name, a, minimum in GPU_TARGETS:
+    x = _find(record, a)
+    if x and not on_cpu:
+      out.append({"target": name, "tokens_per_s": x, "min_tokens_per_s": minimum,
+                  "met": x >= minimum, "applies_to": "H200"})
+  return out
+
+
+def plot(record: dict[str, Any], path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  env = record["environment"]
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+  ax = axes[0]
+  labels, values = [], []
+  for e in record["decode"]:
+    if e["status"] == "ok":
+      labels.append(f"{e['model']} {e['dtype']} b{e['batch']}")
+      values.append(e["tokens_per_s"])
+  for name, e in record["baseline"].items():
+    if e.get("status") == "ok":
+      labels.append(f"{name} rwkv pkg b1")
+      values.append(e["tokens_per_s"])
+  ax.barh(range(len(values)), values, color=["C1" if "pkg" in l else "C0" for l in labels])
+  ax.set_yticks(range(len(labels)), labels, fontsize=7)
+  ax.set_xscale("log")
+  ax.set_xlabel("decode tokens/s (all rows)")
+  ax.set_title("decode")
+  ax.grid(axis="x", which="both", alpha=0.3)
+
+  ax = axes[1]
+  pre = [p for p in record["prefill"] if p.get("status", "ok") == "ok"]
+  for i, p in enumerate(pre):
+    ax.bar([i - 0.2, i + 0.2], [p["one_by_one"]["tokens_per_s"], p["batched"]["tokens_per_s"]],
+           0.4, color=["C1", "C0"])
+  ax.set_xticks(range(len(pre)), [f"{p['model']} {p['dtype']}\n{p['speedup']:.1f}x" for p in pre],
+                fontsize=7)
+  ax.set_ylabel("prefill tokens/s")
+  ax.set_title("prefill: one prompt at a time (orange) vs batched (blue)")
+
+  ax = axes[2]
+  mem = [m for m in record["memory"] if m["status"] == "ok"]
+  if mem:
+    key = "peak_device_bytes" if mem[0].get("peak_device_bytes") else "peak_rss_bytes"
+    ax.plot([m["length"] for m in mem], [m[key] / 2**20 for m in mem], "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, max(m[key] for m in mem) / 2**20 * 1.2)
+    ax.set_ylabel(f"{key} (MiB)")
+  ax.set_xlabel("generated tokens")
+  ax.set_title(f"peak memory ({record['config']['memory_model']} "
+               f"{record['config']['memory_dtype']})")
+  fig.suptitle(f"generation on {env['device_kind']} ({env['platform']}), {env['date_utc']}",
+               fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_prompts,
+        prefill_max_len, prefill_chunk, memory_lengths, memory_model, memory_dtype,
+        weights_dir, out_dir, tag) -> dict[str, Any]:
+  """Runs every measurement, writing the JSON after each; returns the record."""
+  from rwkv_jax import weights
+
+  out_dir = pathlib.Path(out_dir)
+  json_path, png_path = out_dir / f"bench_decode_{tag}.json", out_dir / f"bench_decode_{tag}.png"
+  supported = supported_dtypes()
+  record: dict[str, Any] = {
+      "benchmark": "decode",
+      "environment": benchlib.environment(),
+      "config": {"models": {m: dict(zip(("n_layer", "n_embd"), MODELS[m]), vocab=PILE_VOCAB)
+                            for m in models},
+                 "dtypes": dtypes, "batches": batches, "decode_tokens": decode_tokens,
+                 "repeats": repeats, "prefill_prompts": prefill_prompts,
+                 "prefill_max_len": prefill_max_len, "prefill_chunk": prefill_chunk,
+                 "memory_lengths": memory_lengths, "memory_model": memory_model,
+                 "memory_dtype": memory_dtype, "sampling": "greedy",
+                 "weights": "random, official .pth format"},
+      "decode": [], "baseline": {}, "prefill": [], "memory": [], "targets": []}
+
+  def save():
+    record["targets"] = targets(record)
+    benchlib.write_json(json_path, record)
+
+  for name in models:
+    path = weights_path(name, weights_dir)
+    for dtype in dtypes:
+      if dtype not in supported:
+        record["decode"].append({"model": name, "dtype": dtype, "status": "skipped",
+                                 "error": f"weights.load does not accept {dtype!r} here "
+                                          f"(accepts {list(supported)})"})
+        save()
+        continue
+      model, config = weights.load(path, dtype=dtype)
+      for batch in batches:
+        try:
+          entry = {"model": name, "dtype": dtype, "status": "ok",
+                   **decode_entry(model, config, batch, decode_tokens, repeats)}
+        except Exception as e:  # pylint: disable=broad-except  (recorded, e.g. out of memory)
+          entry = {"model": name, "dtype": dtype, "batch": batch, "status": "error",
+                   "error": f"{type(e).__name__}: {str(e)[:500]}"}
+        record["decode"].append(entry)
+        print(json.dumps(entry), flush=True)
+        save()
+      if dtype == dtypes[0] and prefill_prompts > 1:
+        entry = {"model": name, "dtype": dtype, **prefill_entry(
+            model, config, prefill_prompts, prefill_max_len, prefill_chunk, repeats)}
+        record["prefill"].append(entry)
+        print(json.dumps(entry), flush=True)
+        save()
+      del model
+    if baseline:
+      record["baseline"][name] = rwkv_package_entry(path, decode_tokens, repeats)
+      print(name, "rwkv package", json.dumps(record["baseline"][name]), flush=True)
+      save()
+  if memory_lengths:
+    weights_path(memory_model, weights_dir)  # written once, before the workers read it
+    for length in memory_lengths:
+      entry = memory_entry(memory_model, memory_dtype, length, weights_dir)
+      record["memory"].append(entry)
+      print(json.dumps(entry), flush=True)
+      save()
+  save()
+  plot(record, png_path)
+  for t in record["targets"]:
+    print(t, flush=True)
+  print(f"Wrote {json_path} and {png_path}.")
+  return record
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax
+
+  f = flags.FLAGS
+  on_cpu = jax.default_backend() == "cpu"
+  if f.memory_worker is not None:
+    path = weights_path(f.memory_model, f.weights_dir)
+    print(json.dumps(memory_worker(str(path), f.memory_dtype or "float32", f.memory_worker)))
+    return
+  unknown = [m for m in f.models if m not in MODELS]
+  if unknown:
+    raise app.UsageError(f"--models: unknown {unknown}; choose from {sorted(MODELS)}.")
+  known = {*supported_dtypes(), "int8"}
+  if set(f.dtypes) - known:
+    raise app.UsageError(f"--dtypes: unknown {sorted(set(f.dtypes) - known)}; choose from "
+                         f"{sorted(known)}.")
+  try:
+    batches = [int(b) for b in f.batches]
+    lengths = [int(n) for n in (f.memory_lengths if f.memory_lengths is not None else
+                                (["1024", "2048", "4096"] if on_cpu else
+                                 ["1024", "4096", "16384", "65536"]))]
+  except ValueError:
+    raise app.UsageError("--batches and --memory_lengths take comma-separated integers.") from None
+  if any(b < 1 for b in batches) or any(n < 1 for n in lengths):
+    raise app.UsageError("--batches and --memory_lengths must be >= 1.")
+  memory_model = f.memory_model or ("l6d256" if on_cpu else "169m")
+  if memory_model not in MODELS:
+    raise app.UsageError(f"--memory_model={memory_model}: choose from {sorted(MODELS)}.")
+  run(f.models, f.dtypes, batches, f.decode_tokens or (16 if on_cpu else 256), f.repeats,
+      f.baseline, f.prefill_prompts, f.prefill_max_len or (256 if on_cpu else 2048),
+      f.prefill_chunk or (128 if on_cpu else 1024), lengths, memory_model,
+      f.memory_dtype or ("float32" if on_cpu else "bfloat16"), f.weights_dir, f.out,
+      f.tag or benchlib.default_tag())
+
+
+if __name__ == "__main__":
+  define_flags()
+  _cli.run(main)
