@@ -101,13 +101,15 @@ def weights_path(name: str, directory: str | os.PathLike | None = None) -> pathl
   """A random official-format .pth of model `name`, written once and reused.
 
   Every matrix is random (the official init leaves several at zero, which would make int8
-  quantisation and the logits degenerate); the values are the init's plus small noise.
+  quantisation and the logits degenerate); the values are the init's plus small noise. Models
+  of 430M and more are stored in bfloat16 (half the file; float32 loading upcasts exactly).
   """
   from rwkv_jax import files
 
   n_layer, n_embd = MODELS[name]
+  file_dtype = "bfloat16" if n_layer * n_embd >= 24 * 1024 else "float32"
   root = pathlib.Path(directory) if directory else files.cache_dir() / "bench_decode"
-  path = root / f"random_{name}_L{n_layer}_D{n_embd}_V{PILE_VOCAB}.pth"
+  path = root / f"random_{name}_L{n_layer}_D{n_embd}_V{PILE_VOCAB}_{file_dtype}.pth"
   if path.is_file():
     return path
   import jax
@@ -125,7 +127,7 @@ def weights_path(name: str, directory: str | os.PathLike | None = None) -> pathl
   nnx.update(model, jax.tree.unflatten(treedef, [
       x + (0.02 if x.ndim == 2 else 0.0) * jax.random.normal(k, x.shape, x.dtype)
       for x, k in zip(leaves, keys)]))
-  weights.save_pth(model, path)  # atomic
+  weights.save_pth(model, path, dtype=file_dtype)  # atomic
   return path
 
 

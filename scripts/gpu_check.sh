@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU check of rwkv_jax in one run (about 8 minutes; each stage has its own time limit): the
-# GPU tests (`pytest -m gpu`: compiled Pallas and Triton WKV kernels), the WKV benchmark at the
-# target shapes, and the training-step benchmark (169M and 1.5B), results into one folder.
+# Every GPU check of rwkv_jax in one run (about 12 minutes; each stage has its own time limit):
+# the GPU tests (`pytest -m gpu`: compiled Pallas and Triton WKV kernels), the WKV benchmark at the
+# target shapes, the training-step benchmark (169M and 1.5B) and the generation benchmark (decode
+# and prefill at 169M, decode at 1.5B, memory over 1k..64k generated tokens), results into one
+# folder.
 #
 # Usage: scripts/gpu_check.sh [RESULTS_DIR]     (default: $OUT, else experiments/results/gpu)
 #        STAGES="wkv train169" scripts/gpu_check.sh ...   runs only the named stages
-#        (tests, wkv, train169, train1b5; default: all), e.g. to rerun the ones that failed.
+#        (tests, wkv, train169, train1b5, decode169, decode1b5; default: all), e.g. to rerun the
+#        ones that failed.
 #
 # The GPU machine has no network. What rwkv_jax needs beyond its preinstalled jax/flax/optax/orbax/
 # torch/triton (grain, jax-triton, ml_collections, matplotlib, ...) travels as wheels in $WHEELS
@@ -20,7 +23,7 @@ cd "$(dirname "$0")/.."
 RES="${1:-${OUT:-experiments/results/gpu}}"
 WHEELS="${WHEELS:-wheels}"
 PY="${PYTHON:-python3}"
-STAGES="${STAGES:-tests wkv train169 train1b5}"
+STAGES="${STAGES:-tests wkv train169 train1b5 decode169 decode1b5}"
 source scripts/device_env.sh
 export JAX_PLATFORMS=cuda
 
@@ -43,4 +46,15 @@ stage train169 && check bench_train_169m 190 -m experiments.bench_train --model=
 stage train1b5 && check bench_train_1b5 150 -m experiments.bench_train --model=1b5 \
   --batch_size=8 --dtype=bfloat16 --impls=pallas --steps=3 --repeats=2 \
   --out="$RES/bench_train_1b5.json"
+# Generation (the decode targets: 169M bfloat16 batch 1 and 64; 1.5B batch 1): random official
+# .pth weights written once under $BENCH_WEIGHTS (the 1.5B file, in bfloat16, is 3 GB), the rwkv
+# package baseline left to the CPU run. Peak device memory over 1k..64k generated tokens at 169M.
+BENCH_WEIGHTS="${BENCH_WEIGHTS:-/tmp/rwkv_jax_bench_weights}"
+stage decode169 && check bench_decode_169m 240 -m experiments.bench_decode --models=169m \
+  --dtypes=bfloat16,float32 --batches=1,64 --decode_tokens=256 --baseline=false \
+  --memory_lengths=1024,4096,16384,65536 --weights_dir="$BENCH_WEIGHTS" --out="$RES" \
+  --tag=gpu_169m
+stage decode1b5 && check bench_decode_1b5 200 -m experiments.bench_decode --models=1b5 \
+  --dtypes=bfloat16 --batches=1 --decode_tokens=128 --baseline=false --prefill_prompts=1 \
+  --memory_lengths= --weights_dir="$BENCH_WEIGHTS" --out="$RES" --tag=gpu_1b5
 exit $status
