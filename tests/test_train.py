@@ -18,7 +18,7 @@ from flax import nnx
 from experiments import bench_train
 from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import data as data_lib
-from rwkv_jax import metrics, sharding, train
+from rwkv_jax import metrics, sharding, train, train_config
 from rwkv_jax.config import Preset, RWKVConfig
 from training_util import (N, REPO, TOTAL, compile_cache, copy_run, corpus,  # noqa: F401
                            full_run, half_run, latest_params, losses, tiny_config)
@@ -102,6 +102,9 @@ def test_enwik8_and_char_tiny_configs_build_valid_models():
   assert _load_config("enwik8").data.source == "enwik8"
   tiny = train.model_config(_load_config("char_tiny"))
   assert tiny.vocab_size == 256 and tiny.num_params() > 0
+  long = _load_config("char_long")
+  train_config.check(long)
+  assert (long.model.ctx_len, long.train.chunk_len, long.train.bptt) == (4096, 512, "full")
 
 
 def test_bench_train_writes_a_record_per_implementation(tmp_path, compile_cache):
