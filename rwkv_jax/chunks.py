@@ -14,7 +14,8 @@ different lengths), whatever the lengths:
   * Prompts of different lengths share every call (batched prefill): the pieces cover the
     longest row, and the model's `lengths=` stops each row's state at its own last token
     (rwkv_jax.wkv.wkv_state_after); a row with nothing left in a piece keeps its state. This
-    path is compiled apart (`ragged`), so equal lengths pay nothing for it.
+    path is compiled apart (`ragged`), so equal lengths pay nothing for it. Once some prompts
+    have ended, a chunk runs only the rows still going (padded to a power of two).
 
 Shapes: b = batch, t = time, v = vocab, c = chunk.
 """
@@ -82,6 +83,18 @@ def _run_chunk(graphdef, params, tokens_bc, lengths_b, state, logits_in, impl, l
   return logits, state
 
 
+def _rows_to_run(real_b: np.ndarray) -> np.ndarray | None:
+  """The rows a chunk must run when some have no tokens left (their prompts ended), or None
+  for all. Padded with ended rows (which keep their state) to a power of two, so that at most
+  log2(batch) + 1 batch sizes are compiled; a long prompt among short ones then costs one row,
+  not the whole batch, once the others have ended."""
+  active = np.flatnonzero(real_b > 0)
+  size = 1 << max(len(active) - 1, 0).bit_length()
+  if size >= len(real_b):
+    return None
+  return np.concatenate([active, np.flatnonzero(real_b == 0)[:size - len(active)]])
+
+
 def run_chunks(model: model_lib.RWKV, tokens_bt: np.ndarray | Array,
                state: model_lib.RWKVState | None = None, *, chunk: int = 1024,
                impl: str = "auto", last_only: bool = False, lengths=None
@@ -131,9 +144,22 @@ def run_chunks(model: model_lib.RWKV, tokens_bt: np.ndarray | Array,
     real = piece_bt.shape[1]
     piece_bt = np.pad(piece_bt, ((0, 0), (0, chunk - real)))
     real_b = np.clip(lengths_b - start, 0, chunk)
-    logits_btv, state = _run_chunk(graphdef, params, jnp.asarray(piece_bt, jnp.int32),
-                                   jnp.asarray(real_b, jnp.int32), state, logits, impl,
-                                   last_only, ragged)
+    rows = _rows_to_run(real_b)
+    if rows is None:
+      logits_btv, state = _run_chunk(graphdef, params, jnp.asarray(piece_bt, jnp.int32),
+                                     jnp.asarray(real_b, jnp.int32), state, logits, impl,
+                                     last_only, ragged)
+    else:  # only the rows with tokens left, and the state of the others is not touched
+      sub_logits, sub_state = _run_chunk(
+          graphdef, params, jnp.asarray(piece_bt[rows], jnp.int32),
+          jnp.asarray(real_b[rows], jnp.int32), jax.tree.map(lambda x: x[:, rows], state),
+          None if logits is None else logits[rows], impl, last_only, True)
+      state = jax.tree.map(lambda x, y: x.at[:, rows].set(y), state, sub_state)
+      if last_only:
+        logits_btv = logits.at[rows].set(sub_logits)
+      else:
+        logits_btv = np.zeros((b, *sub_logits.shape[1:]), np.float32)
+        logits_btv[rows] = np.asarray(sub_logits)
     if last_only:
       logits = logits_btv
     else:
