@@ -10,9 +10,13 @@ dtype)`, so every dtype weights.load accepts is measured the way a user would ru
   * decode: tokens/s of `sampling.generate` continuing a prefilled state (greedy, so the number is
     the model's; top-p sampling adds a sort over the vocabulary per token), compilation excluded,
     at each batch size; tokens/s counts every row's tokens.
-  * the rwkv package (ChatRWKV) in RNN mode on the same .pth in the same run, strategy
-    'cpu fp32' with RWKV_JIT_ON=1 and RWKV_CUDA_ON=0 (batch 1, one `forward([token], state)` per
-    token): the baseline of the targets below. Skipped where the package is not installed.
+  * the rwkv package (ChatRWKV) in RNN mode on the same .pth, strategy 'cpu fp32' with
+    RWKV_JIT_ON=1 and RWKV_CUDA_ON=0 (batch 1, one `forward([token], state)` per token, greedy):
+    the baseline of the targets below, timed in the same rounds as the first dtype at batch 1
+    (one of each in turn, so that the load of a shared machine falls on both alike). Skipped
+    where the package is not installed.
+  Each time is the median of --repeats rounds (tokens_per_s); tokens_per_s_best is from the
+  fastest round.
   * prefill: prompts of different lengths through `sampling.prefill(..., lengths=)` in one
     batch, against the same prompts one at a time (`sampling.prefill_one_by_one`).
   * memory: peak memory while generating 1k..64k tokens, each length in its own process (so one
@@ -68,14 +72,15 @@ def define_flags() -> None:
   flags.DEFINE_list("dtypes", ["float32", "bfloat16", "int8"],
                     "Precisions (those weights.load does not accept are recorded as skipped).")
   flags.DEFINE_list("batches", ["1", "8", "64"], "Decode batch sizes.")
-  flags.DEFINE_integer("decode_tokens", None, "Tokens per timed decode; default 16 on CPU, 256 "
+  flags.DEFINE_integer("decode_tokens", None, "Tokens per timed decode; default 32 on CPU, 256 "
                        "on accelerators.", lower_bound=1)
-  flags.DEFINE_integer("repeats", 2, "Timed repeats per entry (the median is reported).",
+  flags.DEFINE_integer("repeats", 3, "Timed repeats per entry (the median is reported).",
                        lower_bound=1)
   flags.DEFINE_bool("baseline", True, "Also time the rwkv package (if installed).")
   flags.DEFINE_integer("prefill_prompts", 8, "Prompts in the prefill comparison.", lower_bound=1)
-  flags.DEFINE_integer("prefill_max_len", None, "Longest prompt; lengths are spread over "
-                       "[max/4, max]. Default 256 on CPU, 2048 on accelerators.", lower_bound=1)
+  flags.DEFINE_list("prefill_max_lens", None, "Longest prompt of each prefill comparison; the "
+                    "lengths are spread over [max/4, max]. Default 32,256 on CPU, 256,2048 on "
+                    "accelerators.")
   flags.DEFINE_integer("prefill_chunk", None, "Prefill chunk; default 128 on CPU, 1024 on "
                        "accelerators.", lower_bound=1)
   flags.DEFINE_list("memory_lengths", None, "Generated lengths for the memory curve; default "
@@ -144,8 +149,40 @@ def _median(xs: list[float]) -> float:
   return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
-def decode_entry(model, config, batch: int, tokens: int, repeats: int) -> dict[str, Any]:
-  """Tokens/s of `sampling.generate` continuing a prefilled state, compilation excluded."""
+def _timed(fns: dict[str, Any], repeats: int) -> dict[str, dict[str, float]]:
+  """Runs each function once (compiling, warming up), then `repeats` rounds of all of them in
+  turn: interleaved, so that the load of a shared machine falls on every one alike."""
+  first = {}
+  for name, fn in fns.items():
+    t0 = time.perf_counter()
+    fn()
+    first[name] = time.perf_counter() - t0
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: {"median_s": _median(ts), "min_s": min(ts), "first_call_s": first[name]}
+          for name, ts in times.items()}
+
+
+def _rates(timing: dict[str, float], batch: int, tokens: int) -> dict[str, Any]:
+  return {"batch": batch, "tokens": tokens, **timing,
+          "tokens_per_s": batch * tokens / timing["median_s"],
+          "tokens_per_s_best": batch * tokens / timing["min_s"],
+          "ms_per_step": 1e3 * timing["median_s"] / tokens}
+
+
+def decode_entry(model, config, batch: int, tokens: int, repeats: int, baseline=None
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """Tokens/s of `sampling.generate` continuing a prefilled state, compilation excluded; with
+  `baseline` (a function running `tokens` tokens of another implementation), that one timed in
+  the same rounds.
+
+  Returns:
+    (entry, baseline entry or None).
+  """
   import jax
   import numpy as np
 
@@ -161,50 +198,39 @@ def decode_entry(model, config, batch: int, tokens: int, repeats: int) -> dict[s
     out = sampling.generate(model, rows, tokens, jax.random.key(0), sampling=greedy,
                             state=start.state, next_logits=start.next_logits)
     jax.block_until_ready(out.state)
-    return out
 
-  t0 = time.perf_counter()
-  run()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t0)
-  seconds = _median(times)
-  return {"batch": batch, "tokens": tokens, "repeats": repeats, "median_s": seconds,
-          "min_s": min(times), "first_call_s": first, "tokens_per_s": batch * tokens / seconds,
-          "ms_per_step": 1e3 * seconds / tokens}
+  fns = {"rwkv_jax": run, **({"baseline": baseline} if baseline else {})}
+  timing = _timed(fns, repeats)
+  return (_rates(timing["rwkv_jax"], batch, tokens),
+          _rates(timing["baseline"], 1, tokens) if baseline else None)
 
 
-def rwkv_package_entry(path: pathlib.Path, tokens: int, repeats: int) -> dict[str, Any]:
-  """The rwkv package in RNN mode, batch 1, strategy 'cpu fp32', on the same .pth."""
+def rwkv_package_runner(path: pathlib.Path, tokens: int):
+  """(a function decoding `tokens` greedy tokens with the rwkv package in RNN mode, batch 1,
+  strategy 'cpu fp32', from the same .pth; facts about it), or (None, why not)."""
   os.environ["RWKV_JIT_ON"] = "1"  # read when rwkv.model is imported
   os.environ["RWKV_CUDA_ON"] = "0"
   try:
     import torch
     from rwkv.model import RWKV as PackageRWKV  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    return {"status": "skipped", "error": f"rwkv package not installed ({e})"}
+    return None, {"status": "skipped", "error": f"rwkv package not installed ({e})"}
   import contextlib
   import io
   with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it loads
     model = PackageRWKV(model=str(path), strategy="cpu fp32")
   with torch.no_grad():
-    _, state = model.forward([1], None)
-    times = []
-    for _ in range(repeats + 1):  # the first repeat warms up
-      t0 = time.perf_counter()
-      token = 1
+    _, start = model.forward([1], None)
+
+  def run():
+    with torch.no_grad():
+      state, token = [s.clone() for s in start], 1
       for _ in range(tokens):
         logits, state = model.forward([token], state)
         token = int(torch.argmax(logits))
-      times.append(time.perf_counter() - t0)
-  seconds = _median(times[1:])
-  return {"status": "ok", "batch": 1, "tokens": tokens, "repeats": repeats, "median_s": seconds,
-          "tokens_per_s": tokens / seconds, "ms_per_step": 1e3 * seconds / tokens,
-          "strategy": "cpu fp32", "RWKV_JIT_ON": "1", "torch": torch.__version__,
-          "torch_threads": torch.get_num_threads()}
+
+  return run, {"status": "ok", "strategy": "cpu fp32", "RWKV_JIT_ON": "1", "mode": "RNN",
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def prefill_entry(model, config, prompts: int, max_len: int, chunk: int, repeats: int
@@ -246,11 +272,11 @@ def memory_worker(path: str, dtype: str, length: int) -> dict[str, Any]:
 
   def peaks():
     stats = jax.local_devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use"), _peak_rss()
+    return stats.get("peak_bytes_in_use"), _rss("VmHWM")
 
   model, _ = weights.load(path, dtype=dtype)
   jax.block_until_ready(nnx_params(model))
-  device_loaded, rss_loaded = peaks()
+  device_loaded, rss_loaded = peaks()[0], _rss("VmRSS")
   reset = _reset_peak_rss()  # so that the peak below is the generation's, not the loading's
   t0 = time.perf_counter()
   result = sampling.generate(model, [1, 2, 3, 4], length, jax.random.key(0),
@@ -268,11 +294,11 @@ def nnx_params(model):
   return nnx.state(model)
 
 
-def _peak_rss() -> int:
-  """The process's peak resident set (VmHWM) in bytes."""
+def _rss(field: str) -> int:
+  """The process's resident set (VmRSS) or its peak (VmHWM) in bytes."""
   try:
     for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-      if line.startswith("VmHWM:"):
+      if line.startswith(f"{field}:"):
         return int(line.split()[1]) * 1024
   except OSError:
     pass
@@ -382,7 +408,7 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
 
 
 def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_prompts,
-        prefill_max_len, prefill_chunk, memory_lengths, memory_model, memory_dtype,
+        prefill_max_lens, prefill_chunk, memory_lengths, memory_model, memory_dtype,
         weights_dir, out_dir, tag) -> dict[str, Any]:
   """Runs every measurement, writing the JSON after each; returns the record."""
   from rwkv_jax import weights
@@ -397,7 +423,7 @@ def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_promp
                             for m in models},
                  "dtypes": dtypes, "batches": batches, "decode_tokens": decode_tokens,
                  "repeats": repeats, "prefill_prompts": prefill_prompts,
-                 "prefill_max_len": prefill_max_len, "prefill_chunk": prefill_chunk,
+                 "prefill_max_lens": prefill_max_lens, "prefill_chunk": prefill_chunk,
                  "memory_lengths": memory_lengths, "memory_model": memory_model,
                  "memory_dtype": memory_dtype, "sampling": "greedy",
                  "weights": "random, official .pth format"},
@@ -409,6 +435,9 @@ def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_promp
 
   for name in models:
     path = weights_path(name, weights_dir)
+    package, facts = rwkv_package_runner(path, decode_tokens) if baseline else (None, None)
+    if facts is not None:
+      record["baseline"][name] = facts
     for dtype in dtypes:
       if dtype not in supported:
         record["decode"].append({"model": name, "dtype": dtype, "status": "skipped",
@@ -418,26 +447,28 @@ def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_promp
         continue
       model, config = weights.load(path, dtype=dtype)
       for batch in batches:
+        # The rwkv package is timed in the same rounds as the first dtype at batch 1.
+        paired = package if (dtype, batch) == (dtypes[0], batches[0]) and batch == 1 else None
         try:
-          entry = {"model": name, "dtype": dtype, "status": "ok",
-                   **decode_entry(model, config, batch, decode_tokens, repeats)}
+          entry, other = decode_entry(model, config, batch, decode_tokens, repeats, paired)
+          entry = {"model": name, "dtype": dtype, "status": "ok", **entry}
+          if other is not None:
+            record["baseline"][name].update(other, paired_with=f"{name} {dtype} batch 1")
+            print(name, "rwkv package", json.dumps(record["baseline"][name]), flush=True)
         except Exception as e:  # pylint: disable=broad-except  (recorded, e.g. out of memory)
           entry = {"model": name, "dtype": dtype, "batch": batch, "status": "error",
                    "error": f"{type(e).__name__}: {str(e)[:500]}"}
         record["decode"].append(entry)
         print(json.dumps(entry), flush=True)
         save()
-      if dtype == dtypes[0] and prefill_prompts > 1:
+      for max_len in prefill_max_lens if dtype == dtypes[0] and prefill_prompts > 1 else ():
         entry = {"model": name, "dtype": dtype, **prefill_entry(
-            model, config, prefill_prompts, prefill_max_len, prefill_chunk, repeats)}
+            model, config, prefill_prompts, max_len, min(prefill_chunk, max_len), repeats)}
         record["prefill"].append(entry)
         print(json.dumps(entry), flush=True)
         save()
       del model
-    if baseline:
-      record["baseline"][name] = rwkv_package_entry(path, decode_tokens, repeats)
-      print(name, "rwkv package", json.dumps(record["baseline"][name]), flush=True)
-      save()
+    del package
   if memory_lengths:
     weights_path(memory_model, weights_dir)  # written once, before the workers read it
     for length in memory_lengths:
@@ -476,15 +507,18 @@ def main(argv: list[str]) -> None:
     lengths = [int(n) for n in (f.memory_lengths if f.memory_lengths is not None else
                                 (["1024", "2048", "4096"] if on_cpu else
                                  ["1024", "4096", "16384", "65536"]))]
+    prefill_lens = [int(n) for n in (f.prefill_max_lens or (["32", "256"] if on_cpu else
+                                                            ["256", "2048"]))]
   except ValueError:
-    raise app.UsageError("--batches and --memory_lengths take comma-separated integers.") from None
-  if any(b < 1 for b in batches) or any(n < 1 for n in lengths):
-    raise app.UsageError("--batches and --memory_lengths must be >= 1.")
+    raise app.UsageError("--batches, --memory_lengths and --prefill_max_lens take "
+                         "comma-separated integers.") from None
+  if any(n < 1 for n in [*batches, *lengths, *prefill_lens]):
+    raise app.UsageError("--batches, --memory_lengths and --prefill_max_lens must be >= 1.")
   memory_model = f.memory_model or ("l6d256" if on_cpu else "169m")
   if memory_model not in MODELS:
     raise app.UsageError(f"--memory_model={memory_model}: choose from {sorted(MODELS)}.")
-  run(f.models, f.dtypes, batches, f.decode_tokens or (16 if on_cpu else 256), f.repeats,
-      f.baseline, f.prefill_prompts, f.prefill_max_len or (256 if on_cpu else 2048),
+  run(f.models, f.dtypes, batches, f.decode_tokens or (32 if on_cpu else 256), f.repeats,
+      f.baseline, f.prefill_prompts, prefill_lens,
       f.prefill_chunk or (128 if on_cpu else 1024), lengths, memory_model,
       f.memory_dtype or ("float32" if on_cpu else "bfloat16"), f.weights_dir, f.out,
       f.tag or benchlib.default_tag())

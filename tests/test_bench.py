@@ -124,7 +124,7 @@ def test_bench_decode_writes_a_complete_record_on_a_tiny_model(tmp_path):
   from experiments import bench_decode
   record = bench_decode.run(
       models=["tiny"], dtypes=["float32", "no_such_dtype"], batches=[1, 2], decode_tokens=2,
-      repeats=1, baseline=False, prefill_prompts=3, prefill_max_len=4, prefill_chunk=4,
+      repeats=1, baseline=False, prefill_prompts=3, prefill_max_lens=[4], prefill_chunk=4,
       memory_lengths=[], memory_model="tiny", memory_dtype="float32",
       weights_dir=str(tmp_path / "w"), out_dir=str(tmp_path), tag="test")
   saved = json.loads((tmp_path / "bench_decode_test.json").read_text())
