@@ -11,8 +11,9 @@ ignored on the next start. Restoring takes abstract arrays carrying the target s
 checkpoint written on one mesh restores onto any other.
 
 An export (WORKDIR/export/) is the inference-only form: params plus rwkv_jax.json with the model
-config. `load_export` reads either form, in any parameter dtype; `rwkv_jax.weights.load` calls it
-for them.
+config. `load_export` reads either form, in any precision; `rwkv_jax.weights.load` calls it
+for them. An int8 export (the model of `weights.load(..., dtype="int8")` exported) holds the int8
+kernels and their scales and is read back as they are; it cannot be read in a float precision.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from flax import nnx
 
 from rwkv_jax import files
 from rwkv_jax import model as model_lib
+from rwkv_jax import quant
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.tensor_names import CheckpointError
 
@@ -174,34 +176,48 @@ def load_export(directory: str | os.PathLike, dtype: str | None = None
 
   Args:
     directory: the export, or the work directory (or its checkpoints/ folder).
-    dtype: parameter dtype; None keeps the saved one. Orbax casts while restoring into the
-      abstract model of this dtype, so no second copy in the saved dtype is made.
+    dtype: precision (`RWKVConfig.with_precision`); None keeps the saved one (an int8 export
+      stays int8, its activation dtype chosen for this machine). Orbax casts while restoring into
+      the abstract model of this dtype, so no second copy in the saved dtype is made; int8 asked
+      of float parameters quantises them after restoring.
 
   Returns:
-    (model, config), config.param_dtype the parameters' dtype.
+    (model, config), config.precision the precision it runs in.
 
   Raises:
-    CheckpointError: no complete checkpoint in `directory`.
+    CheckpointError: no complete checkpoint in `directory`, or a float precision asked of an
+      int8 export.
   """
   directory = pathlib.Path(directory).absolute()
-  with_dtype = lambda config: config.replace(param_dtype=dtype) if dtype else config
+
+  def load(saved: RWKVConfig, restore) -> tuple[model_lib.RWKV, RWKVConfig]:
+    if saved.quant and dtype not in (None, saved.quant):
+      raise CheckpointError(
+          f"{directory} is an {saved.quant} export; it cannot be loaded as {dtype}. Load it with "
+          f"dtype={saved.quant!r}, or load the checkpoint it was made from.")
+    name = dtype or (saved.quant or None)
+    config = saved.with_precision(name) if name else saved
+    if config.quant and not saved.quant:  # quantise once the float parameters are in memory
+      return quant.quantize_model(_model_from_params(saved, restore), config), config
+    return _model_from_params(config, restore), config
+
   if (directory / EXPORT_MARKER).is_file():
     meta = json.loads((directory / EXPORT_MARKER).read_text())
-    config = with_dtype(RWKVConfig.from_dict(meta["model"]))
     with ocp.StandardCheckpointer() as ckptr:
-      model = _model_from_params(config, lambda t: ckptr.restore(directory / "params", t))
-    return model, config
+      return load(RWKVConfig.from_dict(meta["model"]),
+                  lambda t: ckptr.restore(directory / "params", t))
   ckpt_dir = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
   manager = ocp.CheckpointManager(ckpt_dir)
   step = manager.latest_step()
   if step is None:
     raise CheckpointError(f"{directory} holds no complete rwkv_jax checkpoint.")
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  config = with_dtype(RWKVConfig.from_dict(meta["model"]))
-  model = _model_from_params(config, lambda t: manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(t)))["params"])
-  manager.close()
-  return model, config
+  try:
+    return load(RWKVConfig.from_dict(meta["model"]),
+                lambda t: manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(t)))["params"])
+  finally:
+    manager.close()
 
 
 def is_rwkv_jax_dir(path: pathlib.Path) -> bool:

@@ -1,4 +1,19 @@
-"""Model configuration: a frozen dataclass and the paper's model sizes (Table 2)."""
+"""Model configuration: a frozen dataclass, the precisions a model runs in, and the paper's model
+sizes (Table 2).
+
+`RWKVConfig.with_precision(name)` is the one place that says what each precision name of
+`PRECISIONS` means (`weights.load(path, dtype=name)` and every `--dtype` flag use it):
+  float32, bfloat16   matrix products, activations and parameters in that type.
+  float16             the same in float16, with the official rescale (`rescale_every=6`): the
+                      residual is halved after every 6th block and the inputs of att.output and
+                      ffn.value are divided by 2^(layer // 6) to match, so deep models stay in
+                      float16's range. The final LayerNorm removes the scale: the logits are the
+                      unscaled model's.
+  int8                the block matrices and the head as int8 with float scales (rwkv_jax/quant.py),
+                      dequantised inside each matrix product; activations and the other
+                      parameters in float32 on CPU and bfloat16 on accelerators.
+The WKV state and its accumulation are float32 in every precision.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +26,9 @@ import jax.numpy as jnp
 PILE_VOCAB_SIZE = 50277  # GPT-NeoX 20B tokenizer, used by every RWKV-4 Pile model.
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PRECISIONS = ("float32", "bfloat16", "float16", "int8")
+QUANTS = ("", "int8")
+FLOAT16_RESCALE_EVERY = 6  # the rwkv package's RWKV_RESCALE_LAYER default for fp16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +45,8 @@ class RWKVConfig:
     dtype: compute dtype of matrix products and activations ("float32" or "bfloat16").
       The WKV state and accumulation are float32 whatever this says.
     param_dtype: storage dtype of the parameters (master weights).
+    quant: "" or "int8": the block matrices and the head stored as int8 with float scales.
+    rescale_every: 0, or halve the residual after every rescale_every-th block (float16).
   """
 
   n_layer: int
@@ -37,6 +57,8 @@ class RWKVConfig:
   ctx_len: int = 1024
   dtype: str = "float32"
   param_dtype: str = "float32"
+  quant: str = ""
+  rescale_every: int = 0
 
   def __post_init__(self):
     if not self.dim_att:
@@ -51,6 +73,35 @@ class RWKVConfig:
       if getattr(self, name) not in _DTYPES:
         raise ValueError(
             f"RWKVConfig.{name}={getattr(self, name)!r} is not one of {sorted(_DTYPES)}.")
+    if self.quant not in QUANTS:
+      raise ValueError(f"RWKVConfig.quant={self.quant!r} is not one of {QUANTS}.")
+    if not isinstance(self.rescale_every, int) or self.rescale_every < 0:
+      raise ValueError(f"RWKVConfig.rescale_every must be an integer >= 0 (0: never), got "
+                       f"{self.rescale_every!r}.")
+
+  def with_precision(self, name: str, platform: str | None = None) -> "RWKVConfig":
+    """This shape in the precision `name` (one of PRECISIONS; see the module docstring).
+
+    Args:
+      name: "float32", "bfloat16", "float16" or "int8".
+      platform: jax backend name deciding int8's activation dtype; default: jax's backend.
+    """
+    if name not in PRECISIONS:
+      raise ValueError(f"dtype={name!r} is not one of {', '.join(PRECISIONS)}.")
+    if name == "int8":
+      if platform is None:
+        import jax  # pylint: disable=g-import-not-at-top
+        platform = jax.default_backend()
+      act = "float32" if platform == "cpu" else "bfloat16"
+      return self.replace(dtype=act, param_dtype=act, quant="int8", rescale_every=0)
+    rescale = FLOAT16_RESCALE_EVERY if name == "float16" else 0
+    return self.replace(dtype=name, param_dtype=name, quant="", rescale_every=rescale)
+
+  @property
+  def precision(self) -> str:
+    """The PRECISIONS name of this config ("int8" for any quantised one); for a training
+    config with float32 master weights and bfloat16 compute, that of the parameters."""
+    return self.quant or self.param_dtype
 
   @property
   def compute_dtype(self) -> Any:

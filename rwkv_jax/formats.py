@@ -224,6 +224,10 @@ _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "
 def _official_arrays(model: model_lib.RWKV, dtype: str | None
                      ) -> Iterable[tuple[Entry, np.ndarray]]:
   check_dtype_flag(dtype)
+  if model.config.quant:
+    raise ValueError(f"This model holds {model.config.quant} weights, which .pth and HF files "
+                     f"cannot; write an Orbax export (checkpoint.export), or load the original "
+                     f"checkpoint in a float dtype.")
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   for e in tensor_names.mapping(model.config.n_layer):
     x = np.asarray(flat[e.path].get_value())

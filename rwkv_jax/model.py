@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rwkv_jax import quant
 from rwkv_jax import wkv as wkv_lib
 from rwkv_jax.config import RWKVConfig
 
@@ -76,18 +77,35 @@ def _channel_ramp(c: int) -> np.ndarray:
   return np.arange(c, dtype=np.float64) / c  # i / C, as in the official trainer and App. E
 
 
-class _Dense(nnx.Linear):
-  """nnx.Linear without bias; kernel [in, out] (the official weight is [out, in])."""
+def _dense(d_in, d_out, cfg: RWKVConfig, *, scale: float, rngs: nnx.Rngs
+           ) -> nnx.Linear | quant.Int8Dense:
+  """A bias-free linear layer, kernel [in, out] (the official weight is [out, in]); int8 when
+  the config says so."""
+  if scale == 0:
+    init = nnx.initializers.zeros_init()
+  else:
+    # Official: torch orthogonal_ on [out, in] with gain sqrt(out / in) when out > in.
+    gain = math.sqrt(d_out / d_in) if d_out > d_in else 1.0
+    orthogonal = nnx.initializers.orthogonal(scale=gain * scale)
+    # In float32 whatever the storage: the QR behind it has no float16 kernel on CPU.
+    init = lambda key, shape, dtype: orthogonal(key, shape, jnp.float32).astype(dtype)
+  if cfg.quant == "int8":
+    return quant.Int8Dense(d_in, d_out, kernel_init=init, dtype=cfg.compute_dtype, rngs=rngs)
+  return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, dtype=cfg.compute_dtype,
+                    param_dtype=cfg.storage_dtype, rngs=rngs)
 
-  def __init__(self, d_in, d_out, cfg: RWKVConfig, *, scale: float, rngs: nnx.Rngs):
-    if scale == 0:
-      init = nnx.initializers.zeros_init()
-    else:
-      # Official: torch orthogonal_ on [out, in] with gain sqrt(out / in) when out > in.
-      gain = math.sqrt(d_out / d_in) if d_out > d_in else 1.0
-      init = nnx.initializers.orthogonal(scale=gain * scale)
-    super().__init__(d_in, d_out, use_bias=False, kernel_init=init, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.storage_dtype, rngs=rngs)
+
+def _rescale(cfg: RWKVConfig, layer_id: int) -> float:
+  """1 / 2^(layer // rescale_every): the official float16 rescale of att.output and ffn.value.
+
+  Applied to their inputs rather than to the stored weights: a power of two commutes exactly with
+  the product, and the parameters stay the checkpoint's, so saving needs nothing undone.
+  """
+  return 0.5 ** (layer_id // cfg.rescale_every) if cfg.rescale_every else 1.0
+
+
+def _scaled(x, factor: float):
+  return x if factor == 1.0 else x * jnp.asarray(factor, x.dtype)
 
 
 def _layer_norm(c: int, cfg: RWKVConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -114,10 +132,11 @@ class TimeMix(nnx.Module):
       self.time_mix_r = param(ramp ** (0.5 * ratio_1_to_0))
     else:  # Appendix E writes mu_r = 0.5 (i/C)^(1 - l/L).
       self.time_mix_r = param(0.5 * ramp ** ratio_1_to_0)
-    self.key = _Dense(c, a, cfg, scale=0, rngs=rngs)
-    self.value = _Dense(c, a, cfg, scale=1, rngs=rngs)
-    self.receptance = _Dense(c, a, cfg, scale=0, rngs=rngs)
-    self.output = _Dense(a, c, cfg, scale=0, rngs=rngs)
+    self.key = _dense(c, a, cfg, scale=0, rngs=rngs)
+    self.value = _dense(c, a, cfg, scale=1, rngs=rngs)
+    self.receptance = _dense(c, a, cfg, scale=0, rngs=rngs)
+    self.output = _dense(a, c, cfg, scale=0, rngs=rngs)
+    self.rescale = _rescale(cfg, layer_id)
 
   def __call__(self, x_btc, x_prev_bc, state: wkv_lib.WKVState, impl: str, lengths_b=None):
     xx = _token_shift(x_btc, x_prev_bc)
@@ -130,7 +149,7 @@ class TimeMix(nnx.Module):
     if lengths_b is not None:
       # y is causal, so only the state must stop at each row's end.
       state_out = wkv_lib.wkv_state_after(w, k, v, state, lengths_b)
-    out = self.output(jax.nn.sigmoid(r) * y.astype(r.dtype))
+    out = self.output(_scaled(jax.nn.sigmoid(r) * y.astype(r.dtype), self.rescale))
     return out, _last(x_btc, lengths_b), state_out
 
 
@@ -144,15 +163,16 @@ class ChannelMix(nnx.Module):
     ramp = _channel_ramp(c)
     self.time_mix_k = nnx.Param(jnp.asarray(ramp ** ratio_1_to_0, cfg.storage_dtype))
     self.time_mix_r = nnx.Param(jnp.asarray(ramp ** ratio_1_to_0, cfg.storage_dtype))
-    self.key = _Dense(c, f, cfg, scale=1, rngs=rngs)
-    self.receptance = _Dense(c, c, cfg, scale=0, rngs=rngs)
-    self.value = _Dense(f, c, cfg, scale=0, rngs=rngs)
+    self.key = _dense(c, f, cfg, scale=1, rngs=rngs)
+    self.receptance = _dense(c, c, cfg, scale=0, rngs=rngs)
+    self.value = _dense(f, c, cfg, scale=0, rngs=rngs)
+    self.rescale = _rescale(cfg, layer_id)
 
   def __call__(self, x_btc, x_prev_bc, lengths_b=None):
     xx = _token_shift(x_btc, x_prev_bc)
     k = self.key(_mix(x_btc, xx, self.time_mix_k[...].astype(x_btc.dtype)))
     r = self.receptance(_mix(x_btc, xx, self.time_mix_r[...].astype(x_btc.dtype)))
-    out = jax.nn.sigmoid(r) * self.value(jnp.square(jax.nn.relu(k)))
+    out = jax.nn.sigmoid(r) * self.value(_scaled(jnp.square(jax.nn.relu(k)), self.rescale))
     return out, _last(x_btc, lengths_b)
 
 
@@ -202,7 +222,7 @@ class RWKV(nnx.Module):
     self.ln0 = _layer_norm(cfg.n_embd, cfg, rngs)
     self.blocks = nnx.List([Block(cfg, i, init=init, rngs=rngs) for i in range(cfg.n_layer)])
     self.ln_out = _layer_norm(cfg.n_embd, cfg, rngs)
-    self.head = _Dense(cfg.n_embd, cfg.vocab_size, cfg, scale=0.5, rngs=rngs)
+    self.head = _dense(cfg.n_embd, cfg.vocab_size, cfg, scale=0.5, rngs=rngs)
 
   def __call__(self, tokens_bt: Array, state: RWKVState | None = None, *, impl: str = "auto",
                last_only: bool = False, lengths: Array | None = None) -> tuple[Array, RWKVState]:
@@ -230,6 +250,8 @@ class RWKV(nnx.Module):
             block, x, layer_state, lengths)
       else:
         x, layer_state = block(x, layer_state, impl, lengths)
+      if self.config.rescale_every and (i + 1) % self.config.rescale_every == 0:
+        x = x / 2  # float16: keeps the residual in range; see _rescale
       new_states.append(layer_state)
     if last_only:
       x = x[:, -1:] if lengths is None else _last(x, lengths)[:, None].astype(x.dtype)

@@ -54,6 +54,14 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"(^|/)ffn/receptance/kernel$", P("fsdp", None)),  # [c, c]
     (r"(^|/)emb/embedding$", P("tensor", "fsdp")),  # [v, c]
     (r"(^|/)head/kernel$", P("fsdp", "tensor")),  # [c, v]
+    # int8 matrices (quant.py): the kernel [in, out] as its float one, the scales [groups, out]
+    # split along out with it.
+    (r"(^|/)(att/(key|value|receptance)|ffn/key|head)/qkernel$", P("fsdp", "tensor")),
+    (r"(^|/)(att/(key|value|receptance)|ffn/key|head)/qscale$", P(None, "tensor")),
+    (r"(^|/)(att/output|ffn/value)/qkernel$", P("tensor", "fsdp")),
+    (r"(^|/)(att/output|ffn/value)/qscale$", P(None, "fsdp")),
+    (r"(^|/)ffn/receptance/qkernel$", P("fsdp", None)),
+    (r"(^|/)ffn/receptance/qscale$", P()),
     # Small vectors, replicated on purpose.
     (r"(^|/)(att|ffn)/time_mix_[kvr]$", P()),  # [c]
     (r"(^|/)ln(0|1|2|_out)/(scale|bias)$", P()),  # [c]

@@ -2,8 +2,9 @@
 
 `load` reads an official BlinkDL .pth file, a HuggingFace `RwkvForCausalLM` directory, an rwkv_jax
 Orbax export or a training work directory (its latest checkpoint). Every reader fills an abstract
-model (`model.abstract_model`) whose parameter dtype is the requested one, so the dtype is applied
-the same way for all formats. time_decay and time_first are stored raw by the official trainer,
+model (`model.abstract_model`) of the requested precision (`DTYPES`, defined by
+`RWKVConfig.with_precision`), so a precision means the same for all formats; int8 is quantised
+tensor by tensor as it is read (`quant.py`), and an int8 export is read back as it is. time_decay and time_first are stored raw by the official trainer,
 the rwkv package and HF alike (all use w = -exp(time_decay)); the model keeps them raw too, so no
 value is ever transformed, only renamed, transposed or cast.
 
@@ -27,8 +28,9 @@ from flax import nnx
 from rwkv_jax import checkpoint
 from rwkv_jax import formats
 from rwkv_jax import model as model_lib
+from rwkv_jax import quant
 from rwkv_jax import tensor_names
-from rwkv_jax.config import RWKVConfig
+from rwkv_jax.config import PRECISIONS, RWKVConfig
 # Re-exported: the public names of the modules split out of this one.
 from rwkv_jax.formats import hf_config_dict, save_hf, save_pth  # noqa: F401
 from rwkv_jax.state_convert import (  # noqa: F401
@@ -37,6 +39,16 @@ from rwkv_jax.tensor_names import (  # noqa: F401
     CheckpointError, Entry, hf_to_official_name, infer_config, mapping)
 
 PathLike = str | os.PathLike
+
+# The precisions `load(path, dtype=...)` accepts; every --dtype flag offers exactly these.
+DTYPES = PRECISIONS
+
+
+def check_dtype(dtype: str | None) -> None:
+  """Raises ValueError (one line, naming the accepted names) unless dtype is in DTYPES or None."""
+  if dtype is not None and dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)} (or None to keep the "
+                     f"checkpoint's own).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,23 +63,22 @@ def _validate(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str,
     shapes: official name -> shape of every tensor in the source.
     dtypes: official name -> dtype name ("float32", "bfloat16", ...) of every tensor.
     config: expected shape (checked against the tensors) or None to infer it.
-    dtype: parameter dtype, or None for the dtype of emb.weight.
+    dtype: precision (one of DTYPES), or None for the dtype of emb.weight.
     names: official name -> the name as spelled in the source, for error messages.
 
   Returns:
-    (config, entries, graphdef, model_vars): the config with param_dtype set, the mapping
-    entries, and the abstract model split into its graphdef and flat variables.
+    (config, entries, graphdef, model_vars): the config in the precision asked for, the
+    mapping entries, and the abstract model split into its graphdef and flat variables.
   """
-  formats.check_dtype_flag(dtype)
+  check_dtype(dtype)
   names = names or {}
   spell = lambda n: names.get(n, n)
   if dtype is None:
     dtype = dtypes.get("emb.weight", "float32")
     dtype = dtype if dtype in formats.NP_DTYPES else "float32"
   if config is None:
-    config = infer_config(shapes, param_dtype=dtype)
-  else:
-    config = config.replace(param_dtype=dtype)
+    config = infer_config(shapes)
+  config = config.with_precision(dtype)
   entries = mapping(config.n_layer)
   expected = {e.official for e in entries}
   missing = [spell(e.official) for e in entries if e.official not in shapes]
@@ -86,7 +97,7 @@ def _validate(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str,
   graphdef, abstract_state = nnx.split(model_lib.abstract_model(config))
   model_vars = dict(nnx.to_flat_state(abstract_state))
   for e in entries:
-    model_shape = tuple(model_vars[e.path].get_value().shape)
+    model_shape = tuple(_kernel_var(model_vars, e.path).get_value().shape)
     if not tensor_names.shape_ok(shapes[e.official], model_shape, e.layout):
       raise CheckpointError(
           f"Tensor {spell(e.official)} in {source} has shape {shapes[e.official]}, expected "
@@ -99,6 +110,11 @@ def _validate(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str,
   return config, entries, graphdef, model_vars
 
 
+def _kernel_var(model_vars: dict, path: tuple):
+  """The variable at `path`, or for a quantised matrix its int8 kernel (same shape)."""
+  return model_vars[path if path in model_vars else quant.leaf_path(path, quant.QKERNEL)]
+
+
 def _build(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any],
            get: Callable[[str], np.ndarray], config: RWKVConfig | None, dtype: str | None,
            names: dict[str, str] | None = None) -> tuple[model_lib.RWKV, RWKVConfig]:
@@ -108,14 +124,18 @@ def _build(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, An
   release.
   """
   config, entries, graphdef, model_vars = _validate(source, shapes, dtypes, config, dtype, names)
-  target = formats.NP_DTYPES[config.param_dtype]
   filled = []
   for e in entries:
-    variable = model_vars[e.path]
-    # astype from bf16/fp16 to fp32 is exact; the device copy is made before `get`'s buffer
-    # (possibly a memory-mapped file page) is released.
-    x = tensor_names.to_model(get(e.official), e.layout).astype(target)
-    filled.append((e.path, variable.replace(jnp.asarray(x))))
+    x = tensor_names.to_model(get(e.official), e.layout)
+    if e.path in model_vars:
+      variable = model_vars[e.path]
+      # astype from bf16/fp16 to fp32 is exact; the device copy is made before `get`'s buffer
+      # (possibly a memory-mapped file page) is released.
+      filled.append((e.path, variable.replace(jnp.asarray(x.astype(variable.get_value().dtype)))))
+    else:  # an int8 matrix: quantised from the file's own values
+      for leaf, value in zip((quant.QKERNEL, quant.QSCALE), quant.quantize(x)):
+        path = quant.leaf_path(e.path, leaf)
+        filled.append((path, model_vars[path].replace(jnp.asarray(value))))
     del x
   return nnx.merge(graphdef, nnx.from_flat_state(filled)), config
 
@@ -133,8 +153,8 @@ def load_pth(path: PathLike, config: RWKVConfig | None = None, dtype: str | None
     path: the .pth file (torch.save of the state dict, any float dtype).
     config: the expected shape; None infers it from the tensors. Its param_dtype is replaced by
       `dtype`.
-    dtype: parameter dtype ("float32", "bfloat16", "float16"), or None for the file's own dtype
-      (that of emb.weight). bf16/fp16 files upcast to float32 exactly.
+    dtype: precision (one of DTYPES: "float32", "bfloat16", "float16", "int8"), or None for
+      the file's own dtype (that of emb.weight). bf16/fp16 files upcast to float32 exactly.
 
   Returns:
     (model, config).
@@ -157,7 +177,7 @@ def load_hf(directory: PathLike, dtype: str | None = "float32"
   Args:
     directory: holds config.json and model.safetensors (or a sharded
       model.safetensors.index.json, or pytorch_model.bin).
-    dtype: parameter dtype, or None for the checkpoint's own (that of the embedding).
+    dtype: precision (one of DTYPES), or None for the checkpoint's own (that of the embedding).
 
   Returns:
     (model, config); config.json's shape is checked against every tensor.
@@ -174,16 +194,18 @@ def load(path: PathLike, dtype: str | None = "float32") -> tuple[model_lib.RWKV,
 
   Args:
     path: file or directory.
-    dtype: parameter dtype ("float32", "bfloat16", "float16"), for every format; None keeps the
-      checkpoint's own (for .pth / HF that of the embedding).
+    dtype: the precision the model runs in, one of DTYPES ("float32", "bfloat16", "float16",
+      "int8"; see `RWKVConfig.with_precision`), for every format; None keeps the checkpoint's
+      own (for .pth / HF that of the embedding; an int8 export stays int8).
 
   Returns:
-    (model, config), config.param_dtype the parameters' dtype.
+    (model, config), config.precision the precision it runs in.
 
   Raises:
+    ValueError: dtype is not one of DTYPES.
     CheckpointError: the path is not a checkpoint or does not fit an RWKV-4 model.
   """
-  formats.check_dtype_flag(dtype)
+  check_dtype(dtype)
   path = pathlib.Path(path)
   if checkpoint.is_rwkv_jax_dir(path):
     return checkpoint.load_export(path, dtype=dtype)
@@ -213,19 +235,23 @@ def convert_checkpoint(src: PathLike, dst: PathLike, fmt: str, dtype: str | None
     src: official .pth file, HF directory, rwkv_jax export or training work directory.
     dst: destination .pth file ("pth") or directory ("hf", "orbax").
     fmt: "pth", "hf" or "orbax".
-    dtype: tensor dtype of the output, or None for the input's own (that of the embedding for
-      .pth and HF).
+    dtype: precision of the output (one of DTYPES; "int8" only for "orbax", which makes an int8
+      export), or None for the input's own (that of the embedding for .pth and HF).
 
   Returns:
     The model config of the checkpoint, param_dtype the output's dtype.
 
   Raises:
+    ValueError: an unknown fmt or dtype, or int8 asked of .pth or HF.
     CheckpointError: `src` is not a checkpoint or does not fit an RWKV-4 model.
   """
   writers = {"pth": save_pth, "hf": save_hf, "orbax": checkpoint.export}
   if fmt not in writers:
     raise ValueError(f"fmt={fmt!r}; use one of {sorted(writers)}.")
-  formats.check_dtype_flag(dtype)
+  check_dtype(dtype)
+  if dtype == "int8" and fmt != "orbax":
+    raise ValueError(f"dtype='int8' cannot be written as {fmt}: .pth and HF files hold "
+                     f"floating-point tensors; write an Orbax export (fmt='orbax') instead.")
   src = pathlib.Path(src)
   if fmt == "orbax" or checkpoint.is_rwkv_jax_dir(src):
     model, config = load(src, dtype=dtype)  # parameters already in the output dtype
