@@ -88,3 +88,68 @@ def test_a_training_workdir_is_never_an_output(tmp_path):
                    "--format=orbax", "--overwrite")
   assert result.returncode != 0 and "training work directory" in result.stderr, result.stderr
   assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+
+
+def small_pth(tmp_path):
+  model = RWKV(RWKVConfig(n_layer=1, n_embd=32, vocab_size=50), rngs=nnx.Rngs(0))
+  weights.save_pth(model, tmp_path / "a.pth")
+  return tmp_path / "a.pth"
+
+
+def test_dtype_int8_writes_an_export_that_loads_as_the_same_int8_model(tmp_path):
+  src = small_pth(tmp_path)
+  result = convert(f"--input={src}", f"--output={tmp_path / 'int8'}", "--dtype=int8")
+  assert result.returncode == 0, result.stderr
+  assert "(orbax, int8)" in result.stdout
+  exported, config = weights.load(tmp_path / "int8", dtype=None)
+  direct, direct_config = weights.load(src, dtype="int8")
+  assert config == direct_config and config.quant == "int8"
+  for a, b in zip(jax.tree.leaves(nnx.state(exported, nnx.Param)),
+                  jax.tree.leaves(nnx.state(direct, nnx.Param))):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+
+
+def assert_one_line_error(result, status, *needles):
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == status, result.stderr
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+
+
+def test_every_mistake_is_one_line_naming_the_flag_and_nothing_is_written(tmp_path):
+  src = small_pth(tmp_path)
+  (tmp_path / "notes.txt").write_text("not a checkpoint")
+  int8 = tmp_path / "int8"
+  assert convert(f"--input={src}", f"--output={int8}", "--dtype=int8").returncode == 0
+  before = sorted(p.name for p in tmp_path.iterdir())
+  cases = [
+      (["--output=x.pth"], "--input"),  # a required flag left out
+      ([f"--input={tmp_path / 'nope.pth'}", "--output=x.pth"], "--input=", "does not exist"),
+      ([f"--input={tmp_path / 'notes.txt'}", f"--output={tmp_path / 'o.pth'}"],
+       "--input=", "is not an RWKV-4 checkpoint"),
+      ([f"--input={src}", f"--output={tmp_path / 'o'}", "--format=gguf"], "--format"),
+      ([f"--input={src}", f"--output={tmp_path / 'o.pth'}", "--dtype=fp8"], "--dtype",
+       "float32|bfloat16|float16|int8"),
+      ([f"--input={src}", f"--output={tmp_path / 'notes.txt' / 'o.pth'}"],
+       "--output=", "is a file, not a directory"),
+      ([f"--input={src}", f"--output={tmp_path / 'o.pth'}", "--dtype=int8"],
+       "--dtype=int8", "--format=orbax"),
+      ([f"--input={src}", f"--output={tmp_path / 'hf'}", "--format=hf", "--dtype=int8"],
+       "--dtype=int8"),
+      ([f"--input={int8}", f"--output={tmp_path / 'o.pth'}"], "--input=", "int8 export"),
+      ([f"--input={src}", f"--output={int8}", "--format=orbax"], "--output=", "--overwrite"),
+  ]
+  for args, *needles in cases:
+    assert_one_line_error(convert(*args), 2, *needles)
+  assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_loading_an_int8_export_as_float_names_the_way_out(tmp_path):
+  src = small_pth(tmp_path)
+  assert convert(f"--input={src}", f"--output={tmp_path / 'int8'}", "--dtype=int8").returncode == 0
+  result = convert(f"--input={tmp_path / 'int8'}", f"--output={tmp_path / 'f'}",
+                   "--format=orbax", "--dtype=float32")
+  assert_one_line_error(result, 2, "--input=", "dtype='int8'")
+  assert not (tmp_path / "f").exists()
