@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
+from experiments import _cli
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 flags.DEFINE_list("windows", ["1024", "4096", "16384", "65536"], "Window lengths trained in "
@@ -165,6 +167,14 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def _lengths(name: str) -> list[int]:
+  values = FLAGS[name].value
+  if not all(v.isdigit() and int(v) > 0 for v in values):
+    raise ValueError(f"--{name}={','.join(values)}: give positive integers (tokens), e.g. "
+                     f"--{name}=1024,4096.")
+  return [int(v) for v in values]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -175,8 +185,8 @@ def main(argv):
 
   model = dict(n_layer=FLAGS.n_layer, n_embd=FLAGS.n_embd, vocab_size=FLAGS.vocab_size,
                batch_size=FLAGS.batch_size)
-  record = run([int(w) for w in FLAGS.windows], [int(w) for w in FLAGS.one_call_windows],
-               FLAGS.chunk_len, FLAGS.bptt, model, FLAGS.impl)
+  record = run(_lengths("windows"), _lengths("one_call_windows"), FLAGS.chunk_len, FLAGS.bptt,
+               model, FLAGS.impl)
   record = {"environment": benchlib.environment(), **record}
   path = pathlib.Path(FLAGS.out or _REPO / "experiments" / "results" /
                       f"bench_memory_{benchlib.default_tag()}.json")
@@ -186,4 +196,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, usage_errors=(ValueError,))

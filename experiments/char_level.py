@@ -19,11 +19,12 @@ import logging
 import math
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
-from experiments import _logs, _runs, benchlib
+from experiments import _cli, _logs, _runs, benchlib
 from experiments.baselines import transformer as tf_lib
 from experiments.configs import char_tiny, enwik8
+from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import train
 
 
@@ -180,4 +181,7 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  # A bad flag, workdir or data file is the user's to fix (status 2); a run that diverged, found
+  # its workdir busy or a checkpoint unusable failed (status 1). --debug: tracebacks.
+  _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
+           failures=(train.NonFiniteLossError, train.WorkdirBusyError, ckpt_lib.CheckpointError))

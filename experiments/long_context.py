@@ -24,9 +24,9 @@ import pathlib
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from experiments import _logs, _runs, benchlib
+from experiments import _cli, _logs, _runs, benchlib
 from experiments.configs import char_tiny, enwik8
 from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import data as data_lib
@@ -262,4 +262,7 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  # A bad flag, workdir or data file is the user's to fix (status 2); a run that diverged, found
+  # its workdir busy or a checkpoint unusable failed (status 1). --debug: tracebacks.
+  _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
+           failures=(train.NonFiniteLossError, train.WorkdirBusyError, ckpt_lib.CheckpointError))
