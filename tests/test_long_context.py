@@ -105,6 +105,25 @@ def test_truncated_bptt_equals_chunks_with_the_state_gradient_stopped():
   assert max(differs) > 1e-3
 
 
+def _gradient_temp_bytes(graphdef, params, window: int, chunk_len: int, mode: str) -> int:
+  """XLA's temporary buffers (activations) of the compiled gradient of a [2, window] batch."""
+  tokens = jax.ShapeDtypeStruct((2, window), jnp.int32)
+  grad = jax.jit(jax.grad(lambda p, x, y: bptt.window_loss(
+      graphdef, p, x, y, chunk_len=chunk_len, bptt=mode, impl="scan")[0]))
+  return grad.lower(params, tokens, tokens).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_activation_memory_follows_the_chunk_not_the_window():
+  graphdef, params = _random_model(2)
+  one_chunk = _gradient_temp_bytes(graphdef, params, 32, 0, "full")
+  one_window = _gradient_temp_bytes(graphdef, params, 1024, 0, "full")
+  assert one_window > 20 * one_chunk  # one call over the window holds all of its activations
+  for mode in ("full", "truncated"):
+    chunked = _gradient_temp_bytes(graphdef, params, 1024, 32, mode)
+    # 32 chunks: one chunk's activations plus 32 boundary states and the tokens.
+    assert chunked < 1.5 * one_chunk, mode
+
+
 # "scan" is the implementation of the tests above.
 @pytest.mark.parametrize("impl", sorted(set(wkv.implementations()) - {"scan"}))
 def test_every_wkv_implementation_trains_in_chunks_exactly(impl):
