@@ -218,3 +218,13 @@ def test_context_runner_records_loss_by_position_for_every_window(tmp_path):
   again = long_context.run("tiny", tmp_path / "runs")  # finished: read back, not trained again
   assert again["runs"]["ctx8"]["wall_s"] == record["runs"]["ctx8"]["wall_s"]
   assert again["runs"]["ctx8"]["buckets"] == record["runs"]["ctx8"]["buckets"]
+
+
+def test_chunks_are_refused_for_a_model_without_a_recurrent_state():
+  from experiments.baselines import transformer as tf  # pylint: disable=g-import-not-at-top
+
+  cfg = tf.TransformerConfig(n_layer=1, n_embd=16, n_head=2, vocab_size=CFG.vocab_size)
+  graphdef, params = nnx.split(tf.Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  inputs, targets = _batch(4, b=1, t=8)
+  with pytest.raises(ValueError, match=r"train.chunk_len=4 .* Transformer has none"):
+    bptt.window_loss(graphdef, params, inputs, targets, chunk_len=4)
