@@ -47,7 +47,8 @@ flags.DEFINE_string("tokenizer", None, "bytes | neox | world | PATH; default fro
                     "(256 -> bytes, 50277 -> neox, 65536 -> world).")
 flags.DEFINE_integer("chunk", 1024, "Tokens per model call; state is carried between chunks.")
 flags.DEFINE_string("impl", "auto", "WKV implementation.")
-flags.DEFINE_string("dtype", "float32", "Precision the model runs in (see rwkv_jax.weights.load).")
+flags.DEFINE_string("dtype", "float32", "Precision the model runs in: float32, bfloat16, float16 "
+                    "or int8 (weight-only; see rwkv_jax.weights.load).")
 flags.DEFINE_integer("show_tokens", 20, "Print the losses of this many tokens.")
 FLAGS = flags.FLAGS
 
@@ -174,9 +175,8 @@ def main(argv):
     low = 0 if name == "max_position" else 1
     if FLAGS[name].value < low:
       raise UsageError(f"--{name}={FLAGS[name].value} must be >= {low}.")
-  dtypes = getattr(weights, "DTYPES", ("float32", "bfloat16", "float16"))
-  if FLAGS.dtype not in dtypes:
-    raise UsageError(f"--dtype={FLAGS.dtype} is not one of {', '.join(dtypes)}.")
+  if FLAGS.dtype not in weights.DTYPES:
+    raise UsageError(f"--dtype={FLAGS.dtype} is not one of {', '.join(weights.DTYPES)}.")
   output = _check_output("output", FLAGS.output)
   position_out = _check_output("position_loss", FLAGS.position_loss)
   model, config = _load(weights, FLAGS.checkpoint, FLAGS.dtype)
