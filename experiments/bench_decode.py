@@ -418,7 +418,8 @@ def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_promp
   supported = supported_dtypes()
   record: dict[str, Any] = {
       "benchmark": "decode",
-      "environment": benchlib.environment(),
+      "environment": benchlib.environment(
+          ["python", "-m", "experiments.bench_decode", *sys.argv[1:]]),
       "config": {"models": {m: dict(zip(("n_layer", "n_embd"), MODELS[m]), vocab=PILE_VOCAB)
                             for m in models},
                  "dtypes": dtypes, "batches": batches, "decode_tokens": decode_tokens,
