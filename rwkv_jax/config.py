@@ -9,8 +9,8 @@ sizes (Table 2).
                       ffn.value are divided by 2^(layer // 6) to match, so deep models stay in
                       float16's range. The final LayerNorm removes the scale: the logits are the
                       unscaled model's.
-  int8                the block matrices and the head as int8 with float scales (rwkv_jax/quant.py),
-                      dequantised inside each matrix product; activations and the other
+  int8                the block matrices as int8 with float scales (rwkv_jax/quant.py), dequantised
+                      inside each matrix product; activations, the head and the other
                       parameters in float32 on CPU and bfloat16 on accelerators.
 The WKV state and its accumulation are float32 in every precision.
 """
@@ -45,7 +45,7 @@ class RWKVConfig:
     dtype: compute dtype of matrix products and activations ("float32" or "bfloat16").
       The WKV state and accumulation are float32 whatever this says.
     param_dtype: storage dtype of the parameters (master weights).
-    quant: "" or "int8": the block matrices and the head stored as int8 with float scales.
+    quant: "" or "int8": the block matrices stored as int8 with float scales.
     rescale_every: 0, or halve the residual after every rescale_every-th block (float16).
   """
 

@@ -166,9 +166,13 @@ def test_matrix_products_run_in_the_named_type(dtype, compute):
   config = model_lib.RWKVConfig(**SMALL).with_precision(dtype, platform="cpu")
   model = model_lib.RWKV(config, rngs=nnx.Rngs(0))
   assert dot_operand_dtypes(model) == {compute}
-  leaves = {p[-1]: v.get_value().dtype for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   if dtype == "int8":
-    assert leaves[quant.QKERNEL] == jnp.int8 and "kernel" not in leaves
+    kernels = {p[-2:]: v.get_value().dtype
+               for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+               if p[-1] in ("kernel", quant.QKERNEL)}
+    assert kernels == {**{(name, quant.QKERNEL): jnp.int8
+                          for name in ("key", "value", "receptance", "output")},
+                       ("head", "kernel"): jnp.float32}
   assert model_lib.RWKVConfig(**SMALL).with_precision("int8", platform="gpu").dtype == "bfloat16"
 
 
@@ -202,12 +206,13 @@ def test_every_format_loads_the_same_model_in_each_precision(small_pth, tmp_path
 def test_an_int8_export_is_read_back_without_requantising(small_pth, tmp_path):
   model, config = weights.load(small_pth, dtype="int8")
   checkpoint.export(model, tmp_path / "int8")
-  # On disk: int8 kernels and their scales, no float kernel to quantise again.
+  # On disk: int8 kernels and their scales, no float block kernel to quantise again.
   with ocp.StandardCheckpointer() as ckptr:
     saved = ckptr.restore(tmp_path / "int8" / "params")
   saved = {"/".join(map(str, p)): x for p, x in
            jax.tree_util.tree_flatten_with_path(saved)[0]}
-  assert not any(k.endswith("kernel']") and "qkernel" not in k for k in saved)
+  floats = [k for k in saved if k.endswith("kernel']") and "qkernel" not in k]
+  assert floats and all("head" in k for k in floats), floats
   assert {x.dtype for k, x in saved.items() if "qkernel" in k} == {np.dtype(np.int8)}
   for dtype in (None, "int8"):
     loaded, loaded_config = weights.load(tmp_path / "int8", dtype=dtype)
