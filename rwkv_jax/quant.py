@@ -7,10 +7,10 @@ q = round(w / scale) in [-127, 127]. The matrix product dequantises inside:
     y[..., o] = sum_g scale[g, o] * (x[..., g, :] @ q[g, :, o])
 
 so the full-precision weight is never stored; the int8 weight is what is read from memory.
-(Written as the dequantised weight times x: XLA fuses the dequantisation into the product. On
-CPU that is about as fast as float32 for the block matrices at batch 1, where a product per group
-was 4x slower; for the 768 x 50277 head it was 10x slower than float32, so the head stays float,
-in the activation dtype.)
+(Written as the dequantised weight times x, the form XLA can fuse into the product on GPU. XLA's
+CPU backend instead writes the float weight out first, which makes int8 slower than float32 there
+(about 2.5x per block matrix at batch 1; a product per group was slower still). An int8 head was
+10x slower than float32 on CPU, so the head stays float, in the activation dtype.)
 Groups of 16 keep one outlier from coarsening a whole column: on Gaussian weights the RMS error is
 about 0.0047 sigma against 0.0065-0.0085 for one scale per output channel, 0.0054 for groups of
 32 and 0.0055-0.0073 for the rwkv package's row-and-column scheme (fp32i8), at one float32 scale
