@@ -183,8 +183,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"--tokenizer: {e}") from None
   try:
     model, config = weights.load(checkpoint, dtype=_DTYPE.value)
-  except (weights.CheckpointError, FileNotFoundError) as e:
-    raise app.UsageError(f"--checkpoint={checkpoint}: {e}") from None
+  except (ValueError, FileNotFoundError) as e:  # CheckpointError, or a --dtype it cannot hold
+    raise app.UsageError(f"--checkpoint={checkpoint} --dtype={_DTYPE.value}: {e}") from None
   if tokenizer.vocab_size > config.vocab_size:
     raise app.UsageError(
         f"--tokenizer={_TOKENIZER.value} has {tokenizer.vocab_size} tokens but the model only "
