@@ -198,7 +198,8 @@ def load_export(directory: str | os.PathLike, dtype: str | None = None
     name = dtype or (saved.quant or None)
     config = saved.with_precision(name) if name else saved
     if config.quant and not saved.quant:  # quantise once the float parameters are in memory
-      return quant.quantize_model(_model_from_params(saved, restore), config), config
+      return quant.quantize_model(_model_from_params(saved, restore),
+                                 model_lib.abstract_model(config)), config
     return _model_from_params(config, restore), config
 
   if (directory / EXPORT_MARKER).is_file():

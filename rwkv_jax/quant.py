@@ -91,12 +91,12 @@ def leaf_path(kernel_path: tuple, leaf: str) -> tuple:
   return (*kernel_path[:-1], leaf)
 
 
-def quantize_model(model, config):
-  """The int8 model of `config` (config.quant == "int8") holding `model`'s weights: every float
-  kernel quantised, every other parameter cast to config.param_dtype."""
-  from rwkv_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+def quantize_model(model, int8_model):
+  """`int8_model` (an int8 model's structure, e.g. `model.abstract_model(config)` with
+  config.quant == "int8") filled with `model`'s weights: every float kernel quantised, every
+  other parameter cast to the target's dtype."""
   floats = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  graphdef, abstract = nnx.split(model_lib.abstract_model(config))
+  graphdef, abstract = nnx.split(int8_model)
   filled, done = [], {}
   for path, var in nnx.to_flat_state(abstract):
     if path[-1] in (QKERNEL, QSCALE):
