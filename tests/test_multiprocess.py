@@ -32,11 +32,14 @@ def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
                           stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.parametrize("chunk_len", [0, 5], ids=["one_call", "chunks_of_5"])
 def test_two_processes_train_like_one_process_with_the_same_devices(corpus, compile_cache,
-                                                                    tmp_path):
-  # Global batch 8 over 4 devices either way; checkpoints are written by both processes.
+                                                                    tmp_path, chunk_len):
+  # Global batch 8 over 4 devices either way; checkpoints are written by both processes. With
+  # chunk_len=5 each 16-token window runs in chunks of 5, 5, 5 and 1 that carry the state.
   config = tiny_config(corpus, steps=STEPS, checkpoint_every=2, export=True)
   config.mesh.update(data=-1, fsdp=1, tensor=1)
+  config.train.chunk_len = chunk_len
   config_file = write_config_file(tmp_path / "config.py", config)
   port = portpicker.pick_unused_port()
   multi, single = tmp_path / "two_processes", tmp_path / "one_process"
