@@ -77,10 +77,11 @@ def _channel_ramp(c: int) -> np.ndarray:
   return np.arange(c, dtype=np.float64) / c  # i / C, as in the official trainer and App. E
 
 
-def _dense(d_in, d_out, cfg: RWKVConfig, *, scale: float, rngs: nnx.Rngs,
-           quantizable: bool = True) -> nnx.Linear | quant.Int8Dense:
+def _dense(d_in, d_out, cfg: RWKVConfig, *, scale: float, rngs: nnx.Rngs
+           ) -> nnx.Linear | quant.Int8Dense:
   """A bias-free linear layer, kernel [in, out] (the official weight is [out, in]); int8 when
-  the config says so and the layer is `quantizable` (the block matrices; see quant.py)."""
+  the config says so (every matrix but the embedding, as the rwkv package's int8; see
+  quant.py)."""
   if scale == 0:
     init = nnx.initializers.zeros_init()
   else:
@@ -89,7 +90,7 @@ def _dense(d_in, d_out, cfg: RWKVConfig, *, scale: float, rngs: nnx.Rngs,
     orthogonal = nnx.initializers.orthogonal(scale=gain * scale)
     # In float32 whatever the storage: the QR behind it has no float16 kernel on CPU.
     init = lambda key, shape, dtype: orthogonal(key, shape, jnp.float32).astype(dtype)
-  if cfg.quant == "int8" and quantizable:
+  if cfg.quant == "int8":
     return quant.Int8Dense(d_in, d_out, kernel_init=init, dtype=cfg.compute_dtype, rngs=rngs)
   return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, dtype=cfg.compute_dtype,
                     param_dtype=cfg.storage_dtype, rngs=rngs)
@@ -222,7 +223,7 @@ class RWKV(nnx.Module):
     self.ln0 = _layer_norm(cfg.n_embd, cfg, rngs)
     self.blocks = nnx.List([Block(cfg, i, init=init, rngs=rngs) for i in range(cfg.n_layer)])
     self.ln_out = _layer_norm(cfg.n_embd, cfg, rngs)
-    self.head = _dense(cfg.n_embd, cfg.vocab_size, cfg, scale=0.5, rngs=rngs, quantizable=False)
+    self.head = _dense(cfg.n_embd, cfg.vocab_size, cfg, scale=0.5, rngs=rngs)
 
   def __call__(self, tokens_bt: Array, state: RWKVState | None = None, *, impl: str = "auto",
                last_only: bool = False, lengths: Array | None = None) -> tuple[Array, RWKVState]:

@@ -1,4 +1,5 @@
-"""Weight-only int8: the block matrices as int8 with float scales.
+"""Weight-only int8: every matrix but the embedding (the blocks' and the head) as int8 with float
+scales, as the rwkv package's int8 strategies quantise them.
 
 A kernel w [in, out] is cut along `in` into groups of GROUP_SIZE rows (one group when `in` is not a
 multiple of it); each (group, output channel) gets the symmetric scale max|w| / 127 and
@@ -8,9 +9,9 @@ q = round(w / scale) in [-127, 127]. The matrix product dequantises inside:
 
 so the full-precision weight is never stored; the int8 weight is what is read from memory.
 (Written as the dequantised weight times x, the form XLA can fuse into the product on GPU. XLA's
-CPU backend instead writes the float weight out first, which makes int8 slower than float32 there
-(about 2.5x per block matrix at batch 1; a product per group was slower still). An int8 head was
-10x slower than float32 on CPU, so the head stays float, in the activation dtype.)
+CPU backend instead writes the float weight out first, which made int8 slower than float32 there,
+so on CPU a decoding step's products run in a C++ kernel (`rwkv_jax_kernels.int8_cpu`) that
+converts the int8 weight in registers: at 169M, batch 1, about 2x float32's tokens/s.)
 Groups of 16 keep one outlier from coarsening a whole column: on Gaussian weights the RMS error is
 about 0.0047 sigma against 0.0065-0.0085 for one scale per output channel, 0.0054 for groups of
 32 and 0.0055-0.0073 for the rwkv package's row-and-column scheme (fp32i8), at one float32 scale
@@ -25,6 +26,7 @@ Shapes: i = in, o = out, g = groups, n = rows per group.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -65,12 +67,56 @@ def dequantize(q_io, scale_go) -> np.ndarray:
   return (q.reshape(g, -1, q.shape[1]) * np.asarray(scale_go)[:, None]).reshape(q.shape)
 
 
-def matmul(x: Array, q_io: Array, scale_go: Array) -> Array:
-  """x [..., i] @ dequantize(q, scale) in x's dtype (int8 values are exact in bfloat16 and
-  float16; the scales are rounded to x's dtype)."""
+# Rows (batch x time) up to which the CPU kernel beats XLA's dequantise-then-multiply; above
+# it the product is large enough for XLA's matrix multiply to pay for writing the weight out.
+CPU_KERNEL_MAX_ROWS = 16
+
+
+def _xla_matmul(x: Array, q_io: Array, scale_go: Array) -> Array:
   g, d_out = scale_go.shape
   w_gno = q_io.astype(x.dtype).reshape(g, -1, d_out) * scale_go.astype(x.dtype)[:, None]
   return jnp.dot(x, w_gno.reshape(q_io.shape))
+
+
+@jax.custom_vjp
+def _cpu_kernel_matmul(x: Array, q_io: Array, scale_go: Array) -> Array:
+  from rwkv_jax_kernels import int8_cpu  # pylint: disable=g-import-not-at-top
+  y = int8_cpu.int8_matmul(x.reshape(-1, x.shape[-1]), q_io, scale_go)
+  return y.reshape(*x.shape[:-1], q_io.shape[1]).astype(x.dtype)
+
+
+def _cpu_kernel_fwd(x, q_io, scale_go):
+  return _cpu_kernel_matmul(x, q_io, scale_go), (x, q_io, scale_go)
+
+
+def _cpu_kernel_bwd(residuals, dy):
+  # The kernel has no derivative of its own; XLA's form computes the same product.
+  return jax.vjp(_xla_matmul, *residuals)[1](dy)
+
+
+_cpu_kernel_matmul.defvjp(_cpu_kernel_fwd, _cpu_kernel_bwd)
+
+
+def _use_cpu_kernel(x: Array) -> bool:
+  if jax.default_backend() != "cpu" or math.prod(x.shape[:-1]) > CPU_KERNEL_MAX_ROWS:
+    return False
+  from rwkv_jax_kernels import int8_cpu  # pylint: disable=g-import-not-at-top
+  return int8_cpu.available()
+
+
+def matmul(x: Array, q_io: Array, scale_go: Array) -> Array:
+  """x [..., i] @ dequantize(q, scale) in x's dtype (int8 values are exact in bfloat16 and
+  float16; the scales are rounded to x's dtype).
+
+  On CPU, for up to CPU_KERNEL_MAX_ROWS rows (decoding), the product is the C++ kernel of
+  `rwkv_jax_kernels.int8_cpu`, which reads the int8 weight as it is (in float32 whatever x's
+  dtype); elsewhere, and where that kernel could not be built, XLA's form. The choice is made
+  per platform when lowering, so a program exported for GPU or TPU never holds the kernel.
+  """
+  if not _use_cpu_kernel(x):
+    return _xla_matmul(x, q_io, scale_go)
+  return jax.lax.platform_dependent(x, q_io, scale_go, cpu=_cpu_kernel_matmul,
+                                    default=_xla_matmul)
 
 
 class Int8Dense(nnx.Module):

@@ -56,8 +56,8 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"(^|/)head/kernel$", P("fsdp", "tensor")),  # [c, v]
     # int8 matrices (quant.py): the kernel [in, out] as its float one, the scales [groups, out]
     # split along out with it.
-    (r"(^|/)(att/(key|value|receptance)|ffn/key)/qkernel$", P("fsdp", "tensor")),
-    (r"(^|/)(att/(key|value|receptance)|ffn/key)/qscale$", P(None, "tensor")),
+    (r"(^|/)(att/(key|value|receptance)|ffn/key|head)/qkernel$", P("fsdp", "tensor")),
+    (r"(^|/)(att/(key|value|receptance)|ffn/key|head)/qscale$", P(None, "tensor")),
     (r"(^|/)(att/output|ffn/value)/qkernel$", P("tensor", "fsdp")),
     (r"(^|/)(att/output|ffn/value)/qscale$", P(None, "fsdp")),
     (r"(^|/)ffn/receptance/qkernel$", P("fsdp", None)),
