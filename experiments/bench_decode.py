@@ -407,6 +407,15 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def _int8_cpu_kernel() -> bool | None:
+  """Whether int8 decoding on CPU runs the C++ kernel (None off CPU: it is not used there)."""
+  import jax
+  if jax.default_backend() != "cpu":
+    return None
+  from rwkv_jax_kernels import int8_cpu
+  return int8_cpu.available()
+
+
 def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_prompts,
         prefill_max_lens, prefill_chunk, memory_lengths, memory_model, memory_dtype,
         weights_dir, out_dir, tag) -> dict[str, Any]:
@@ -427,7 +436,8 @@ def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_promp
                  "prefill_max_lens": prefill_max_lens, "prefill_chunk": prefill_chunk,
                  "memory_lengths": memory_lengths, "memory_model": memory_model,
                  "memory_dtype": memory_dtype, "sampling": "greedy",
-                 "weights": "random, official .pth format"},
+                 "weights": "random, official .pth format",
+                 "int8_cpu_kernel": _int8_cpu_kernel()},
       "decode": [], "baseline": {}, "prefill": [], "memory": [], "targets": []}
 
   def save():
@@ -503,18 +513,12 @@ def main(argv: list[str]) -> None:
   if set(f.dtypes) - known:
     raise app.UsageError(f"--dtypes: unknown {sorted(set(f.dtypes) - known)}; choose from "
                          f"{sorted(known)}.")
-  try:
-    batches = [int(b) for b in f.batches]
-    lengths = [int(n) for n in (f.memory_lengths if f.memory_lengths is not None else
-                                (["1024", "2048", "4096"] if on_cpu else
-                                 ["1024", "4096", "16384", "65536"]))]
-    prefill_lens = [int(n) for n in (f.prefill_max_lens or (["32", "256"] if on_cpu else
-                                                            ["256", "2048"]))]
-  except ValueError:
-    raise app.UsageError("--batches, --memory_lengths and --prefill_max_lens take "
-                         "comma-separated integers.") from None
-  if any(n < 1 for n in [*batches, *lengths, *prefill_lens]):
-    raise app.UsageError("--batches, --memory_lengths and --prefill_max_lens must be >= 1.")
+  batches = _cli.integers("batches", f.batches, minimum=1)
+  lengths = _cli.integers("memory_lengths", f.memory_lengths if f.memory_lengths is not None else
+                          (["1024", "2048", "4096"] if on_cpu else
+                           ["1024", "4096", "16384", "65536"]), minimum=1, allow_empty=True)
+  prefill_lens = _cli.integers("prefill_max_lens", f.prefill_max_lens or (
+      ["32", "256"] if on_cpu else ["256", "2048"]), minimum=1)
   memory_model = f.memory_model or ("l6d256" if on_cpu else "169m")
   if memory_model not in MODELS:
     raise app.UsageError(f"--memory_model={memory_model}: choose from {sorted(MODELS)}.")
