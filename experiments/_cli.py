@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 from absl import app, flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
@@ -77,6 +77,29 @@ def _parse(argv: list[str]) -> list[str]:
       last = f"{type(e).__name__}: {last}"
     what = " or ".join(f"--{n}={v}" for n, v in _config_files(argv)) or "the command line"
     _fail(USAGE, f"{what} failed to load: {last} (--debug shows the traceback).")
+
+
+def integers(flag: str, value: str | Sequence[str], *, minimum: int | None = None,
+             allow_empty: bool = False) -> list[int]:
+  """The integers of --flag: comma-separated text ("1, 2,3") or a flags.DEFINE_list value.
+
+  Raises:
+    app.UsageError: naming the flag, for anything but integers, one below `minimum`, or none
+      (unless allow_empty).
+  """
+  items = value.split(",") if isinstance(value, str) else list(value)
+  items = [x.strip() for x in items if x.strip()]
+  shown = value if isinstance(value, str) else ",".join(value)
+  try:
+    ids = [int(x) for x in items]
+  except ValueError:
+    raise app.UsageError(f"--{flag}={shown!r} must be comma-separated integers, e.g. "
+                         f"--{flag}=1,2,3.") from None
+  if not ids and not allow_empty:
+    raise app.UsageError(f"--{flag} is empty; give at least one integer.")
+  if minimum is not None and any(i < minimum for i in ids):
+    raise app.UsageError(f"--{flag}={shown}: every value must be >= {minimum}.")
+  return ids
 
 
 def run(main: Callable[[list[str]], None], *,

@@ -113,11 +113,7 @@ def _read_prompt(optional: bool) -> str | list[int]:
                          "--prompt_tokens=1,2,3 (or --load_state=FILE to continue a state).")
   flag = given[0]
   if flag is _PROMPT_TOKENS:
-    try:
-      prompt = [int(x) for x in flag.value.replace(" ", "").split(",") if x]
-    except ValueError:
-      raise app.UsageError(f"--prompt_tokens={flag.value!r} must be comma-separated integers, "
-                           f"e.g. --prompt_tokens=1,2,3.") from None
+    prompt = _cli.integers(flag.name, flag.value, allow_empty=True)
   elif flag is _PROMPT_FILE:
     path = pathlib.Path(flag.value)
     if not path.is_file():

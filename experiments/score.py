@@ -72,17 +72,6 @@ def _write(path: pathlib.Path, write) -> None:
     raise WriteError(f"could not write {path}: {e.strerror or e}; nothing was written.") from e
 
 
-def _parse_tokens(text: str) -> np.ndarray:
-  try:
-    ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-  except ValueError:
-    raise UsageError(f"--tokens={text!r} must be comma-separated integers, e.g. "
-                     f"--tokens=1,2,3.") from None
-  if not ids:
-    raise UsageError("--tokens is empty; give at least one token id.")
-  return np.asarray(ids, np.int64)
-
-
 def _load(weights, path: str, dtype: str):
   """weights.load, with whatever a damaged file raises turned into one line naming the file."""
   try:
@@ -183,7 +172,7 @@ def main(argv):
   logging.info("Loaded %s: %s", FLAGS.checkpoint, config)
 
   if FLAGS.tokens is not None:
-    tokens = _parse_tokens(FLAGS.tokens)
+    tokens = np.asarray(_cli.integers("tokens", FLAGS.tokens), np.int64)
     logits = scoring.logits_for(model, tokens, chunk=FLAGS.chunk, impl=FLAGS.impl)
     if output:
       def save(tmp):
