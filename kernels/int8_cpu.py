@@ -77,9 +77,12 @@ def build(path: pathlib.Path | None = None) -> pathlib.Path:
   if not compiler:
     raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
   with files.atomic_path(path) as tmp:
-    proc = subprocess.run(
-        [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp)],
-        capture_output=True, text=True, check=False)
+    try:
+      proc = subprocess.run(
+          [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp)],
+          capture_output=True, text=True, check=False, timeout=600)
+    except subprocess.TimeoutExpired:
+      raise RuntimeError(f"{compiler} took more than 10 minutes on {SOURCE.name}") from None
     if proc.returncode != 0:
       raise RuntimeError(f"{compiler} failed on {SOURCE.name}:\n{proc.stderr[-2000:]}")
   return path
