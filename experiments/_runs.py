@@ -1,9 +1,13 @@
-"""Resumable training runs for the claim runners (char_level.py, scaling.py).
+"""What the claim runners (char_level.py, scaling.py, long_context.py) share.
 
 Each run has its own workdir. `train_run` trains it with `train.train_and_evaluate` (which resumes
 from the workdir's latest checkpoint) and then writes WORKDIR/result.json; a later call with the
 same config finds that file and returns it without training, so re-running a runner skips the
 finished runs and resumes the unfinished one.
+
+A runner adds its own flags, `run` and `plot` to the program's shared parts here: `define_flags`
+(--workdir, --out, --tag), `start_logging`, `default_tag`, `save_record` (OUT/NAME_TAG.json and
+its .png) and `run_cli`.
 """
 
 from __future__ import annotations
@@ -13,14 +17,17 @@ import logging
 import math
 import pathlib
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
+from absl import flags
 
-from experiments import benchlib
+from experiments import _cli, _logs, benchlib
+from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import metrics, sharding, train
 
 RESULT_FILE = "result.json"
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
@@ -87,3 +94,53 @@ def train_run(name: str, config: ml_collections.ConfigDict, workdir: str | pathl
   logging.info("%s: validation %.4f bits/token after %d steps, %.0f s.", name,
                record["val_bits_per_token"], t.steps, wall_s)
   return record
+
+
+def define_flags(name: str, tag_example: str) -> None:
+  """Defines --workdir (runs under WORKDIR/NAME_<size>/), --out and --tag.
+
+  They belong to this module: a runner lists them in its --helpshort with
+  `flags.adopt_module_key_flags(_runs)`.
+
+  Args:
+    name: the prefix of the runner's run directories and result files ("char", "scaling", ...).
+    tag_example: a non-CPU default tag for --tag's help (e.g. "gpu_gpu_h100").
+  """
+  flags.DEFINE_string("workdir", "/tmp/rwkv_claims", f"Runs go under WORKDIR/{name}_<size>/.")
+  flags.DEFINE_string("out", str(RESULTS_DIR), "Directory for the JSON and PNG.")
+  flags.DEFINE_string("tag", None, "File name suffix; default: the size, and the device if not "
+                      f"a CPU (e.g. cpu, {tag_example}).")
+
+
+def start_logging() -> None:
+  """The runner's and the trainer's progress at INFO, without third-party chatter."""
+  logging.getLogger().setLevel(logging.INFO)
+  _logs.quiet_third_party()
+
+
+def default_tag(size: str, suffix: str = "") -> str:
+  """The size, then the device's tag unless the size is that tag, then `suffix`.
+
+  On a CPU "cpu" stays "cpu" and "tiny" is "tiny_cpu"; on an H100 "paper" is "paper_gpu_h100".
+  """
+  device = benchlib.default_tag()
+  return (size if size == device else f"{size}_{device}") + suffix
+
+
+def save_record(name: str, record: dict[str, Any], out: str | pathlib.Path, tag: str,
+                plot: Callable[[dict[str, Any], pathlib.Path], None]) -> pathlib.Path:
+  """Writes OUT/NAME_TAG.json and `plot(record, OUT/NAME_TAG.png)`; returns the JSON's path."""
+  out = pathlib.Path(out)
+  path = benchlib.write_json(out / f"{name}_{tag}.json", record)
+  plot(record, out / f"{name}_{tag}.png")
+  return path
+
+
+def run_cli(main: Callable[[list[str]], None]) -> None:
+  """Runs a runner's `main` as a program.
+
+  A bad flag, workdir or data file is the user's to fix (status 2); a run that diverged, found
+  its workdir busy or a checkpoint unusable failed (status 1). --debug: tracebacks.
+  """
+  _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
+           failures=(train.NonFiniteLossError, train.WorkdirBusyError, ckpt_lib.CheckpointError))

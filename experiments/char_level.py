@@ -15,16 +15,14 @@ unfinished one from its checkpoints. Writes experiments/results/char_<tag>.json 
 
 from __future__ import annotations
 
-import logging
 import math
 import pathlib
 
 from absl import flags
 
-from experiments import _cli, _logs, _runs, benchlib
+from experiments import _runs, benchlib
 from experiments.baselines import transformer as tf_lib
 from experiments.configs import char_tiny, enwik8
-from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import train
 
 
@@ -64,11 +62,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("steps", 0, "Training steps of each model; 0 = the size's.", lower_bound=0)
   flags.DEFINE_float("lr_init", 0.0, "Peak learning rate of both models; 0 = the size's. Runs "
                      "and results then carry an _lr<rate> suffix.", lower_bound=0.0)
-  flags.DEFINE_string("workdir", "/tmp/rwkv_claims", "Runs go under WORKDIR/char_<size>/.")
-  flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "results"),
-                      "Directory for the JSON and PNG.")
-  flags.DEFINE_string("tag", None, "File name suffix; default: the size, and the device if not "
-                      "a CPU (e.g. cpu, paper_gpu_h100).")
+  _runs.define_flags("char", "paper_gpu_h100")
+  flags.adopt_module_key_flags(_runs)  # --helpshort lists them with the flags above
 
 
 def run(size: str, workdir: str | pathlib.Path, steps: int = 0, lr_init: float = 0.0) -> dict:
@@ -151,29 +146,19 @@ def plot(record: dict, path: pathlib.Path) -> None:
 
 def save(record: dict, out: str | pathlib.Path, tag: str) -> pathlib.Path:
   """Writes OUT/char_TAG.json and its plot OUT/char_TAG.png; returns the JSON's path."""
-  out = pathlib.Path(out)
-  path = benchlib.write_json(out / f"char_{tag}.json", record)
-  plot(record, out / f"char_{tag}.png")
-  return path
+  return _runs.save_record("char", record, out, tag, plot)
 
 
 def _lr_suffix(lr_init: float) -> str:
   return f"_lr{lr_init:g}" if lr_init else ""
 
 
-def default_tag(size: str, lr_init: float = 0.0) -> str:
-  device = benchlib.default_tag()
-  return (size if size == device else f"{size}_{device}") + _lr_suffix(lr_init)
-
-
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
-  _logs.quiet_third_party()
+  _runs.start_logging()
   f = flags.FLAGS
   record = run(f.size, f.workdir, f.steps, f.lr_init)
-  tag = f.tag or default_tag(f.size, f.lr_init)
-  path = save(record, f.out, tag)
+  path = save(record, f.out, f.tag or _runs.default_tag(f.size, _lr_suffix(f.lr_init)))
   bpc = record["val_bits_per_char"]
   print(f"held-out bits per char after {record['steps']} steps: RWKV {bpc['rwkv']:.4f}, "
         f"Transformer {bpc['transformer']:.4f}. Wrote {path}")
@@ -181,7 +166,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  # A bad flag, workdir or data file is the user's to fix (status 2); a run that diverged, found
-  # its workdir busy or a checkpoint unusable failed (status 1). --debug: tracebacks.
-  _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
-           failures=(train.NonFiniteLossError, train.WorkdirBusyError, ckpt_lib.CheckpointError))
+  _runs.run_cli(main)

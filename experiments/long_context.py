@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from experiments import _cli, _logs, _runs, benchlib
+from experiments import _runs, benchlib
 from experiments.configs import char_tiny, enwik8
 from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import data as data_lib
@@ -73,11 +73,8 @@ def _define_flags() -> None:
                     "a quarter of an hour on 2 CPU cores; gpu: L6 D512 on enwik8, windows to "
                     "16k, an accelerator; tiny: seconds, for tests.")
   flags.DEFINE_integer("steps", 0, "Training steps of each model; 0 = the size's.", lower_bound=0)
-  flags.DEFINE_string("workdir", "/tmp/rwkv_claims", "Runs go under WORKDIR/context_<size>/.")
-  flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "results"),
-                      "Directory for the JSON and PNG.")
-  flags.DEFINE_string("tag", None, "File name suffix; default: the size, and the device if not "
-                      "a CPU (e.g. cpu, gpu_gpu_h100).")
+  _runs.define_flags("context", "gpu_gpu_h100")
+  flags.adopt_module_key_flags(_runs)  # --helpshort lists them with the flags above
 
 
 def window_config(size: str, window: int, steps: int = 0):
@@ -236,24 +233,15 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
 
 def save(record: dict[str, Any], out: str | pathlib.Path, tag: str) -> pathlib.Path:
   """Writes OUT/context_TAG.json and its plot OUT/context_TAG.png; returns the JSON's path."""
-  out = pathlib.Path(out)
-  path = benchlib.write_json(out / f"context_{tag}.json", record)
-  plot(record, out / f"context_{tag}.png")
-  return path
-
-
-def default_tag(size: str) -> str:
-  device = benchlib.default_tag()
-  return size if size == device else f"{size}_{device}"
+  return _runs.save_record("context", record, out, tag, plot)
 
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
-  _logs.quiet_third_party()
+  _runs.start_logging()
   f = flags.FLAGS
   record = run(f.size, f.workdir, f.steps)
-  path = save(record, f.out, f.tag or default_tag(f.size))
+  path = save(record, f.out, f.tag or _runs.default_tag(f.size))
   span = record["spans"][-1]
   losses = ", ".join(f"{k} {v / math.log(2):.3f}" for k, v in
                      record[f"mean_loss_{span}"].items())
@@ -262,7 +250,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  # A bad flag, workdir or data file is the user's to fix (status 2); a run that diverged, found
-  # its workdir busy or a checkpoint unusable failed (status 1). --debug: tracebacks.
-  _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
-           failures=(train.NonFiniteLossError, train.WorkdirBusyError, ckpt_lib.CheckpointError))
+  _runs.run_cli(main)

@@ -24,9 +24,8 @@ from typing import Sequence
 import numpy as np
 from absl import flags
 
-from experiments import _cli, _logs, _runs, benchlib
+from experiments import _runs, benchlib
 from experiments.configs import char_tiny, enwik8
-from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import train
 
 PAPER_R2 = 0.994  # the paper's Section 5: loss against compute, linear in log-log
@@ -68,11 +67,8 @@ def _define_flags() -> None:
                     "ten minutes on a CPU; gpu: 6 sizes to 27M parameters on enwik8; tiny: tests.")
   flags.DEFINE_float("tokens_per_param", 0.0, "Training tokens per parameter; 0 = the size's.",
                      lower_bound=0.0)
-  flags.DEFINE_string("workdir", "/tmp/rwkv_claims", "Runs go under WORKDIR/scaling_<size>/.")
-  flags.DEFINE_string("out", str(pathlib.Path(__file__).resolve().parent / "results"),
-                      "Directory for the JSON and PNG.")
-  flags.DEFINE_string("tag", None, "File name suffix; default: the size, and the device if not "
-                      "a CPU (e.g. cpu, gpu_gpu_h100).")
+  _runs.define_flags("scaling", "gpu_gpu_h100")
+  flags.adopt_module_key_flags(_runs)  # --helpshort lists them with the flags above
 
 
 def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> dict[str, float]:
@@ -182,25 +178,15 @@ def plot(record: dict, path: pathlib.Path) -> None:
 
 def save(record: dict, out: str | pathlib.Path, tag: str) -> pathlib.Path:
   """Writes OUT/scaling_TAG.json and its plot OUT/scaling_TAG.png; returns the JSON's path."""
-  out = pathlib.Path(out)
-  path = benchlib.write_json(out / f"scaling_{tag}.json", record)
-  plot(record, out / f"scaling_{tag}.png")
-  return path
-
-
-def default_tag(size: str) -> str:
-  device = benchlib.default_tag()
-  return size if size == device else f"{size}_{device}"
+  return _runs.save_record("scaling", record, out, tag, plot)
 
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
-  _logs.quiet_third_party()
+  _runs.start_logging()
   f = flags.FLAGS
   record = run(f.size, f.workdir, f.tokens_per_param)
-  tag = f.tag or default_tag(f.size)
-  path = save(record, f.out, tag)
+  path = save(record, f.out, f.tag or _runs.default_tag(f.size))
   fit = record["fit"]
   print(f"{len(record['points'])} sizes: loss ~ C^{fit['slope']:.4f}, r^2 = {fit['r2']:.4f} "
         f"(paper {PAPER_R2}). Wrote {path}")
@@ -208,7 +194,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  # A bad flag, workdir or data file is the user's to fix (status 2); a run that diverged, found
-  # its workdir busy or a checkpoint unusable failed (status 1). --debug: tracebacks.
-  _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
-           failures=(train.NonFiniteLossError, train.WorkdirBusyError, ckpt_lib.CheckpointError))
+  _runs.run_cli(main)

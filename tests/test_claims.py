@@ -1,5 +1,6 @@
 """The claim runners (experiments/char_level.py, scaling.py) on tiny settings: the records they
-write, the power-law fit, and the matched sizes of the character-level comparison."""
+write, their default file names, the power-law fit, and the matched sizes of the
+character-level comparison."""
 
 import json
 import logging
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import char_level, scaling
+from experiments import _runs, char_level, scaling
 from experiments.baselines import transformer as tf
 from rwkv_jax import sharding, train
 
@@ -71,6 +72,14 @@ def test_scaling_records_every_size_and_a_fit(tmp_path):
   assert compute == sorted(compute) and all(p["val_loss"] > 0 for p in points)
   assert 0 <= saved["fit"]["r2"] <= 1 and saved["paper_r2"] == 0.994
   assert np.isfinite(saved["fit"]["slope"])
+
+
+def test_default_tag_is_the_size_then_the_device_unless_the_size_names_it():
+  # conftest runs the tests on CPU devices.
+  assert _runs.default_tag("cpu") == "cpu"
+  assert _runs.default_tag("tiny") == "tiny_cpu"
+  assert _runs.default_tag("cpu", "_lr0.001") == "cpu_lr0.001"
+  assert _runs.default_tag("paper", "_lr0.001") == "paper_cpu_lr0.001"
 
 
 def test_power_law_fit_recovers_a_known_exponent():

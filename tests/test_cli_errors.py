@@ -1,4 +1,4 @@
-"""experiments.train and experiments.make_binidx end a user's mistake in one line, no traceback.
+"""experiments.train, make_binidx and the runners end a user's mistake in one line, no traceback.
 
 Each case is a real subprocess that stops before any training: status 2 for a mistake in the
 flags or the files they name (status 1, a failed run, is pinned in tests/test_workdir_safety.py).
@@ -10,16 +10,8 @@ import sys
 
 import pytest
 
-from training_util import (REPO, corpus, run_module, subprocess_env, tiny_config,  # noqa: F401
-                           train_command, write_config_file)
-
-
-def _one_line_error(result, status: int) -> str:
-  assert result.returncode == status, result.stderr[-3000:]
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1, result.stderr[-3000:]
-  return errors[0]
+from training_util import (REPO, corpus, one_line_error, run_module,  # noqa: F401
+                           subprocess_env, tiny_config, train_command, write_config_file)
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -54,7 +46,7 @@ def test_train_usage_errors_are_one_line_and_status_2(corpus, tmp_path, case, ex
     flags = [f"--config.train.{case.removeprefix('zero ')}=0"]
 
   result = run_module(train_command(config_file, workdir, *flags), subprocess_env())
-  line = _one_line_error(result, 2)
+  line = one_line_error(result, 2)
   expected = (expected.replace("MISSING", str(config_file)).replace("BROKEN", str(config_file))
               .replace("AFILE", str(a_file)))
   assert expected in line
@@ -111,7 +103,7 @@ def test_make_binidx_errors_are_one_line_and_status_2(tmp_path, case, expected):
     extra = ["extra"]
 
   result = _make_binidx(*(f"--{k}={v}" for k, v in flags.items()), *extra)
-  assert expected.replace("TMP", str(tmp_path)) in _one_line_error(result, 2)
+  assert expected.replace("TMP", str(tmp_path)) in one_line_error(result, 2)
   assert not (tmp_path / "out").exists()
 
 
@@ -121,6 +113,10 @@ def test_make_binidx_errors_are_one_line_and_status_2(tmp_path, case, expected):
     ("bench_train", ["--batch_size=0"], "--batch_size=0"),
     ("figure7", ["--tokens=0"], "--tokens"),
     ("demo", ["--workdir=AFILE"], "AFILE is a file, not a directory"),
+    # The claim runners: their own flags and the shared --workdir, --out and --tag.
+    ("char_level", ["--size=nope", "--tag=t"], "--size=nope: value should be one of"),
+    ("scaling", ["--size=nope", "--workdir=AFILE"], "--size=nope: value should be one of"),
+    ("long_context", ["--size=nope", "--tag=t"], "--size=nope: value should be one of"),
 ])
 def test_runner_errors_are_one_line_and_status_2(tmp_path, module, flags, expected):
   a_file = tmp_path / "afile"
@@ -129,5 +125,5 @@ def test_runner_errors_are_one_line_and_status_2(tmp_path, module, flags, expect
   result = run_module([sys.executable, "-m", f"experiments.{module}", *flags,
                        f"--out={tmp_path / 'out'}" if module != "demo" else "--steps=1"],
                       subprocess_env())
-  assert expected.replace("AFILE", str(a_file)) in _one_line_error(result, 2)
+  assert expected.replace("AFILE", str(a_file)) in one_line_error(result, 2)
   assert not (tmp_path / "out").exists()
