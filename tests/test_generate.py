@@ -14,7 +14,8 @@ import pytest
 
 from rwkv_jax import assets, sampling, state_file, weights
 from rwkv_jax import tokenizer as tokenizer_lib
-from test_sampling import CFG, REPO, random_model
+from test_sampling import CFG, REPO
+from training_util import one_line_error, random_model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def test_streaming_without_per_token_bytes_holds_back_a_bounded_window():
 
 @pytest.fixture(scope="module")
 def model():
-  return random_model(seed=5)
+  return random_model(CFG, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +124,6 @@ def test_prompt_tokens_output_and_the_prompt_cache_from_the_command_line(model, 
   assert state_file.load(tmp_path / "after.state", CFG).tokens_consumed == (5 + 3 + 9,)
 
 
-def _one_line_error(proc, status):
-  assert proc.returncode == status, proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1, proc.stderr[-3000:]
-  return errors[0]
-
-
 @pytest.mark.parametrize("case, expected", [
     ("top_p", "--top_p must be in (0, 1]"),
     ("output dir", "--output=MISSING/out.json: directory MISSING does not exist"),
@@ -161,7 +154,7 @@ def test_mistakes_are_one_line_naming_the_flag_and_write_nothing(checkpoint, tmp
     state_file.save(broken, state_file.SavedState.of(
         other, random_state(other), np.zeros((1, 256), np.float32), 4))
     args.append(f"--load_state={broken}")
-  line = _one_line_error(run_cli(*args), 2)
+  line = one_line_error(run_cli(*args), 2)
   expected = expected.replace("MISSING", str(tmp_path / "missing")).replace("BROKEN", str(broken))
   assert expected in line
   assert not out.exists() and not cache.exists()

@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,19 +13,14 @@ from flax import nnx
 from rwkv_jax import chunks, scoring, weights
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.model import RWKV
+from training_util import one_line_error, random_model
 
 CFG = RWKVConfig(n_layer=2, n_embd=32, vocab_size=256)
 
 
 @pytest.fixture(scope="module")
 def model():
-  m = RWKV(CFG, rngs=nnx.Rngs(0))
-  params = nnx.state(m, nnx.Param)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  nnx.update(m, jax.tree.unflatten(
-      treedef, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
-  return m
+  return random_model(CFG, seed=0, scale=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -218,18 +212,10 @@ def neox_pth(tmp_path_factory):
   return path
 
 
-def _one_line_error(result, status=2):
-  assert result.returncode == status, result.stderr[-2000:]
-  assert "Traceback" not in result.stderr, result.stderr[-2000:]
-  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1, result.stderr[-2000:]
-  return errors[0]
-
-
 def test_text_that_is_not_utf8_is_refused_unless_replacement_is_asked(neox_pth, tmp_path):
   bad = tmp_path / "latin1.txt"
   bad.write_bytes("café au lait, crème brûlée".encode("latin-1"))
-  line = _one_line_error(run_cli(f"--checkpoint={neox_pth}", f"--text_file={bad}"))
+  line = one_line_error(run_cli(f"--checkpoint={neox_pth}", f"--text_file={bad}"))
   assert f"--text_file={bad} is not UTF-8" in line and "offset 3" in line
   assert "--encoding_errors=replace" in line
   result = run_cli(f"--checkpoint={neox_pth}", f"--text_file={bad}", "--encoding_errors=replace")
@@ -276,6 +262,6 @@ def test_cli_mistakes_are_one_line(model, pth, tmp_path, case):
   else:
     args.append("--chunk=0")
     expected = "--chunk=0 must be >= 1"
-  line = _one_line_error(run_cli(f"--checkpoint={ckpt}", *args))
+  line = one_line_error(run_cli(f"--checkpoint={ckpt}", *args))
   assert expected in line, line
   assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.npy"))

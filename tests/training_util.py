@@ -1,4 +1,5 @@
-"""Shared pieces of the training tests: a real text file, a tiny config, runs and their results.
+"""Shared pieces of the tests: a real text file, a tiny config, runs and their results, a tiny
+model with every parameter non-zero, damaged checkpoints, and the one-line error of a program.
 
 Every run here is a real `train.train_and_evaluate` (in this process or as `experiments.train`
 in a subprocess) over a real byte file, writing real Orbax checkpoints.
@@ -22,6 +23,8 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import sharding, train, train_config
+from rwkv_jax.config import RWKVConfig
+from rwkv_jax.model import RWKV
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Steps of the short runs: N before the interruption, TOTAL at the end.
@@ -88,6 +91,47 @@ def flat_params(model) -> dict[str, np.ndarray]:
   pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   return {sharding.path_name(path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
+
+
+def random_model(cfg: RWKVConfig, seed: int = 0, scale: float = 0.3) -> RWKV:
+  """A model with every parameter non-zero (the official init zeroes several matrices): its
+  init from `seed` plus `scale` x standard normal noise."""
+  model = RWKV(cfg, rngs=nnx.Rngs(seed))
+  leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  nnx.update(model, jax.tree.unflatten(
+      treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                for x, k in zip(leaves, keys)]))
+  return model
+
+
+def _truncate_largest_param_file(step_dir: pathlib.Path) -> None:
+  files = sorted((p for p in (step_dir / "params").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+  files[-1].write_bytes(files[-1].read_bytes()[:100])
+
+
+# Ways to damage an Orbax checkpoint step directory (as a crash or a full disk might), by name.
+CHECKPOINT_DAMAGE = {
+    "truncated_params": _truncate_largest_param_file,
+    "missing_manifest": lambda step_dir: (step_dir / "params" / "manifest.ocdbt").unlink(),
+    "missing_meta": lambda step_dir: shutil.rmtree(step_dir / "meta"),
+    "missing_data": lambda step_dir: shutil.rmtree(step_dir / "data"),
+}
+
+
+def damage_checkpoint(step_dir: pathlib.Path, how: str) -> None:
+  """Damages the checkpoint in `step_dir` in the way named `how` (a key of CHECKPOINT_DAMAGE)."""
+  CHECKPOINT_DAMAGE[how](step_dir)
+
+
+def one_line_error(result: subprocess.CompletedProcess, status: int = 2) -> str:
+  """The one `error: ...` line of a program that exited with `status` and no traceback."""
+  assert result.returncode == status, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  return errors[0]
 
 
 def subprocess_env(cache_dir: pathlib.Path | None = None, devices: int = 8) -> dict[str, str]:
