@@ -18,9 +18,9 @@ import pytest
 from rwkv_jax import checkpoint as ckpt_lib
 from rwkv_jax import train, weights
 from training_util import (  # noqa: F401  (fixtures are used by name)
-    N, REPO, TOTAL, compile_cache, copy_run, corpus, flat_params, full_run, half_run,
-    latest_params, losses, run_module, subprocess_env, tiny_config, train_command,
-    write_config_file)
+    CHECKPOINT_DAMAGE, N, REPO, TOTAL, compile_cache, copy_run, corpus, damage_checkpoint,
+    flat_params, full_run, half_run, latest_params, losses, run_module, subprocess_env,
+    tiny_config, train_command, write_config_file)
 
 TMP_MARKER = "orbax-checkpoint-tmp"
 
@@ -138,24 +138,13 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(half_run, corp
   assert all(np.isfinite(p).all() for p in latest_params(workdir).values())
 
 
-def _truncate_largest_param_file(step_dir: pathlib.Path) -> None:
-  files = sorted((p for p in (step_dir / "params").rglob("*") if p.is_file()),
-                 key=lambda p: p.stat().st_size)
-  files[-1].write_bytes(files[-1].read_bytes()[:100])
-
-
-@pytest.mark.parametrize("damage", [
-    _truncate_largest_param_file,
-    lambda step_dir: (step_dir / "params" / "manifest.ocdbt").unlink(),
-    lambda step_dir: shutil.rmtree(step_dir / "meta"),
-    lambda step_dir: shutil.rmtree(step_dir / "data"),
-], ids=["truncated_params", "missing_manifest", "missing_meta", "missing_data"])
+@pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
 # When one array of a restore fails, Orbax abandons the reads of the others; their coroutines are
 # reported (never awaited) when garbage-collected. Collect here so that it happens in this test.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_checkpoint_names_the_step_and_the_remedy(half_run, corpus, tmp_path, damage):
   workdir = copy_run(half_run, tmp_path / "run")
-  damage(workdir / "checkpoints" / str(N))
+  damage_checkpoint(workdir / "checkpoints" / str(N), damage)
 
   with pytest.raises(ckpt_lib.CheckpointError) as error:
     train.train_and_evaluate(tiny_config(corpus), workdir)
