@@ -66,7 +66,8 @@ def train_run(name: str, config: ml_collections.ConfigDict, workdir: str | pathl
                t.batch_size, config.model.ctx_len, workdir)
   start = time.perf_counter()
   final = train.train_and_evaluate(config, workdir, make_model=make_model,
-                                   rules=sharding.PARAM_RULES if rules is None else rules)
+                                   rules=sharding.PARAM_RULES if rules is None else rules,
+                                   flops_per_token=flops_per_token)
   wall_s = time.perf_counter() - start
   history = metrics.read_history(workdir)
   val = [(r["step"], r["val/loss"]) for r in history if "val/loss" in r]

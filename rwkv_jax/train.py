@@ -290,7 +290,8 @@ def evaluate(eval_step, params, val_ds, mesh, max_batches: int) -> float:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        peak_flops: float | None = None,
                        make_model: ModelBuilder = build_model,
-                       rules: sharding.Rules = sharding.PARAM_RULES) -> dict[str, float]:
+                       rules: sharding.Rules = sharding.PARAM_RULES,
+                       flops_per_token: int | None = None) -> dict[str, float]:
   """Trains (resuming from WORKDIR's latest checkpoint if any) and returns final metrics.
 
   Args:
@@ -302,6 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       same data, optimizer and loop; only RWKV is exported at the end.
     rules: partition rules of the model's parameters (rwkv_jax/sharding.py); default RWKV's.
       Another model passes its own (e.g. experiments/baselines/transformer.PARAM_RULES).
+    flops_per_token: the model's training FLOPs per token for perf/mfu; default RWKV's
+      (`RWKVConfig.flops_per_token`). Another model passes its own.
 
   Returns:
     The last logged training and validation metrics, and "step". "perf/tokens_per_s" (and
@@ -321,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if jax.process_index() == 0:
       stack.enter_context(workdir_lock(workdir))
       _remove_unfinished_saves(workdir)
-    return _train_and_evaluate(config, workdir, peak_flops, make_model, rules)
+    return _train_and_evaluate(config, workdir, peak_flops, make_model, rules, flops_per_token)
 
 
 def _make_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -423,11 +426,13 @@ def _set_aside(steps: list[int], ckpt: ckpt_lib.TrainCheckpointer, workdir: path
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                         peak_flops: float | None, make_model: ModelBuilder,
-                        rules: sharding.Rules) -> dict[str, float]:
+                        rules: sharding.Rules, flops_per_token: int | None
+                        ) -> dict[str, float]:
   t = config.train
   lead = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   cfg = model_config(config)
+  flops_per_token = flops_per_token or cfg.flops_per_token()
 
   source = data_lib.open_training_source(config.data, workdir, config.model.vocab_size)
   train_it, val_ds = make_datasets(config, source)
@@ -501,7 +506,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                 "train/accuracy": float(m["accuracy"]), "train/grad_norm": grad_norm,
                 "train/lr": float(schedule(pending_step - 1)), "perf/tokens_per_s": tok_s}
       if peak_flops:
-        record["perf/mfu"] = tok_s * cfg.flops_per_token() / (peak_flops * jax.device_count())
+        record["perf/mfu"] = tok_s * flops_per_token / (peak_flops * jax.device_count())
       writer.write(pending_step, record)
       final.update(record)
       if progress is not None:
@@ -550,7 +555,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       final["perf/tokens_per_s"] = (run_steps * tokens_per_step / run_s if run_steps
                                     else float("nan"))
       if peak_flops:
-        final["perf/mfu"] = (final["perf/tokens_per_s"] * cfg.flops_per_token()
+        final["perf/mfu"] = (final["perf/tokens_per_s"] * flops_per_token
                              / (peak_flops * jax.device_count()))
   finally:
     if progress is not None:

@@ -64,6 +64,25 @@ def test_every_logged_step_reports_throughput(full_run):
   assert all(r["perf/tokens_per_s"] > 0 for r in train_records)
 
 
+def test_mfu_counts_the_flops_per_token_of_the_model_trained(corpus, compile_cache, tmp_path):
+  config = tiny_config(corpus, steps=3, checkpoint_every=3)
+  peak = 1e9
+  default = train.train_and_evaluate(config, tmp_path / "rwkv", peak_flops=peak)
+  rwkv_flops = train.model_config(config).flops_per_token()
+  assert default["perf/mfu"] == pytest.approx(
+      default["perf/tokens_per_s"] * rwkv_flops / (peak * jax.device_count()))
+  # Another model (the Transformer baseline) passes its own count.
+  other = train.train_and_evaluate(config, tmp_path / "other", peak_flops=peak,
+                                   flops_per_token=3 * rwkv_flops)
+  assert other["perf/mfu"] == pytest.approx(
+      other["perf/tokens_per_s"] * 3 * rwkv_flops / (peak * jax.device_count()))
+  lines = (tmp_path / "other" / "metrics.jsonl").read_text().splitlines()
+  records = [json.loads(line) for line in lines]
+  logged = [r for r in records if "perf/mfu" in r]
+  assert logged and all(r["perf/mfu"] == pytest.approx(
+      r["perf/tokens_per_s"] * 3 * rwkv_flops / (peak * jax.device_count())) for r in logged)
+
+
 def _load_config(name: str, parameter: str | None = None):
   """Loads experiments/configs/NAME like --config=FILE[:PARAMETER] does."""
   spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
