@@ -9,7 +9,9 @@ from __future__ import annotations
 import sys
 
 import pytest
+from absl import app
 
+from experiments import _cli
 from training_util import (REPO, corpus, one_line_error, run_module,  # noqa: F401
                            subprocess_env, tiny_config, train_command, write_config_file)
 
@@ -127,3 +129,35 @@ def test_runner_errors_are_one_line_and_status_2(tmp_path, module, flags, expect
                       subprocess_env())
   assert expected.replace("AFILE", str(a_file)) in one_line_error(result, 2)
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value, kwargs, expected", [
+    ("1,2, 3", {}, [1, 2, 3]),
+    (["4", " 5"], {}, [4, 5]),
+    ("", {"allow_empty": True}, []),
+    ("1,,2,", {}, [1, 2]),
+    ("-3,7", {}, [-3, 7]),
+])
+def test_integers_parses_comma_separated_ids(value, kwargs, expected):
+  assert _cli.integers("ids", value, **kwargs) == expected
+
+
+@pytest.mark.parametrize("value, kwargs, expected", [
+    ("1,x", {}, "--ids='1,x' must be comma-separated integers, e.g. --ids=1,2,3."),
+    ("1.5", {}, "--ids='1.5' must be comma-separated integers"),
+    ("", {}, "--ids is empty; give at least one integer."),
+    (["2", "0"], {"minimum": 1}, "--ids=2,0: every value must be >= 1."),
+])
+def test_integers_names_the_flag_in_its_error(value, kwargs, expected):
+  with pytest.raises(app.UsageError) as e:
+    _cli.integers("ids", value, **kwargs)
+  assert str(e.value).startswith(expected)
+
+
+@pytest.mark.parametrize("module, flags, expected", [
+    ("bench_decode", ["--batches=1,x"], "--batches='1,x' must be comma-separated integers"),
+    ("bench_decode", ["--memory_lengths=0"], "--memory_lengths=0: every value must be >= 1"),
+])
+def test_list_flags_of_the_benchmarks_are_checked_in_one_line(module, flags, expected):
+  result = run_module([sys.executable, "-m", f"experiments.{module}", *flags], subprocess_env())
+  assert expected in one_line_error(result, 2)
