@@ -12,6 +12,7 @@ from flax import nnx
 from rwkv_jax import checkpoint, weights
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.model import RWKV
+import training_util
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -111,11 +112,9 @@ def test_dtype_int8_writes_an_export_that_loads_as_the_same_int8_model(tmp_path)
 
 
 def assert_one_line_error(result, status, *needles):
-  lines = result.stderr.strip().splitlines()
-  assert result.returncode == status, result.stderr
-  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  line = training_util.one_line_error(result, status)
   for needle in needles:
-    assert needle in lines[0], (needle, lines[0])
+    assert needle in line, (needle, line)
 
 
 def test_every_mistake_is_one_line_naming_the_flag_and_nothing_is_written(tmp_path):

@@ -11,19 +11,13 @@ from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.model import RWKV, empty_state
+import training_util
 
 CFG = RWKVConfig(n_layer=3, n_embd=32, vocab_size=61)
 
 
 def random_model(cfg=CFG, seed=0, **kwargs):
-  """A model whose parameters are all non-zero (the official init zeroes several matrices)."""
-  model = RWKV(cfg, rngs=nnx.Rngs(seed), **kwargs)
-  params = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  noisy = [x + 0.3 * jax.random.normal(key, x.shape, x.dtype) for x, key in zip(leaves, keys)]
-  nnx.update(model, jax.tree.unflatten(treedef, noisy))
-  return model
+  return training_util.random_model(cfg, seed, **kwargs)
 
 
 def tokens(b, t, seed=0, vocab=CFG.vocab_size):

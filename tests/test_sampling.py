@@ -14,21 +14,15 @@ from flax import nnx
 from rwkv_jax import chunks, sampling
 from rwkv_jax import weights
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model import RWKV
 from rwkv_jax.tokenizer import ByteTokenizer
+import training_util
 
 CFG = RWKVConfig(n_layer=2, n_embd=32, vocab_size=256)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def random_model(cfg=CFG, seed=0):
-  """A model with every parameter non-zero (the official init zeroes several matrices)."""
-  model = RWKV(cfg, rngs=nnx.Rngs(seed))
-  leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  nnx.update(model, jax.tree.unflatten(
-      treedef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]))
-  return model
+  return training_util.random_model(cfg, seed)
 
 
 @pytest.fixture(scope="module")

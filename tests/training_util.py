@@ -93,10 +93,10 @@ def flat_params(model) -> dict[str, np.ndarray]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]}
 
 
-def random_model(cfg: RWKVConfig, seed: int = 0, scale: float = 0.3) -> RWKV:
+def random_model(cfg: RWKVConfig, seed: int = 0, scale: float = 0.3, **kwargs) -> RWKV:
   """A model with every parameter non-zero (the official init zeroes several matrices): its
-  init from `seed` plus `scale` x standard normal noise."""
-  model = RWKV(cfg, rngs=nnx.Rngs(seed))
+  init from `seed` plus `scale` x standard normal noise; kwargs go to RWKV (e.g. remat)."""
+  model = RWKV(cfg, rngs=nnx.Rngs(seed), **kwargs)
   leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   nnx.update(model, jax.tree.unflatten(
