@@ -13,7 +13,7 @@ import pathlib
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
 from experiments import _cli
 

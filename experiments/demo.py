@@ -12,7 +12,7 @@ import json
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from experiments import _cli
 

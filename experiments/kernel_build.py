@@ -13,7 +13,7 @@ import itertools
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from experiments import _cli
 
