@@ -109,8 +109,8 @@ def define_flags(name: str, tag_example: str) -> None:
   """
   flags.DEFINE_string("workdir", "/tmp/rwkv_claims", f"Runs go under WORKDIR/{name}_<size>/.")
   flags.DEFINE_string("out", str(RESULTS_DIR), "Directory for the JSON and PNG.")
-  flags.DEFINE_string("tag", None, "File name suffix; default: the size, and the device if not "
-                      f"a CPU (e.g. cpu, {tag_example}).")
+  flags.DEFINE_string("tag", None, "File name suffix; default: the size, then the device "
+                      f"unless the size names it (e.g. cpu, tiny_cpu, {tag_example}).")
 
 
 def start_logging() -> None:
