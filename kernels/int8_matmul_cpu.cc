@@ -6,23 +6,27 @@
 // [m, out]; a group is in / groups consecutive rows of q. The int8 weight is read once per
 // call and converted in registers, so a product reads 1 byte per weight (plus one scale per
 // group) instead of the 4 of a float32 weight: what makes int8 faster than float32 when decoding
-// (m is the batch, a few rows). XLA's own CPU path writes the float weight out first.
+// (m is the batch, or a short chunk of a prompt). XLA's own CPU path writes the float weight
+// out first.
 //
-// Work split: the output columns are cut into blocks of kTile and shared between the caller's
-// thread and XLA's intra-op thread pool. Each block keeps kTile x kRows accumulators for one
-// group in registers, adds the group's 16 (or in) rows of q into them, then adds scale * acc to
-// the output. The sums run in float32 in the order i = 0, 1, ... inside a group and g = 0, 1, ...
-// across groups. The last block of a width that is not a multiple of kTile runs in scalar code.
+// Work split: the output columns are cut into blocks of kTile, in as many shares as XLA's
+// intra-op pool has threads, claimed by the caller's thread and the pool's (see
+// Int8MatmulImpl). Each block keeps kTile x kRows accumulators for one group in registers, adds
+// the group's 16 (or in) rows of q into them, then adds scale * acc to the output. The sums
+// run in float32 in the order i = 0, 1, ... inside a group and g = 0, 1, ... across groups.
+// The last block of a width that is not a multiple of kTile runs in scalar code.
 //
-// Built by rwkv_jax_kernels/int8_cpu.py with the host compiler (g++ -O3 -march=native); no
-// code here depends on a particular instruction set: the vectors are GCC/Clang vector types,
-// which the compiler lowers to the target's SIMD registers.
+// Built by rwkv_jax_kernels/int8_cpu.py with the host compiler (g++ -O3 -march=native). The
+// vectors are GCC/Clang vector types, which the compiler lowers to the target's SIMD registers;
+// only the int8 -> float conversion has x86 intrinsics (AVX2 / AVX-512), with a generic
+// fallback.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <latch>
+#include <memory>
+#include <thread>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -175,16 +179,32 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     Columns(xp, qp, sp, yp, m, d_in, d_out, groups, 0, blocks);
     return ffi::Error::Success();
   }
-  std::latch done(tasks - 1);
-  const auto share = [&](int64_t k) { return blocks * k / tasks; };
+  // The shares are claimed, not assigned: XLA may run several of these calls at once on its
+  // pool, so a scheduled task may not start until this call returns. Whoever comes first (this
+  // thread included) takes the next share; this thread then waits only for shares already being
+  // worked on, which finish. A task that starts late finds none left and touches nothing but the
+  // counters it co-owns.
+  struct Counters {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> finished{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  const auto work = [counters, tasks, blocks, xp, qp, sp, yp, m, d_in, d_out, groups] {
+    for (int64_t k = counters->next.fetch_add(1); k < tasks;
+         k = counters->next.fetch_add(1)) {
+      Columns(xp, qp, sp, yp, m, d_in, d_out, groups, blocks * k / tasks,
+              blocks * (k + 1) / tasks);
+      counters->finished.fetch_add(1, std::memory_order_release);
+    }
+  };
   for (int64_t k = 1; k < tasks; ++k) {
-    pool.Schedule([&, k] {
-      Columns(xp, qp, sp, yp, m, d_in, d_out, groups, share(k), share(k + 1));
-      done.count_down();
-    });
+    auto task = work;  // Schedule takes its own copy (it holds one reference to the counters)
+    pool.Schedule(std::move(task));
   }
-  Columns(xp, qp, sp, yp, m, d_in, d_out, groups, 0, share(1));
-  done.wait();
+  work();
+  while (counters->finished.load(std::memory_order_acquire) < tasks) {
+    std::this_thread::yield();
+  }
   return ffi::Error::Success();
 }
 

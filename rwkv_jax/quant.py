@@ -67,9 +67,11 @@ def dequantize(q_io, scale_go) -> np.ndarray:
   return (q.reshape(g, -1, q.shape[1]) * np.asarray(scale_go)[:, None]).reshape(q.shape)
 
 
-# Rows (batch x time) up to which the CPU kernel beats XLA's dequantise-then-multiply; above
-# it the product is large enough for XLA's matrix multiply to pay for writing the weight out.
-CPU_KERNEL_MAX_ROWS = 16
+# Rows (batch x time) up to which the CPU kernel is used. Its time grows with the rows (it is
+# not a blocked matrix-matrix kernel), XLA's (write the float weight out, then multiply) much
+# less: on 12 layer pairs of 169M's FFN (2 cores) the kernel took 2.8 / 7.9 / 26 / 97 / 192 ms
+# at 1 / 16 / 64 / 256 / 512 rows, XLA's form 65 / 65 / 76 / 124 / 184 ms.
+CPU_KERNEL_MAX_ROWS = 256
 
 
 def _xla_matmul(x: Array, q_io: Array, scale_go: Array) -> Array:
@@ -108,7 +110,7 @@ def matmul(x: Array, q_io: Array, scale_go: Array) -> Array:
   """x [..., i] @ dequantize(q, scale) in x's dtype (int8 values are exact in bfloat16 and
   float16; the scales are rounded to x's dtype).
 
-  On CPU, for up to CPU_KERNEL_MAX_ROWS rows (decoding), the product is the C++ kernel of
+  On CPU, for up to CPU_KERNEL_MAX_ROWS rows (decoding, short prefill chunks), the product is the C++ kernel of
   `rwkv_jax_kernels.int8_cpu`, which reads the int8 weight as it is (in float32 whatever x's
   dtype); elsewhere, and where that kernel could not be built, XLA's form. The choice is made
   per platform when lowering, so a program exported for GPU or TPU never holds the kernel.

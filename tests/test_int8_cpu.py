@@ -96,7 +96,7 @@ def ffi_targets(fn, *args) -> set[str]:
   return found
 
 
-@pytest.mark.parametrize("lead", [(1,), (2, 3), (4, 1, 4), (17,), (2, 64)])
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (4, 1, 4), (17,), (2, 64), (2, 150), (300,)])
 def test_quant_matmul_uses_the_kernel_for_decoding_and_xla_above(lead):
   rng = np.random.default_rng(len(lead))
   x = rng.standard_normal((*lead, 48)).astype(np.float32)
@@ -182,9 +182,9 @@ def test_programs_lowered_for_accelerators_do_not_hold_the_kernel(int8_model, pl
   assert int8_cpu.TARGET not in accel and "dot_general" in accel
 
 
-def run_python(code: str, **env) -> subprocess.CompletedProcess:
+def run_python(code: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        env={**os.environ, **env}, timeout=300, check=False)
+                        env={**os.environ, **env}, timeout=timeout, check=False)
 
 
 CHECK = ("import warnings\n"
@@ -216,3 +216,26 @@ def test_a_fresh_cache_builds_the_library_once(tmp_path, monkeypatch):
   mtime = int8_cpu.library_path().stat().st_mtime_ns
   assert run_python(CHECK, RWKV_JAX_CACHE=str(tmp_path)).stdout.split() == ["True", "0"]
   assert int8_cpu.library_path().stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+BATCH_DECODE = ("import jax, numpy as np\n"
+                "from flax import nnx\n"
+                "from rwkv_jax import model as model_lib, sampling\n"
+                "from rwkv_jax_kernels import int8_cpu\n"
+                "assert int8_cpu.available()\n"
+                "cfg = model_lib.RWKVConfig(n_layer=4, n_embd=512, vocab_size=512)\n"
+                "model = model_lib.RWKV(cfg.with_precision('int8', platform='cpu'),\n"
+                "                       rngs=nnx.Rngs(0))\n"
+                "greedy = sampling.SamplingConfig(temperature=0.0)\n"
+                "out = sampling.generate(model, np.ones((64, 4), np.int32), 16,\n"
+                "                        jax.random.key(0), sampling=greedy)\n"
+                "print(out.tokens.shape)\n")
+
+
+def test_batched_decoding_does_not_deadlock():
+  # XLA runs independent products of a step (key, value, receptance) at once on its thread pool,
+  # and each hands shares of its work to that pool: a call that waited for a share no thread had
+  # taken hung this decode for good. (A hang shows as subprocess.TimeoutExpired.)
+  proc = run_python(BATCH_DECODE, timeout=180, XLA_FLAGS="")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ["(64,", "16)"]
