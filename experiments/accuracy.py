@@ -7,6 +7,9 @@ r"""Records the accuracy figures quoted in the README, with device, versions, da
 2. Parity with the reference implementations on random official-format weights: max errors of
    logits and states against the rwkv package and transformers (`parity.measure`; the same
    numbers tests/test_parity.py asserts on).
+3. Precisions on a deep model whose float32 residual goes beyond float16's range: bfloat16,
+   float16 and int8 logits against float32, and the rwkv package's int8 (`cpu fp32i8`) on the
+   same weights (`parity.precision_vs_float32`; tests/test_precision.py asserts on them).
 """
 
 import pathlib
@@ -29,7 +32,8 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tmp:
     record = {"benchmark": "accuracy", "environment": benchlib.environment(sys.argv),
               "wkv_vs_float64_T4096_k60_max_abs_error": parity.wkv_vs_float64(),
-              "parity": parity.measure(tmp)}
+              "parity": parity.measure(tmp),
+              "precision_vs_float32": parity.precision_vs_float32(tmp)}
   print(benchlib.write_json(_REPO / FLAGS.out, record))
 
 

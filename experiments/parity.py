@@ -11,6 +11,10 @@ where they are used.
 
 WKV accuracy: the float32 implementations against eq. 16 evaluated in float64
 (`rwkv_jax.reference`) on a long sequence with extreme decays and keys.
+
+Precisions: bfloat16, float16 and int8 logits against float32 on a deep model whose float32
+residual stream goes beyond float16's range, beside the rwkv package's own int8 (`cpu fp32i8`)
+on the same weights (`precision_vs_float32`; tests/test_precision.py asserts on them).
 """
 
 from __future__ import annotations
@@ -323,3 +327,94 @@ def measure(directory: str | os.PathLike[str]) -> dict[str, Any]:
                        "chunked": hf_chunked(ours, hf, tokens),
                        "export": hf_export(model, ours, tokens, pathlib.Path(directory) / "hf")},
   }
+
+
+# ----------------------------------------------------------------------------------------------
+# Precisions.
+
+# Deep (four rescale groups of 6 blocks) and narrow; the FFN width is 16 groups of int8 scales
+# per column.
+DEEP_LAYERS, DEEP_WIDTH, DEEP_FFN, DEEP_VOCAB = 24, 64, 256, 97
+DEEP_TOKENS_SHAPE = (4, 48)  # (batch, time) of the compared logits
+# att.output and ffn.value DEEP_BIG * 2^(layer // 6) times their usual scale: each block adds more
+# to the residual stream than the last group did (as trained models do), and the float32 stream
+# passes float16's largest value (65504) well before the last block.
+DEEP_BIG = 3000.0
+
+
+def deep_state_dict(seed: int = 0) -> dict[str, Any]:
+  """The deep model's weights (torch tensors) under the official names."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  l, c, f, v = DEEP_LAYERS, DEEP_WIDTH, DEEP_FFN, DEEP_VOCAB
+  g = torch.Generator().manual_seed(seed)
+  randn = lambda *s, std: torch.randn(*s, generator=g) * std
+  uniform = lambda *s, lo, hi: torch.rand(*s, generator=g) * (hi - lo) + lo
+  sd = {"emb.weight": randn(v, c, std=0.5), "blocks.0.ln0.weight": uniform(c, lo=0.5, hi=1.5),
+        "blocks.0.ln0.bias": randn(c, std=0.1)}
+  for i in range(l):
+    p, big = f"blocks.{i}.", DEEP_BIG * 2 ** (i // 6)
+    sd.update({
+        p + "ln1.weight": uniform(c, lo=0.5, hi=1.5), p + "ln1.bias": randn(c, std=0.1),
+        p + "ln2.weight": uniform(c, lo=0.5, hi=1.5), p + "ln2.bias": randn(c, std=0.1),
+        p + "att.time_decay": uniform(c, lo=-6, hi=2),
+        p + "att.time_first": uniform(c, lo=-1, hi=1.5),
+        p + "att.time_mix_k": uniform(1, 1, c, lo=0, hi=1),
+        p + "att.time_mix_v": uniform(1, 1, c, lo=0, hi=1),
+        p + "att.time_mix_r": uniform(1, 1, c, lo=0, hi=1),
+        p + "att.key.weight": randn(c, c, std=c ** -0.5),
+        p + "att.value.weight": randn(c, c, std=c ** -0.5),
+        p + "att.receptance.weight": randn(c, c, std=c ** -0.5),
+        p + "att.output.weight": randn(c, c, std=big * c ** -0.5),
+        p + "ffn.time_mix_k": uniform(1, 1, c, lo=0, hi=1),
+        p + "ffn.time_mix_r": uniform(1, 1, c, lo=0, hi=1),
+        p + "ffn.key.weight": randn(f, c, std=c ** -0.5),
+        p + "ffn.receptance.weight": randn(c, c, std=c ** -0.5),
+        p + "ffn.value.weight": randn(c, f, std=big * f ** -0.5)})
+  sd.update({"ln_out.weight": uniform(c, lo=0.5, hi=1.5), "ln_out.bias": randn(c, std=0.1),
+             "head.weight": randn(v, c, std=c ** -0.5)})
+  return sd
+
+
+def deep_tokens() -> np.ndarray:
+  """The int [batch, time] tokens the precisions are compared on."""
+  return np.random.default_rng(1).integers(0, DEEP_VOCAB, size=DEEP_TOKENS_SHAPE)
+
+
+def logits_of(model: model_lib.RWKV) -> np.ndarray:
+  """float32 [batch, time, vocab] logits of `model` on deep_tokens()."""
+  return np.asarray(jax.jit(lambda m, t: m(t)[0])(model, jnp.asarray(deep_tokens())))
+
+
+def rwkv_package_logits(path: str | os.PathLike[str], strategy: str) -> np.ndarray:
+  """The rwkv package's logits on deep_tokens() with `strategy` (e.g. "cpu fp32i8")."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+
+  os.environ.setdefault("RWKV_JIT_ON", "0")  # read by rwkv.model at import time
+  os.environ.setdefault("RWKV_CUDA_ON", "0")
+  from rwkv.model import RWKV  # pylint: disable=g-import-not-at-top
+  with contextlib.redirect_stdout(io.StringIO()):  # it prints a table of every tensor
+    package = RWKV(model=str(path), strategy=strategy)
+  return np.stack([package.forward(row.tolist(), None, full_output=True)[0].numpy()
+                   for row in deep_tokens()])
+
+
+def precision_vs_float32(directory: str | os.PathLike[str]) -> dict[str, Any]:
+  """Max |logit difference| from float32 and top-1 agreement with it, for each precision of
+  weights.load and the rwkv package's int8, on the deep model written under `directory`."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(directory) / "deep.pth"
+  torch.save(deep_state_dict(), path)
+  ref = logits_of(weights.load(path, dtype="float32")[0])
+
+  def against_float32(logits):
+    return {"max_abs_logit_diff": float(np.abs(logits - ref).max()),
+            "top1_agreement": float(np.mean(logits.argmax(-1) == ref.argmax(-1)))}
+
+  record = {dtype: against_float32(logits_of(weights.load(path, dtype=dtype)[0]))
+            for dtype in ("bfloat16", "float16", "int8")}
+  record["rwkv_package_cpu_fp32i8"] = against_float32(rwkv_package_logits(path, "cpu fp32i8"))
+  return {"model": {"n_layer": DEEP_LAYERS, "n_embd": DEEP_WIDTH, "dim_ffn": DEEP_FFN,
+                    "vocab": DEEP_VOCAB, "tokens": list(DEEP_TOKENS_SHAPE)}, **record}

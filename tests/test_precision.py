@@ -1,11 +1,6 @@
 """Precisions of weights.load: float16 with the official rescale, int8 against the rwkv package's
 int8, the types the matrix products run in, int8 exports, and bad dtypes."""
 
-import contextlib
-import functools
-import io
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,72 +9,31 @@ import orbax.checkpoint as ocp
 import torch
 from flax import nnx
 
+from experiments import parity
 from rwkv_jax import checkpoint, quant, sharding, weights
 from rwkv_jax import model as model_lib
 from rwkv_jax_kernels import int8_cpu
 
-# Deep (four rescale groups of 6 blocks) and narrow; F is 16 groups of int8 scales per column.
-L, C, F, V, T, B = 24, 64, 256, 97, 48, 4
-# att.output and ffn.value BIG * 2^(layer // 6) times their usual scale: each block adds more to
-# the residual stream than the last group did (as trained models do), and the float32 stream
-# passes float16's largest value (65504) well before the last block.
-BIG = 3000.0
+# The deep model (experiments/parity.py): batch B of the tokens every logit is compared on.
+B = parity.DEEP_TOKENS_SHAPE[0]
 FLOAT16_MAX = 65504.0
-
-
-def deep_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-  g = torch.Generator().manual_seed(seed)
-  randn = lambda *s, std: torch.randn(*s, generator=g) * std
-  uniform = lambda *s, lo, hi: torch.rand(*s, generator=g) * (hi - lo) + lo
-  sd = {"emb.weight": randn(V, C, std=0.5), "blocks.0.ln0.weight": uniform(C, lo=0.5, hi=1.5),
-        "blocks.0.ln0.bias": randn(C, std=0.1)}
-  for i in range(L):
-    p, big = f"blocks.{i}.", BIG * 2 ** (i // 6)
-    sd.update({
-        p + "ln1.weight": uniform(C, lo=0.5, hi=1.5), p + "ln1.bias": randn(C, std=0.1),
-        p + "ln2.weight": uniform(C, lo=0.5, hi=1.5), p + "ln2.bias": randn(C, std=0.1),
-        p + "att.time_decay": uniform(C, lo=-6, hi=2), p + "att.time_first": uniform(C, lo=-1, hi=1.5),
-        p + "att.time_mix_k": uniform(1, 1, C, lo=0, hi=1),
-        p + "att.time_mix_v": uniform(1, 1, C, lo=0, hi=1),
-        p + "att.time_mix_r": uniform(1, 1, C, lo=0, hi=1),
-        p + "att.key.weight": randn(C, C, std=C ** -0.5),
-        p + "att.value.weight": randn(C, C, std=C ** -0.5),
-        p + "att.receptance.weight": randn(C, C, std=C ** -0.5),
-        p + "att.output.weight": randn(C, C, std=big * C ** -0.5),
-        p + "ffn.time_mix_k": uniform(1, 1, C, lo=0, hi=1),
-        p + "ffn.time_mix_r": uniform(1, 1, C, lo=0, hi=1),
-        p + "ffn.key.weight": randn(F, C, std=C ** -0.5),
-        p + "ffn.receptance.weight": randn(C, C, std=C ** -0.5),
-        p + "ffn.value.weight": randn(C, F, std=big * F ** -0.5)})
-  sd.update({"ln_out.weight": uniform(C, lo=0.5, hi=1.5), "ln_out.bias": randn(C, std=0.1),
-             "head.weight": randn(V, C, std=C ** -0.5)})
-  return sd
 
 
 @pytest.fixture(scope="module")
 def deep_pth(tmp_path_factory):
   path = tmp_path_factory.mktemp("deep") / "deep.pth"
-  torch.save(deep_state_dict(), path)
+  torch.save(parity.deep_state_dict(), path)
   return path
-
-
-@functools.lru_cache(maxsize=None)
-def _tokens():
-  return np.random.default_rng(1).integers(0, V, size=(B, T))
-
-
-def logits_of(model):
-  return np.asarray(jax.jit(lambda m, t: m(t)[0])(model, jnp.asarray(_tokens())))
 
 
 @pytest.fixture(scope="module")
 def float32_logits(deep_pth):
-  return logits_of(weights.load(deep_pth, dtype="float32")[0])
+  return parity.logits_of(weights.load(deep_pth, dtype="float32")[0])
 
 
 def residual_peak(model) -> float:
   """The largest |x| of the residual stream over all blocks (float32, no rescale)."""
-  x = model.ln0(model.emb(jnp.asarray(_tokens())))
+  x = model.ln0(model.emb(jnp.asarray(parity.deep_tokens())))
   state, peak = model_lib.empty_state(model.config, B), 0.0
   for i, block in enumerate(model.blocks):
     x, _ = block(x, model_lib.RWKVState(*(s[i] for s in state)), "scan")
@@ -92,28 +46,18 @@ def test_float16_rescale_keeps_a_deep_model_finite_and_close_to_float32(deep_pth
   assert residual_peak(model32) > 2 * FLOAT16_MAX  # the test model needs the rescale
   model16, config = weights.load(deep_pth, dtype="float16")
   assert (config.dtype, config.param_dtype, config.rescale_every) == ("float16", "float16", 6)
-  logits16 = logits_of(model16)
+  logits16 = parity.logits_of(model16)
   assert np.all(np.isfinite(logits16))
   assert np.abs(logits16 - float32_logits).max() < 0.05
   # The same float16 model without the rescale overflows: the rescale is what keeps it finite.
   unscaled = nnx.merge(nnx.graphdef(model_lib.abstract_model(config.replace(rescale_every=0))),
                        nnx.state(model16))
-  assert not np.all(np.isfinite(logits_of(unscaled)))
-
-
-def rwkv_package_logits(path, strategy):
-  os.environ.setdefault("RWKV_JIT_ON", "0")  # read by rwkv.model at import time
-  os.environ.setdefault("RWKV_CUDA_ON", "0")
-  from rwkv.model import RWKV  # pylint: disable=g-import-not-at-top
-  with contextlib.redirect_stdout(io.StringIO()):  # it prints a table of every tensor
-    package = RWKV(model=str(path), strategy=strategy)
-  return np.stack([package.forward(row.tolist(), None, full_output=True)[0].numpy()
-                   for row in _tokens()])
+  assert not np.all(np.isfinite(parity.logits_of(unscaled)))
 
 
 def test_int8_is_at_least_as_close_to_float32_as_the_rwkv_package_int8(deep_pth, float32_logits):
-  ours = logits_of(weights.load(deep_pth, dtype="int8")[0])
-  package = rwkv_package_logits(deep_pth, "cpu fp32i8")
+  ours = parity.logits_of(weights.load(deep_pth, dtype="int8")[0])
+  package = parity.rwkv_package_logits(deep_pth, "cpu fp32i8")
   # (Its "cpu fp32" equals our float32 on such weights: tests/test_parity.py.)
   top1 = lambda x: np.mean(x.argmax(-1) == float32_logits.argmax(-1))
   err = lambda x: np.abs(x - float32_logits).max()
@@ -138,7 +82,8 @@ def test_int8_matches_float32_with_dequantised_weights(deep_pth):
   float_config = config.with_precision("float32")
   model = nnx.merge(nnx.graphdef(model_lib.abstract_model(float_config)),
                     nnx.from_flat_state(floats))
-  np.testing.assert_allclose(logits_of(model8), logits_of(model), atol=2e-3, rtol=1e-4)
+  np.testing.assert_allclose(parity.logits_of(model8), parity.logits_of(model), atol=2e-3,
+                             rtol=1e-4)
 
 
 def dot_operand_dtypes(model) -> set[str]:
@@ -197,7 +142,7 @@ def test_every_format_loads_the_same_model_in_each_precision(small_pth, tmp_path
   model, _ = weights.load(small_pth, dtype="float32")
   weights.save_hf(model, tmp_path / "hf")
   checkpoint.export(model, tmp_path / "orbax")
-  toks = jnp.asarray(_tokens()[:2, :9] % SMALL["vocab_size"])
+  toks = jnp.asarray(parity.deep_tokens()[:2, :9] % SMALL["vocab_size"])
   run = lambda m: np.asarray(m(toks)[0])
   ref, config = weights.load(small_pth, dtype=dtype)
   assert config.precision == dtype
