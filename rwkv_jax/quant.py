@@ -100,6 +100,8 @@ _cpu_kernel_matmul.defvjp(_cpu_kernel_fwd, _cpu_kernel_bwd)
 
 
 def _use_cpu_kernel(x: Array) -> bool:
+  # Off a CPU backend the kernel is not even built (platform_dependent below keeps it out of
+  # what is lowered for other platforms anyway).
   if jax.default_backend() != "cpu" or math.prod(x.shape[:-1]) > CPU_KERNEL_MAX_ROWS:
     return False
   from rwkv_jax_kernels import int8_cpu  # pylint: disable=g-import-not-at-top
@@ -110,9 +112,9 @@ def matmul(x: Array, q_io: Array, scale_go: Array) -> Array:
   """x [..., i] @ dequantize(q, scale) in x's dtype (int8 values are exact in bfloat16 and
   float16; the scales are rounded to x's dtype).
 
-  On CPU, for up to CPU_KERNEL_MAX_ROWS rows (decoding, short prefill chunks), the product is the C++ kernel of
-  `rwkv_jax_kernels.int8_cpu`, which reads the int8 weight as it is (in float32 whatever x's
-  dtype); elsewhere, and where that kernel could not be built, XLA's form. The choice is made
+  On CPU, for up to CPU_KERNEL_MAX_ROWS rows (decoding, short prefill chunks), the product is
+  the C++ kernel of `rwkv_jax_kernels.int8_cpu`, which reads the int8 weight as it is (in
+  float32 whatever x's dtype); elsewhere, and where that kernel could not be built, XLA's form. The choice is made
   per platform when lowering, so a program exported for GPU or TPU never holds the kernel.
   """
   if not _use_cpu_kernel(x):
