@@ -114,8 +114,9 @@ def matmul(x: Array, q_io: Array, scale_go: Array) -> Array:
 
   On CPU, for up to CPU_KERNEL_MAX_ROWS rows (decoding, short prefill chunks), the product is
   the C++ kernel of `rwkv_jax_kernels.int8_cpu`, which reads the int8 weight as it is (in
-  float32 whatever x's dtype); elsewhere, and where that kernel could not be built, XLA's form. The choice is made
-  per platform when lowering, so a program exported for GPU or TPU never holds the kernel.
+  float32 whatever x's dtype); elsewhere, and where that kernel could not be built, XLA's form.
+  The choice is made per platform when lowering, so a program exported for GPU or TPU never
+  holds the kernel.
   """
   if not _use_cpu_kernel(x):
     return _xla_matmul(x, q_io, scale_go)
