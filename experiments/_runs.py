@@ -1,6 +1,6 @@
 """What the claim runners (char_level.py, scaling.py, long_context.py) share.
 
-Each run has its own workdir. `train_run` trains it with `train.train_and_evaluate` (which resumes
+Each run has its own workdir. `train_run` trains it with `train_loop.train_and_evaluate` (which resumes
 from the workdir's latest checkpoint) and then writes WORKDIR/result.json; a later call with the
 same config finds that file and returns it without training, so re-running a runner skips the
 finished runs and resumes the unfinished one.
@@ -23,8 +23,12 @@ import ml_collections
 from absl import flags
 
 from experiments import _cli, _logs, benchlib
-from rwkv_jax import checkpoint as ckpt_lib
-from rwkv_jax import metrics, sharding, train
+from rwkv_jax import sharding
+from rwkv_jax.io import tensor_names
+from rwkv_jax.train import loop as train_loop
+from rwkv_jax.train import metrics
+from rwkv_jax.train import step as step_lib
+from rwkv_jax.train import workdir as workdir_lib
 
 RESULT_FILE = "result.json"
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
@@ -35,14 +39,14 @@ def _config_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def train_run(name: str, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-              make_model: train.ModelBuilder = train.build_model, num_params: int,
+              make_model: step_lib.ModelBuilder = step_lib.build_model, num_params: int,
               flops_per_token: int, rules: Sequence[tuple[str, Any]] | None = None
               ) -> dict[str, Any]:
   """Trains `config` in `workdir` unless a finished result for the same config is there.
 
   Args:
     name: the run's name in logs and records.
-    config: a training config (rwkv_jax/train_config.py).
+    config: a training config (rwkv_jax/train/config.py).
     workdir: this run's directory (checkpoints, metrics.jsonl, result.json).
     make_model: the trainer's model hook.
     num_params: the model's parameter count, for the record.
@@ -65,7 +69,7 @@ def train_run(name: str, config: ml_collections.ConfigDict, workdir: str | pathl
   logging.info("%s: %d parameters, %d steps of %d x %d tokens in %s.", name, num_params, t.steps,
                t.batch_size, config.model.ctx_len, workdir)
   start = time.perf_counter()
-  final = train.train_and_evaluate(config, workdir, make_model=make_model,
+  final = train_loop.train_and_evaluate(config, workdir, make_model=make_model,
                                    rules=sharding.PARAM_RULES if rules is None else rules,
                                    flops_per_token=flops_per_token)
   wall_s = time.perf_counter() - start
@@ -144,4 +148,4 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
   its workdir busy or a checkpoint unusable failed (status 1). --debug: tracebacks.
   """
   _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
-           failures=(train.NonFiniteLossError, train.WorkdirBusyError, ckpt_lib.CheckpointError))
+           failures=(train_loop.NonFiniteLossError, workdir_lib.WorkdirBusyError, tensor_names.CheckpointError))

@@ -42,11 +42,9 @@ import sys
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from experiments import _cli
-from experiments import benchlib
+from experiments import _cli, benchlib
 
 PILE_VOCAB = 50277
 MODELS = {"169m": (12, 768), "l6d256": (6, 256), "430m": (24, 1024), "1b5": (24, 2048),
@@ -123,8 +121,8 @@ def weights_path(name: str, directory: str | os.PathLike | None = None) -> pathl
   from flax import nnx
 
   from rwkv_jax import model as model_lib
-  from rwkv_jax import weights
   from rwkv_jax.config import RWKVConfig
+  from rwkv_jax.io import formats
 
   model = model_lib.RWKV(RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=PILE_VOCAB),
                          rngs=nnx.Rngs(0))
@@ -134,12 +132,12 @@ def weights_path(name: str, directory: str | os.PathLike | None = None) -> pathl
   nnx.update(model, jax.tree.unflatten(treedef, [
       x + (0.02 if x.ndim == 2 else 0.0) * jax.random.normal(k, x.shape, x.dtype)
       for x, k in zip(leaves, keys)]))
-  weights.save_pth(model, path, dtype=file_dtype)  # atomic
+  formats.save_pth(model, path, dtype=file_dtype)  # atomic
   return path
 
 
 def supported_dtypes() -> tuple[str, ...]:
-  from rwkv_jax import weights
+  from rwkv_jax.io import weights
   return tuple(getattr(weights, "DTYPES", ("float32", "bfloat16", "float16")))
 
 
@@ -188,7 +186,7 @@ def decode_entry(model, config, batch: int, tokens: int, repeats: int, baseline=
   import jax
   import numpy as np
 
-  from rwkv_jax import sampling
+  from rwkv_jax.infer import sampling
 
   prompt = np.random.default_rng(0).integers(0, config.vocab_size, size=(batch, 8))
   greedy = sampling.SamplingConfig(temperature=0.0)
@@ -241,7 +239,7 @@ def prefill_entry(model, config, prompts: int, max_len: int, chunk: int, repeats
   import jax
   import numpy as np
 
-  from rwkv_jax import sampling
+  from rwkv_jax.infer import sampling
 
   rng = np.random.default_rng(0)
   lengths = rng.integers(max(1, max_len // 4), max_len + 1, size=prompts)
@@ -270,7 +268,8 @@ def memory_worker(path: str, dtype: str, length: int) -> dict[str, Any]:
   """In this (fresh) process: load, generate `length` tokens, report peak memory."""
   import jax
 
-  from rwkv_jax import sampling, weights
+  from rwkv_jax.infer import sampling
+  from rwkv_jax.io import weights
 
   def peaks():
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -422,7 +421,7 @@ def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_promp
         prefill_max_lens, prefill_chunk, memory_lengths, memory_model, memory_dtype,
         weights_dir, out_dir, tag) -> dict[str, Any]:
   """Runs every measurement, writing the JSON after each; returns the record."""
-  from rwkv_jax import weights
+  from rwkv_jax.io import weights
 
   out_dir = pathlib.Path(out_dir)
   json_path, png_path = out_dir / f"bench_decode_{tag}.json", out_dir / f"bench_decode_{tag}.png"

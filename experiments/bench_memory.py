@@ -1,7 +1,7 @@
 r"""Peak memory of one training step against the window length, one-call and in chunks.
 
 Each setting runs in its own process (a fresh peak), which builds the model and optimizer,
-compiles the train step (rwkv_jax/train.py, chunks from rwkv_jax/bptt.py) and runs it once.
+compiles the train step (rwkv_jax/train/loop.py, chunks from rwkv_jax/train/bptt.py) and runs it once.
 Per setting it records the process's peak resident memory (ru_maxrss) after set-up, after
 compilation and after the step, and XLA's buffer plan of the step (its temporary bytes are the
 activations). On an accelerator the device's peak bytes in use are recorded too.
@@ -51,7 +51,7 @@ def _max_rss_bytes() -> int:
 
 
 def experiment_config(setting: dict[str, Any]):
-  from rwkv_jax import train_config
+  from rwkv_jax.train import config as train_config
 
   c = train_config.default_config()
   c.model.update(n_layer=setting["n_layer"], n_embd=setting["n_embd"],
@@ -69,16 +69,17 @@ def measure(setting: dict[str, Any]) -> dict[str, Any]:
   import numpy as np
 
   from experiments import bench_train
-  from rwkv_jax import sharding, train, wkv
+  from rwkv_jax import sharding, wkv
+  from rwkv_jax.train import step as step_lib
 
   config = experiment_config(setting)
   t = config.train
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  tx, _ = train.build_optimizer(config)
-  state = train.init_state(config, mesh, tx)
+  tx, _ = step_lib.build_optimizer(config)
+  state = step_lib.init_state(config, mesh, tx)
   jax.block_until_ready(state.params)
   after_setup = _max_rss_bytes()
-  step = train.make_train_step(state, tx, mesh, accumulate_steps=1, l2wrap=config.optim.l2wrap,
+  step = step_lib.make_train_step(state, tx, mesh, accumulate_steps=1, l2wrap=config.optim.l2wrap,
                                impl=t.impl, chunk_len=t.chunk_len, bptt=t.bptt)
   b, w, v = t.batch_size, setting["window"], setting["vocab_size"]
   tokens = np.random.default_rng(0).integers(0, v, (b, w + 1), dtype=np.int32)

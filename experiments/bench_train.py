@@ -3,7 +3,7 @@ r"""Benchmarks one full training step (forward, backward, optimizer) in tokens/s
   python -m experiments.bench_train --model=char_tiny --steps=10
   python -m experiments.bench_train --model=169m --batch_size=16 --impls=associative,pallas
 
-The step is `train.make_train_step` on the mesh of all devices (data parallel), with the
+The step is `step_lib.make_train_step` on the mesh of all devices (data parallel), with the
 official optimizer, so the number is what `experiments.train` gets minus data loading. Each WKV
 implementation in --impls is compiled and timed in turn. MFU counts the matrix-product FLOPs of
 `RWKVConfig.flops_per_token` (6 per parameter-MAC, no WKV, no rematerialization) against the
@@ -102,9 +102,9 @@ def _compile_step(config, impl: str, state, mesh, tx):
   import jax
   import jax.numpy as jnp
 
-  from rwkv_jax import train
+  from rwkv_jax.train import step as step_lib
 
-  step_fn = train.make_train_step(state, tx, mesh, accumulate_steps=1,
+  step_fn = step_lib.make_train_step(state, tx, mesh, accumulate_steps=1,
                                   l2wrap=config.optim.l2wrap, impl=impl)
   tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.model.ctx_len), jnp.int32)
   start = time.perf_counter()
@@ -118,11 +118,12 @@ def _compile_step(config, impl: str, state, mesh, tx):
 
 def plan_train_step(config, impl: str) -> dict[str, Any]:
   """Compiles the training step of `config` from shapes alone; returns XLA's memory plan."""
-  from rwkv_jax import sharding, train, wkv
+  from rwkv_jax import sharding, wkv
+  from rwkv_jax.train import step as step_lib
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  tx, _ = train.build_optimizer(config)
-  compiled, compile_s = _compile_step(config, impl, train.abstract_state(config, mesh, tx), mesh,
+  tx, _ = step_lib.build_optimizer(config)
+  compiled, compile_s = _compile_step(config, impl, step_lib.abstract_state(config, mesh, tx), mesh,
                                       tx)
   return {"impl": impl, "impl_resolved": wkv.resolve(impl), "compile_s": compile_s,
           "memory_plan": memory_plan(compiled)}
@@ -134,11 +135,12 @@ def time_train_step(config, impl: str, steps: int, repeats: int) -> dict[str, An
   import numpy as np
 
   from experiments import benchlib
-  from rwkv_jax import sharding, train, wkv
+  from rwkv_jax import sharding, wkv
+  from rwkv_jax.train import step as step_lib
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  tx, _ = train.build_optimizer(config)
-  state = train.init_state(config, mesh, tx)
+  tx, _ = step_lib.build_optimizer(config)
+  state = step_lib.init_state(config, mesh, tx)
   step_fn, compile_s = _compile_step(config, impl, state, mesh, tx)
   b, t, v = config.train.batch_size, config.model.ctx_len, config.model.vocab_size
   tokens = np.random.default_rng(0).integers(0, v, (b, t + 1), dtype=np.int32)
@@ -158,7 +160,7 @@ def time_train_step(config, impl: str, steps: int, repeats: int) -> dict[str, An
     jax.block_until_ready((params, metrics))
     samples.append((time.perf_counter() - start) / steps)
   step_s = float(np.median(samples))
-  cfg = train.model_config(config)
+  cfg = step_lib.model_config(config)
   tokens_per_s = b * t / step_s
   peak = benchlib.peak_flops()
   return {
@@ -183,10 +185,10 @@ def run(model: str, batch_size: int, ctx_len: int | None, dtype: str | None, imp
         command: list[str] | None = None, plan_only: bool = False) -> pathlib.Path:
   """Benchmarks every implementation in `impls` and writes the JSON record; returns its path."""
   from experiments import benchlib
-  from rwkv_jax import train
+  from rwkv_jax.train import step as step_lib
 
   config = experiment_config(model, batch_size, ctx_len, dtype, remat)
-  cfg = train.model_config(config)
+  cfg = step_lib.model_config(config)
   results = []
   for impl in impls:
     try:

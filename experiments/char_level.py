@@ -2,7 +2,7 @@ r"""Character-level modelling (the paper's enwik8 comparison): RWKV against a Tr
 
 Both models have the same depth, width, vocabulary (bytes) and, within 1%, parameter count; they
 see the same training windows in the same order, with the same optimizer, schedule and steps, in
-the same trainer (`train.train_and_evaluate`, the Transformer through its `make_model` hook).
+the same trainer (`train_loop.train_and_evaluate`, the Transformer through its `make_model` hook).
 Each is scored by the trainer's validation loss over the whole held-out tail of the stream, in
 nats / ln 2 per byte: bits per character as enwik8 counts them (one byte, one character).
 
@@ -23,7 +23,7 @@ from absl import flags
 from experiments import _runs, benchlib
 from experiments.baselines import transformer as tf_lib
 from experiments.configs import char_tiny, enwik8
-from rwkv_jax import train
+from rwkv_jax.train import step as step_lib
 
 
 def _cpu_config():
@@ -75,7 +75,7 @@ def run(size: str, workdir: str | pathlib.Path, steps: int = 0, lr_init: float =
   if lr_init:
     config.optim.lr_final *= lr_init / config.optim.lr_init  # the same decay, scaled
     config.optim.lr_init = lr_init
-  rwkv_cfg = train.model_config(config)
+  rwkv_cfg = step_lib.model_config(config)
   tf_cfg = tf_lib.TransformerConfig.from_training(config)
   workdir = pathlib.Path(workdir) / f"char_{size}{_lr_suffix(lr_init)}"
   runs = {

@@ -30,12 +30,10 @@ import json
 import os
 import pathlib
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from experiments import _cli, _logs
-from rwkv_jax import checkpoint
-from rwkv_jax import weights
+from rwkv_jax.io import checkpoint, tensor_names, weights
 
 _INPUT = flags.DEFINE_string("input", None, "Official .pth file, HuggingFace directory, Orbax "
                              "export or training work directory.",
@@ -123,7 +121,7 @@ def main(argv: list[str]) -> None:
   check_paths(src, dst, fmt, _DTYPE.value, _OVERWRITE.value)
   try:
     config = weights.convert_checkpoint(src, dst, fmt, dtype=_DTYPE.value)
-  except weights.CheckpointError as e:
+  except tensor_names.CheckpointError as e:
     raise app.UsageError(f"--input={src}: {e}") from None
   except OSError as e:  # the disk, not the command: status 1
     raise OSError(f"Writing --output={dst} failed: {e}") from None

@@ -29,8 +29,13 @@ def main(argv):
 
   from experiments import _logs, benchlib, plots
   from experiments.configs import char_tiny
-  from rwkv_jax import checkpoint, corpus, data, sampling, scoring, train
-  from rwkv_jax.tokenizer import ByteTokenizer
+  from rwkv_jax.data import corpus
+  from rwkv_jax.data import pipeline as data_pipeline
+  from rwkv_jax.data import sources as data_sources
+  from rwkv_jax.data.tokenizer import ByteTokenizer
+  from rwkv_jax.infer import sampling, scoring
+  from rwkv_jax.io import checkpoint
+  from rwkv_jax.train import loop as train_loop
 
   _logs.quiet_third_party()
   config = char_tiny.get_config()
@@ -42,14 +47,14 @@ def main(argv):
   text_path = corpus.wiki_sample()
   print(f"corpus: {text_path} ({text_path.stat().st_size / 1e6:.2f} MB of Wikipedia XML)")
 
-  final = train.train_and_evaluate(config, workdir, peak_flops=benchlib.peak_flops())
+  final = train_loop.train_and_evaluate(config, workdir, peak_flops=benchlib.peak_flops())
   curve = plots.plot_loss(workdir, plots.model_title(config))
   print(f"\nvalidation: {final['val/bits_per_token']:.3f} bits per character "
         f"after {final['step']} steps ({curve})")
 
   # Held-out text: the start of the validation part, which training never saw.
-  tokens = data.ByteSource(text_path).tokens
-  split = data.split_stream(len(tokens), config.model.ctx_len, config.data.val_fraction)
+  tokens = data_sources.ByteSource(text_path).tokens
+  split = data_pipeline.split_stream(len(tokens), config.model.ctx_len, config.data.val_fraction)
   held_out = np.asarray(tokens[split.train_end:split.train_end + 4000], np.int64)
   model, _ = checkpoint.load_export(workdir / "export")
   score = scoring.score_tokens(model, held_out, num_bytes=len(held_out) - 1, chunk=1000)
@@ -72,7 +77,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from rwkv_jax import checkpoint as checkpoint_lib, train as train_lib  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.io import tensor_names
+  from rwkv_jax.train import loop as train_loop
+  from rwkv_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
-           failures=(train_lib.NonFiniteLossError, train_lib.WorkdirBusyError,
-                     checkpoint_lib.CheckpointError))
+           failures=(train_loop.NonFiniteLossError, workdir_lib.WorkdirBusyError,
+                     tensor_names.CheckpointError))

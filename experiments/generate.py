@@ -3,7 +3,7 @@ r"""Generates text from an RWKV-4 checkpoint, printing it as it comes.
     python -m experiments.generate --checkpoint=RWKV-4-Pile-169M-20220807-8023.pth \
         --tokenizer=neox --prompt="The Eiffel tower is in" --max_tokens=100
 
---checkpoint is anything rwkv_jax.weights.load reads: an official .pth file, a HuggingFace
+--checkpoint is anything rwkv_jax.io.weights.load reads: an official .pth file, a HuggingFace
 directory, or an Orbax export / training work directory of experiments.train. Only the
 continuation goes to stdout; with --num_samples > 1 the samples are generated as one batch and
 printed one after another.
@@ -14,7 +14,7 @@ generated ids (a JSON list with one list per sample, prompt excluded, a stop tok
 
 Prompt cache: --save_state=FILE writes the recurrent state after everything processed (the prompt
 and the generated tokens; with --max_tokens=0, the prompt's) in the format of
-rwkv_jax.state_file; --load_state=FILE continues from such a state, the prompt then optional.
+rwkv_jax.io.state_file; --load_state=FILE continues from such a state, the prompt then optional.
 Continuing a saved prompt's state with more prompt gives the tokens that the whole prompt in one
 go gives (same --seed). A state of one sequence is forked into --num_samples.
 
@@ -32,17 +32,13 @@ import sys
 import time
 
 import jax
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from experiments import _cli
-from rwkv_jax import checkpoint as _  # noqa: F401  (registers Orbax exports with weights.load)
 from rwkv_jax import files
-from rwkv_jax import sampling
-from rwkv_jax import state_file
-from rwkv_jax import tokenizer as tokenizer_lib
-from rwkv_jax import weights
+from rwkv_jax.data import tokenizer as tokenizer_lib
+from rwkv_jax.infer import sampling
+from rwkv_jax.io import state_file, tensor_names, weights
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Official .pth file, HF directory or Orbax export.", required=True)
@@ -260,5 +256,5 @@ class _TextStream:
 if __name__ == "__main__":
   # A mistake in the flags or the files they name is the user's to fix (status 2); an output that
   # cannot be written is a failed run (status 1). --debug shows tracebacks.
-  _cli.run(main, usage_errors=(state_file.StateFileError, weights.CheckpointError),
+  _cli.run(main, usage_errors=(state_file.StateFileError, tensor_names.CheckpointError),
            failures=(OSError,))

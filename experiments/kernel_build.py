@@ -6,7 +6,7 @@ needed) and records what each costs: registers per thread, spills, stack, shared
 Records every kernel at its default tile sizes for fp32 and bf16 inputs, and the register use of
 the Pallas kernels over a sweep of (block_t, block_c, num_warps): a register-bound tile
 (255 registers, or spills) lowers occupancy, which matters for an op bound by memory bandwidth.
-How `rwkv_jax_kernels.gpu_compile` gets there, and what it does not check, is in its docstring.
+How `experiments.gpu_compile` gets there, and what it does not check, is in its docstring.
 """
 
 import itertools
@@ -30,7 +30,8 @@ def main(argv):
   import triton
 
   from experiments import benchlib
-  from rwkv_jax_kernels import chunked, gpu_compile
+  from experiments import gpu_compile
+  from rwkv_jax_kernels import chunked
 
   shape = tuple(int(x) for x in FLAGS.shape)
   archs = [int(a) for a in FLAGS.archs]

@@ -3,7 +3,7 @@ r"""Context length (the paper's Section 5 / Figure 6 claim, C4): loss against to
 One small RWKV is trained three times on the same byte stream with the same recipe, the same
 tokens per step and the same steps, differing only in the training window (256, 1,024 and 4,096
 tokens; windows longer than the chunk are trained in chunks that carry the state, full BPTT,
-rwkv_jax/bptt.py). Each is then scored on held-out segments of 4,096 tokens, every segment from
+rwkv_jax/train/bptt.py). Each is then scored on held-out segments of 4,096 tokens, every segment from
 an empty state, by the mean loss at each token position (rwkv_jax/scoring.loss_by_position).
 The claim: a model trained on longer windows goes on lowering its loss deeper into the sequence.
 
@@ -28,9 +28,11 @@ from absl import flags
 
 from experiments import _runs, benchlib
 from experiments.configs import char_tiny, enwik8
-from rwkv_jax import checkpoint as ckpt_lib
-from rwkv_jax import data as data_lib
-from rwkv_jax import scoring, train
+from rwkv_jax.data import pipeline as data_pipeline
+from rwkv_jax.data import sources as data_sources
+from rwkv_jax.infer import scoring
+from rwkv_jax.io import checkpoint as ckpt_lib
+from rwkv_jax.train import step as step_lib
 
 POSITION_FILE = "position_loss.json"
 
@@ -97,9 +99,9 @@ def held_out_segments(config, workdir: pathlib.Path, length: int, count: int) ->
   The tail is what the trainer holds out (`data.val_fraction`, the same for every window), so
   no segment was trained on.
   """
-  source = data_lib.open_training_source(config.data, workdir, config.model.vocab_size)
+  source = data_sources.open_training_source(config.data, workdir, config.model.vocab_size)
   tokens = source.tokens
-  start = data_lib.split_stream(len(tokens), config.model.ctx_len,
+  start = data_pipeline.split_stream(len(tokens), config.model.ctx_len,
                                 config.data.val_fraction).train_end
   n = (len(tokens) - start) // (length + 1)
   if count:
@@ -156,7 +158,7 @@ def run(size: str, workdir: str | pathlib.Path, steps: int = 0) -> dict[str, Any
   runs = {}
   for i, window in enumerate(windows):
     config = window_config(size, window, steps)
-    cfg = train.model_config(config)
+    cfg = step_lib.model_config(config)
     name = f"ctx{window}"
     logging.info("context run %d of %d: window %d, batch %d, chunk_len %d", i + 1, len(windows),
                  window, config.train.batch_size, config.train.chunk_len)
@@ -183,7 +185,7 @@ def run(size: str, workdir: str | pathlib.Path, steps: int = 0) -> dict[str, Any
       "environment": benchlib.environment(),
       "size": size,
       "data": dict(base.data),
-      "model": train.model_config(base).to_dict() | {"ctx_len": None},
+      "model": step_lib.model_config(base).to_dict() | {"ctx_len": None},
       "optim": dict(base.optim),
       "steps": base.train.steps,
       "tokens_per_step": tokens_per_step,

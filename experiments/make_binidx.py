@@ -12,11 +12,10 @@ status 2 (--debug: the traceback).
 import os
 import pathlib
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from experiments import _cli
-from rwkv_jax import data
+from rwkv_jax.data import encode as data_encode
 
 _INPUT = flags.DEFINE_string("input", None, "UTF-8 text file to tokenize.", required=True)
 _OUTPUT_PREFIX = flags.DEFINE_string(
@@ -48,7 +47,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported here so --help works even where the tokenizer's dependencies are missing.
-  from rwkv_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   text = pathlib.Path(_INPUT.value).expanduser()
   _check_paths(text, _OUTPUT_PREFIX.value)
@@ -57,7 +56,7 @@ def main(argv: list[str]) -> None:
   except (ValueError, OSError) as e:
     raise app.UsageError(f"--tokenizer={_TOKENIZER.value}: {e}") from e
   try:
-    source = data.encode_text_file(text, tokenizer, _OUTPUT_PREFIX.value, split=_SPLIT.value)
+    source = data_encode.encode_text_file(text, tokenizer, _OUTPUT_PREFIX.value, split=_SPLIT.value)
   except UnicodeDecodeError as e:
     raise app.UsageError(f"--input={text} is not UTF-8 text ({e.reason}, byte "
                          f"{e.object[e.start:e.start + 1]!r}); convert it to UTF-8 first.") from e

@@ -30,8 +30,8 @@ from flax import nnx
 
 from rwkv_jax import model as model_lib
 from rwkv_jax import reference
-from rwkv_jax import weights
 from rwkv_jax import wkv as wkv_lib
+from rwkv_jax.io import formats, state_convert, weights
 
 # Both references assume dim_att == n_embd (their WKV state is sized by n_embd), so A = C here;
 # test_weights covers dim_att != n_embd.
@@ -194,7 +194,7 @@ def state_errors(ours_state: model_lib.RWKVState, package_state) -> dict[str, fl
   rescaled to a common exponent m, relative to their size, and the ratio num / den that the next
   token's output reads.
   """
-  theirs = weights.state_from_rwkv_package(package_state)
+  theirs = state_convert.state_from_rwkv_package(package_state)
   errs = {}
   for name in ("att_x_prev", "ffn_x_prev"):
     errs[name] = max_err(getattr(ours_state, name), getattr(theirs, name))
@@ -224,7 +224,7 @@ def rnn_mode(ours: Jitted, package, tokens: list[int]) -> dict[str, Any]:
     expected.append(out.numpy())
     logits, state = ours.step(jnp.asarray([tok]), state)
     got.append(np.asarray(logits[0]))
-  theirs = weights.state_from_rwkv_package(package_state)
+  theirs = state_convert.state_from_rwkv_package(package_state)
   return {"logits": max_err(np.stack(got), np.stack(expected)),
           "state": state_errors(state, package_state),
           "raw_state": {name: max_err(getattr(state, name), getattr(theirs, name))
@@ -250,9 +250,9 @@ def state_exchange(ours: Jitted, package, tokens: list[int], split: int = 14
   clone = lambda state: [s.clone() for s in state]
   _, package_state = package.forward(prompt, None)
   expected, _ = package.forward(rest, clone(package_state), full_output=True)
-  logits, _ = ours(jnp.asarray([rest]), weights.state_from_rwkv_package(clone(package_state)))
+  logits, _ = ours(jnp.asarray([rest]), state_convert.state_from_rwkv_package(clone(package_state)))
   _, our_state = ours(jnp.asarray([prompt]))
-  out, _ = package.forward(rest, weights.state_to_rwkv_package(our_state), full_output=True)
+  out, _ = package.forward(rest, state_convert.state_to_rwkv_package(our_state), full_output=True)
   return {"state_from_package": {"logits": max_err(logits[0], expected)},
           "state_to_package": {"logits": max_err(out, expected)}}
 
@@ -286,8 +286,8 @@ def hf_chunked(ours: Jitted, hf, tokens: list[int], cuts=CUTS) -> dict[str, Any]
       got.append(np.asarray(logits[0]))
     nxt = torch.tensor([tokens[:1]])
     want = hf(nxt, state=[s.clone() for s in hf_state]).logits
-    have = hf(nxt, state=weights.state_to_hf(state)).logits
-  theirs = weights.state_from_hf(hf_state)
+    have = hf(nxt, state=state_convert.state_to_hf(state)).logits
+  theirs = state_convert.state_from_hf(hf_state)
   return {"logits": max_err(np.concatenate(got), np.concatenate(expected)),
           "state": {"att_x_prev": max_err(state.att_x_prev, theirs.att_x_prev),
                     "ffn_x_prev": max_err(state.ffn_x_prev, theirs.ffn_x_prev),
@@ -297,11 +297,11 @@ def hf_chunked(ours: Jitted, hf, tokens: list[int], cuts=CUTS) -> dict[str, Any]
 
 def hf_export(model: model_lib.RWKV, ours: Jitted, tokens: list[int],
               directory: str | os.PathLike[str]) -> dict[str, Any]:
-  """Logit error of transformers loading `weights.save_hf(model, directory)` against ours."""
+  """Logit error of transformers loading `formats.save_hf(model, directory)` against ours."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
-  weights.save_hf(model, directory)
+  formats.save_hf(model, directory)
   hf = transformers.RwkvForCausalLM.from_pretrained(directory).eval()
   with torch.no_grad():
     expected = hf(torch.tensor([tokens])).logits[0].numpy()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
-from rwkv_jax import files, metrics
+from rwkv_jax import files
+from rwkv_jax.train import metrics
 
 
 def plot_loss(workdir: str | pathlib.Path, title: str = "", path: str | pathlib.Path | None = None

@@ -26,7 +26,7 @@ from absl import flags
 
 from experiments import _runs, benchlib
 from experiments.configs import char_tiny, enwik8
-from rwkv_jax import train
+from rwkv_jax.train import step as step_lib
 
 PAPER_R2 = 0.994  # the paper's Section 5: loss against compute, linear in log-log
 
@@ -91,7 +91,7 @@ def size_config(size: str, n_layer: int, n_embd: int, tokens_per_param: float):
   base, _, _, min_steps = SIZES[size]
   c = base()
   c.model.update(n_layer=n_layer, n_embd=n_embd)
-  n = train.model_config(c).num_params()
+  n = step_lib.model_config(c).num_params()
   tokens_per_step = c.train.batch_size * c.model.ctx_len
   steps = max(min_steps, math.ceil(tokens_per_param * n / tokens_per_step))
   warmup = min(c.optim.warmup_steps, max(1, steps // 10))
@@ -109,7 +109,7 @@ def run(size: str, workdir: str | pathlib.Path, tokens_per_param: float = 0.0) -
   points = []
   for i, (n_layer, n_embd) in enumerate(shapes):
     config = size_config(size, n_layer, n_embd, ratio)
-    cfg = train.model_config(config)
+    cfg = step_lib.model_config(config)
     name = f"L{n_layer}_D{n_embd}"
     logging.info("scaling point %d of %d: %s", i + 1, len(shapes), name)
     r = _runs.train_run(name, config, workdir / name, num_params=cfg.num_params(),
@@ -147,8 +147,8 @@ def run(size: str, workdir: str | pathlib.Path, tokens_per_param: float = 0.0) -
 def plot(record: dict, path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
-  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 
   pts, fit = record["points"], record["fit"]
   compute = np.array([p["train_flops"] for p in pts])

@@ -22,8 +22,8 @@ import json
 import pathlib
 import sys
 
-from absl import flags, logging
 import numpy as np
+from absl import flags, logging
 
 from experiments import _cli
 
@@ -48,7 +48,7 @@ flags.DEFINE_string("tokenizer", None, "bytes | neox | world | PATH; default fro
 flags.DEFINE_integer("chunk", 1024, "Tokens per model call; state is carried between chunks.")
 flags.DEFINE_string("impl", "auto", "WKV implementation.")
 flags.DEFINE_string("dtype", "float32", "Precision the model runs in: float32, bfloat16, float16 "
-                    "or int8 (weight-only; see rwkv_jax.weights.load).")
+                    "or int8 (weight-only; see rwkv_jax.io.weights.load).")
 flags.DEFINE_integer("show_tokens", 20, "Print the losses of this many tokens.")
 FLAGS = flags.FLAGS
 
@@ -74,9 +74,11 @@ def _write(path: pathlib.Path, write) -> None:
 
 def _load(weights, path: str, dtype: str):
   """weights.load, with whatever a damaged file raises turned into one line naming the file."""
+  from rwkv_jax.io.tensor_names import CheckpointError
+
   try:
     return weights.load(path, dtype=dtype)
-  except weights.CheckpointError:
+  except CheckpointError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (a reader's error on a damaged file)
     raise UsageError(f"--checkpoint={path} could not be read ({type(e).__name__}: {e}); the "
@@ -147,8 +149,10 @@ def _print_position_loss(result) -> None:
 
 def main(argv):
   del argv
-  from rwkv_jax import binidx, scoring, weights
-  from rwkv_jax.tokenizer import ByteTokenizer, load_tokenizer
+  from rwkv_jax.data import binidx
+  from rwkv_jax.data.tokenizer import ByteTokenizer, load_tokenizer
+  from rwkv_jax.infer import scoring
+  from rwkv_jax.io import weights
 
   if not FLAGS.checkpoint:
     raise UsageError("--checkpoint is required (an official .pth, an HF directory or an Orbax "

@@ -16,7 +16,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import _cli
-from rwkv_jax import checkpoint, train
+from rwkv_jax.io import tensor_names
+from rwkv_jax.train import loop as train_loop
+from rwkv_jax.train import workdir as workdir_lib
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.")
@@ -39,7 +41,7 @@ def main(argv):
 
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
-  final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+  final = train_loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                    peak_flops=benchlib.peak_flops())
   if jax.process_index() == 0:
     plots.plot_loss(FLAGS.workdir, plots.model_title(FLAGS.config))
@@ -51,5 +53,5 @@ if __name__ == "__main__":
   # A bad config, workdir or data path is the user's to fix (status 2); a run that diverged,
   # found its workdir busy or a checkpoint unusable failed (status 1). --debug: tracebacks.
   _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
-           failures=(train.NonFiniteLossError, train.WorkdirBusyError,
-                     checkpoint.CheckpointError))
+           failures=(train_loop.NonFiniteLossError, workdir_lib.WorkdirBusyError,
+                     tensor_names.CheckpointError))

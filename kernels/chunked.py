@@ -7,7 +7,7 @@ so each chunk is independent once its incoming state is known:
   1. summary: for every chunk in parallel, the state the chunk alone leaves behind (started
      empty), as (num, den, max_exp) with the max-exponent trick.
   2. chaining (here, plain JAX): the chunk summaries are combined with the monoid
-     `rwkv_jax.wkv._combine` by a `lax.associative_scan` over the chunk axis, giving the state
+     `rwkv_jax.wkv.combine` by a `lax.associative_scan` over the chunk axis, giving the state
      entering each chunk and the final state. It touches 1/block_t of the data.
   3. output: for every chunk in parallel, y_t = (state term + sum over earlier tokens of the chunk
      + bonus term) / (same with ones), each row shifted by its own maximum exponent.
@@ -131,12 +131,10 @@ def chain_chunks(summary, state, w, seq_len: int, block_t: int):
   # Chunks wholly past seq_len (a backend's padding to whole tiles) last zero steps.
   chunk_len = jnp.clip(seq_len - block_t * jnp.arange(n), 0, block_t).astype(jnp.float32)
   log_decay = jnp.broadcast_to(-chunk_len[None, :, None] * w, num.shape)
-  # pylint: disable-next=protected-access
   num, den, max_exp, decay = jax.lax.associative_scan(
-      wkv_lib._combine, (num, den, max_exp, log_decay), axis=1)
+      wkv_lib.combine, (num, den, max_exp, log_decay), axis=1)
   s0 = [s[:, None, :] for s in state]
-  # pylint: disable-next=protected-access
-  after = wkv_lib._merge(s0[0], s0[1], s0[2] + decay, num, den, max_exp)
+  after = wkv_lib.merge(s0[0], s0[1], s0[2] + decay, num, den, max_exp)
   incoming = tuple(jnp.concatenate([s, x[:, :-1]], axis=1) for s, x in zip(s0, after))
   final = tuple(x[:, -1] for x in after)
   return incoming, final

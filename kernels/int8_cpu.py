@@ -64,6 +64,11 @@ def library_path() -> pathlib.Path:
   return files.cache_dir() / "kernels" / f"int8_matmul_cpu_{digest.hexdigest()[:16]}.so"
 
 
+def compiler() -> str | None:
+  """The C++ compiler the kernel is built with: $CXX, else c++ or g++ on the PATH, else None."""
+  return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
 def build(path: pathlib.Path | None = None) -> pathlib.Path:
   """Compiles the library to `path` (default `library_path()`) unless it is there already.
 
@@ -73,18 +78,18 @@ def build(path: pathlib.Path | None = None) -> pathlib.Path:
   path = path or library_path()
   if path.is_file():
     return path
-  compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-  if not compiler:
+  cxx = compiler()
+  if not cxx:
     raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
   with files.atomic_path(path) as tmp:
     try:
       proc = subprocess.run(
-          [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp)],
+          [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp)],
           capture_output=True, text=True, check=False, timeout=600)
     except subprocess.TimeoutExpired:
-      raise RuntimeError(f"{compiler} took more than 10 minutes on {SOURCE.name}") from None
+      raise RuntimeError(f"{cxx} took more than 10 minutes on {SOURCE.name}") from None
     if proc.returncode != 0:
-      raise RuntimeError(f"{compiler} failed on {SOURCE.name}:\n{proc.stderr[-2000:]}")
+      raise RuntimeError(f"{cxx} failed on {SOURCE.name}:\n{proc.stderr[-2000:]}")
   return path
 
 

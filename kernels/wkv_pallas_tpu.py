@@ -31,15 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec as P
 
-from rwkv_jax import sharding
 from rwkv_jax import wkv as wkv_lib
 from rwkv_jax.wkv import WKVState
 from rwkv_jax_kernels import chunked
@@ -405,28 +402,4 @@ def wkv_pallas_tpu_reference(w: Array, u: Array, k: Array, v: Array,
   return wkv_lib.wkv_scan(w, u, k, v, state)
 
 
-def wkv_pallas_tpu_sharded(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None,
-                           *, interpret: bool = False) -> tuple[Array, WKVState]:
-  """The compiled kernel, called once per shard under a multi-device mesh (`jax.set_mesh`).
-
-  Mosaic kernels cannot be partitioned automatically, and WKV needs no communication across
-  batch or channels: under a mesh the call runs in a `shard_map` with the batch split over the
-  data axes and the channels over "tensor" (rwkv_jax.sharding's layout of k, v and the state),
-  each only where it divides evenly. Without a mesh in context a sharded jit cannot lower it.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  kernel = functools.partial(wkv_pallas_tpu, interpret=interpret)
-  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
-    return kernel(w, u, k, v, state)
-  state = wkv_lib.check_inputs(w, u, k, v, state)
-  b, _, c = k.shape
-  batch = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
-  if not batch or b % math.prod(mesh.shape[a] for a in batch):
-    batch = None
-  channels = "tensor" if "tensor" in mesh.axis_names and c % mesh.shape["tensor"] == 0 else None
-  kv, per_row = P(batch, None, channels), WKVState(*(P(batch, channels),) * 3)
-  return jax.shard_map(kernel, in_specs=(P(channels), P(channels), kv, kv, per_row),
-                       out_specs=(kv, per_row), check_vma=False)(w, u, k, v, state)
-
-
-wkv_lib.register("pallas", wkv_pallas_tpu_sharded, ("tpu",))
+wkv_lib.register("pallas", wkv_pallas_tpu, ("tpu",), per_shard=True)

@@ -2,7 +2,7 @@
 
 `wkv_triton.py` launches them through `jax_triton.triton_call` on a GPU, or through Triton's
 interpreter on CPU. Keeping them apart from JAX also lets them be compiled for a GPU architecture
-on any machine (`gpu_compile.py`).
+on any machine (`experiments/gpu_compile.py`).
 
 Each program owns one tile: one batch row, `block_t` tokens (one chunk) and `block_c` channels;
 the launch grid is (b, cdiv(c, block_c), cdiv(t, block_t)). Tokens past the end of the sequence

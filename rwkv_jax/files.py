@@ -8,6 +8,7 @@ it only once complete, so a reader or a killed process never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pathlib
 import tempfile
@@ -93,3 +94,12 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: str | None = None):
       yield f
       f.flush()
       os.fsync(f.fileno())
+
+
+def sha256(path: PathLike) -> str:
+  """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()

@@ -26,6 +26,9 @@ Shapes: i = in, o = out, g = groups, n = rows per group.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
 import math
 from typing import Any
 
@@ -35,6 +38,8 @@ import numpy as np
 from flax import nnx
 
 Array = jax.Array
+
+_log = logging.getLogger(__name__)
 
 GROUP_SIZE = 16
 QMAX = 127
@@ -80,10 +85,26 @@ def _xla_matmul(x: Array, q_io: Array, scale_go: Array) -> Array:
   return jnp.dot(x, w_gno.reshape(q_io.shape))
 
 
+# The C++ product's backend: a module of the kernels package with `available()` (builds the
+# kernel on first use) and `int8_matmul(x_mi, q_io, scale_go)`. Loaded by name, on first use.
+CPU_KERNEL_BACKEND = "rwkv_jax_kernels.int8_cpu"
+
+
+@functools.cache
+def _cpu_kernel():
+  """The CPU kernel's backend module, or None (the reason logged) where it cannot be used."""
+  try:
+    backend = importlib.import_module(CPU_KERNEL_BACKEND)
+  except Exception as e:  # pylint: disable=broad-except  (a broken backend must not stop int8)
+    _log.warning("int8 CPU kernel %s cannot be imported (%s: %s); int8 products use XLA's form.",
+                 CPU_KERNEL_BACKEND, type(e).__name__, e)
+    return None
+  return backend if backend.available() else None
+
+
 @jax.custom_vjp
 def _cpu_kernel_matmul(x: Array, q_io: Array, scale_go: Array) -> Array:
-  from rwkv_jax_kernels import int8_cpu  # pylint: disable=g-import-not-at-top
-  y = int8_cpu.int8_matmul(x.reshape(-1, x.shape[-1]), q_io, scale_go)
+  y = _cpu_kernel().int8_matmul(x.reshape(-1, x.shape[-1]), q_io, scale_go)
   return y.reshape(*x.shape[:-1], q_io.shape[1]).astype(x.dtype)
 
 
@@ -104,8 +125,7 @@ def _use_cpu_kernel(x: Array) -> bool:
   # what is lowered for other platforms anyway).
   if jax.default_backend() != "cpu" or math.prod(x.shape[:-1]) > CPU_KERNEL_MAX_ROWS:
     return False
-  from rwkv_jax_kernels import int8_cpu  # pylint: disable=g-import-not-at-top
-  return int8_cpu.available()
+  return _cpu_kernel() is not None
 
 
 def matmul(x: Array, q_io: Array, scale_go: Array) -> Array:
@@ -113,7 +133,7 @@ def matmul(x: Array, q_io: Array, scale_go: Array) -> Array:
   float16; the scales are rounded to x's dtype).
 
   On CPU, for up to CPU_KERNEL_MAX_ROWS rows (decoding, short prefill chunks), the product is
-  the C++ kernel of `rwkv_jax_kernels.int8_cpu`, which reads the int8 weight as it is (in
+  the C++ kernel of `CPU_KERNEL_BACKEND`, which reads the int8 weight as it is (in
   float32 whatever x's dtype); elsewhere, and where that kernel could not be built, XLA's form.
   The choice is made per platform when lowering, so a program exported for GPU or TPU never
   holds the kernel.

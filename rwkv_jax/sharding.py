@@ -29,9 +29,10 @@ Shapes: b = batch, t = time, c = n_embd, a = dim_att, f = dim_ffn, v = vocab, l 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -262,3 +263,36 @@ def initialize_distributed(coordinator_address: str | None = None,
             jax.process_index(), jax.process_count(), jax.local_device_count(),
             jax.device_count())
   return True
+
+
+def wkv_per_shard(kernel: Callable) -> Callable:
+  """`kernel(w, u, k, v, state)` called once per shard under a multi-device mesh.
+
+  For WKV kernels that XLA cannot partition by itself (Mosaic, i.e. Pallas TPU, calls). WKV needs
+  no communication across batch or channels, so under a mesh in context (`jax.set_mesh`) the call
+  runs in a `shard_map` with the batch split over BATCH_AXES and the channels over "tensor" (the
+  layout these rules give k, v and the state), each only where it divides evenly. With no mesh,
+  one device, or inside a manual region, `kernel` is called as it is.
+
+  Args:
+    kernel: a WKV function of the `rwkv_jax.wkv` contract; `state` is a (num, den, max_exp)
+      NamedTuple of [b, c] arrays (never None here).
+
+  Returns:
+    A function of the same signature.
+  """
+
+  def sharded(w, u, k, v, state):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+      return kernel(w, u, k, v, state)
+    b, _, c = k.shape
+    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    if not batch or b % math.prod(mesh.shape[a] for a in batch):
+      batch = None
+    channels = "tensor" if "tensor" in mesh.axis_names and c % mesh.shape["tensor"] == 0 else None
+    kv, per_row = P(batch, None, channels), type(state)(*(P(batch, channels),) * len(state))
+    return jax.shard_map(kernel, in_specs=(P(channels), P(channels), kv, kv, per_row),
+                         out_specs=(kv, per_row), check_vma=False)(w, u, k, v, state)
+
+  return sharded

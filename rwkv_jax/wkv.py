@@ -11,9 +11,10 @@ k or any length. Every implementation takes and returns this state, which lets a
 cut anywhere (chunked prefill, truncated BPTT, token-by-token generation) with identical
 results.
 
-All implementations here share one piece of arithmetic, `_merge`, which adds two scaled sums in
-log space. The sequential scan applies it once per token; the associative scan uses it as the
-monoid combine of segments; kernels in `kernels/` use the same formulas.
+All implementations here share one piece of arithmetic, `merge`, which adds two scaled sums in
+log space. The sequential scan applies it once per token; the associative scan uses it in
+`combine`, the monoid combine of segments; kernels in `kernels/` (the package
+`rwkv_jax_kernels`) use the same two public functions and the dispatcher below, nothing else.
 
 Shapes: b = batch, t = time, c = channels.
 """
@@ -27,6 +28,8 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from rwkv_jax import sharding
 
 Array = jax.Array
 
@@ -48,7 +51,7 @@ class WKVState(NamedTuple):
     return cls(zeros, zeros, jnp.full((batch, channels), EMPTY_MAX_EXP, jnp.float32))
 
 
-def _merge(a1, b1, p1, a2, b2, p2):
+def merge(a1, b1, p1, a2, b2, p2):
   """Returns (a, b, p) with e^p (a, b) = e^p1 (a1, b1) + e^p2 (a2, b2) and p = max(p1, p2)."""
   p = jnp.maximum(p1, p2)
   e1 = jnp.exp(p1 - p)
@@ -58,7 +61,7 @@ def _merge(a1, b1, p1, a2, b2, p2):
 
 def _readout(num, den, max_exp, u, k, v):
   """Eq. 16: the state plus the current token weighted by its bonus e^{u + k}."""
-  a, b, _ = _merge(num, den, max_exp, v, jnp.ones_like(v), u + k)
+  a, b, _ = merge(num, den, max_exp, v, jnp.ones_like(v), u + k)
   return a / b
 
 
@@ -88,7 +91,7 @@ def _prepare(w, u, k, v, state):
 def wkv_step(w: Array, u: Array, k: Array, v: Array, state: WKVState) -> tuple[Array, WKVState]:
   """One token: k, v [b, c] -> (y [b, c] float32, new state). The recurrent (RNN) form."""
   y = _readout(*state, u, k, v)
-  num, den, max_exp = _merge(*state[:2], state.max_exp - w, v, jnp.ones_like(v), k)
+  num, den, max_exp = merge(*state[:2], state.max_exp - w, v, jnp.ones_like(v), k)
   return y, WKVState(num, den, max_exp)
 
 
@@ -116,12 +119,12 @@ def wkv_scan(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = No
   return jnp.swapaxes(y_tbc, 0, 1).astype(out_dtype), state
 
 
-def _combine(left, right):
+def combine(left, right):
   """Monoid combine of two consecutive segments (num, den, max_exp, log_decay)."""
   a1, b1, p1, d1 = left
   a2, b2, p2, d2 = right
   # The left segment's sums decay across the whole right segment before they are added.
-  a, b, p = _merge(a1, b1, p1 + d2, a2, b2, p2)
+  a, b, p = merge(a1, b1, p1 + d2, a2, b2, p2)
   return a, b, p, d1 + d2
 
 
@@ -137,9 +140,9 @@ def wkv_associative(w: Array, u: Array, k: Array, v: Array, state: WKVState | No
   w, u, k, v, state = _prepare(w, u, k, v, state)
   log_decay = jnp.broadcast_to(-w, k.shape)
   num, den, max_exp, decay = jax.lax.associative_scan(
-      _combine, (v, jnp.ones_like(v), k, log_decay), axis=1)
+      combine, (v, jnp.ones_like(v), k, log_decay), axis=1)
   s0 = [s[:, None, :] for s in state]
-  num, den, max_exp = _merge(s0[0], s0[1], s0[2] + decay, num, den, max_exp)
+  num, den, max_exp = merge(s0[0], s0[1], s0[2] + decay, num, den, max_exp)
   prev = [jnp.concatenate([s, x[:, :-1]], axis=1) for s, x in zip(s0, (num, den, max_exp))]
   y = _readout(*prev, u, k, v)
   final = WKVState(num[:, -1], den[:, -1], max_exp[:, -1])
@@ -221,7 +224,8 @@ _PLATFORM_NAMES = {"gpu": {"cuda", "rocm"}}
 _log = logging.getLogger(__name__)
 
 
-def register(name: str, fn: WKVFn, platforms: tuple[str, ...] | None = None) -> None:
+def register(name: str, fn: WKVFn, platforms: tuple[str, ...] | None = None, *,
+             per_shard: bool = False) -> None:
   """Makes `fn` selectable as wkv(..., impl=name). It must honour the wkv_scan contract.
 
   Args:
@@ -229,7 +233,12 @@ def register(name: str, fn: WKVFn, platforms: tuple[str, ...] | None = None) -> 
     fn: the implementation.
     platforms: lowering platforms ("cpu", "cuda", "rocm", "tpu") that `fn` serves under `name`;
       None means all of them.
+    per_shard: `fn` cannot be partitioned by XLA (a Mosaic call): under a multi-device mesh it
+      runs once per shard (`sharding.wkv_per_shard`).
   """
+  if per_shard:
+    sharded = sharding.wkv_per_shard(fn)
+    fn = lambda w, u, k, v, state=None: sharded(w, u, k, v, check_inputs(w, u, k, v, state))
   if platforms is None:
     _REGISTRY[name] = fn
   else:
@@ -245,8 +254,11 @@ def _load(name: str) -> bool:
     for module in (_PLUGINS[name], *_MORE_PLUGINS.get(name, ())):
       try:
         importlib.import_module(module)
-      except ImportError as e:
+      except ImportError as e:  # e.g. jax-triton without a GPU build of jax
         _log.info("WKV backend %r (%s) unavailable: %s", name, module, e)
+      except Exception as e:  # pylint: disable=broad-except  (a broken backend: fall back, loudly)
+        _log.warning("WKV backend %r (%s) failed to load (%s: %s); it is skipped.", name, module,
+                     type(e).__name__, e)
   return _registered(name)
 
 

@@ -31,7 +31,7 @@ export JAX_PLATFORMS=cuda
   "$PY" -c "import jax, jaxlib, triton; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__,
 'triton', triton.__version__, jax.devices())"
   "$PY" -c "import jax_triton; print('jax_triton', jax_triton.__version__)"
-  "$PY" -c "import grain, rwkv_jax.data; print('grain imports')"
+  "$PY" -c "import grain, rwkv_jax.data.pipeline; print('grain imports')"
 } >"$RES/env.txt" 2>&1
 
 stage tests && check pytest 140 -m pytest -q -m gpu -p no:cacheprovider \

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rwkv_jax import checkpoint as ckpt_lib
-from rwkv_jax import train, weights
-from training_util import (  # noqa: F401  (fixtures are used by name)
-    CHECKPOINT_DAMAGE, N, REPO, TOTAL, compile_cache, copy_run, corpus, damage_checkpoint,
-    flat_params, full_run, half_run, latest_params, losses, run_module, subprocess_env,
-    tiny_config, train_command, write_config_file)
+from rwkv_jax.io import checkpoint as ckpt_lib
+from rwkv_jax.io import formats, tensor_names, weights
+from rwkv_jax.train import loop as train_loop
+from training_util import CHECKPOINT_DAMAGE  # noqa: F401  (fixtures are used by name)
+from training_util import (REPO, TOTAL, N, compile_cache, copy_run, corpus, damage_checkpoint,
+                           flat_params, full_run, half_run, latest_params, losses, run_module,
+                           subprocess_env, tiny_config, train_command, write_config_file)
 
 TMP_MARKER = "orbax-checkpoint-tmp"
 
@@ -40,7 +41,7 @@ def test_resume_continues_exactly_as_one_run(full_run, half_run, corpus, tmp_pat
   workdir = copy_run(half_run, tmp_path / "run")
   assert losses(workdir).keys() == set(range(1, N + 1))
 
-  train.train_and_evaluate(tiny_config(corpus), workdir)
+  train_loop.train_and_evaluate(tiny_config(corpus), workdir)
 
   assert saved_steps(workdir)[-1] == TOTAL
   resumed, whole = losses(workdir), losses(full_run)
@@ -55,7 +56,7 @@ def test_resume_on_another_mesh_matches_the_uninterrupted_run(full_run, half_run
   config = tiny_config(corpus)
   config.mesh.update(data=2, fsdp=2, tensor=2)
 
-  train.train_and_evaluate(config, workdir)
+  train_loop.train_and_evaluate(config, workdir)
 
   resumed, whole = losses(workdir), losses(full_run)
   for step in range(N + 1, TOTAL + 1):
@@ -88,7 +89,7 @@ def test_sigkill_during_save_resumes_from_the_last_complete_checkpoint(corpus, c
                                                                        tmp_path):
   steps = 30
   reference = tmp_path / "reference"
-  train.train_and_evaluate(tiny_config(corpus, steps=steps, checkpoint_every=steps), reference)
+  train_loop.train_and_evaluate(tiny_config(corpus, steps=steps, checkpoint_every=steps), reference)
   config_file = write_config_file(tmp_path / "config.py",
                                   tiny_config(corpus, steps=steps, checkpoint_every=1))
   workdir = tmp_path / "run"
@@ -115,8 +116,8 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(half_run, corp
   config = tiny_config(corpus, checkpoint_every=1)
   config.optim.update(lr_init=1e30, lr_final=1e30)  # one Adam step moves every weight by ~1e30
 
-  with pytest.raises(train.NonFiniteLossError) as error:
-    train.train_and_evaluate(config, workdir)
+  with pytest.raises(train_loop.NonFiniteLossError) as error:
+    train_loop.train_and_evaluate(config, workdir)
 
   # Step N + 1 trains from the good checkpoint N and saves the exploded weights as N + 1; their
   # loss, seen at step N + 2, is the first non-finite one.
@@ -133,7 +134,7 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(half_run, corp
   good = latest_params(workdir)
   assert all(np.isfinite(p).all() for p in good.values())
   assert_params_close(good, latest_params(half_run), atol=0)
-  final = train.train_and_evaluate(tiny_config(corpus), workdir)
+  final = train_loop.train_and_evaluate(tiny_config(corpus), workdir)
   assert np.isfinite(final["train/loss"])
   assert all(np.isfinite(p).all() for p in latest_params(workdir).values())
 
@@ -146,8 +147,8 @@ def test_damaged_checkpoint_names_the_step_and_the_remedy(half_run, corpus, tmp_
   workdir = copy_run(half_run, tmp_path / "run")
   damage_checkpoint(workdir / "checkpoints" / str(N), damage)
 
-  with pytest.raises(ckpt_lib.CheckpointError) as error:
-    train.train_and_evaluate(tiny_config(corpus), workdir)
+  with pytest.raises(tensor_names.CheckpointError) as error:
+    train_loop.train_and_evaluate(tiny_config(corpus), workdir)
   gc.collect()
 
   message = str(error.value)
@@ -160,8 +161,8 @@ def test_other_model_config_is_rejected_naming_the_field(half_run, corpus, tmp_p
   config = tiny_config(corpus)
   config.model.n_embd = 64
 
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"'n_embd': \(32, 64\)"):
-    train.train_and_evaluate(config, workdir)
+  with pytest.raises(tensor_names.CheckpointError, match=r"'n_embd': \(32, 64\)"):
+    train_loop.train_and_evaluate(config, workdir)
 
 
 @pytest.mark.parametrize("size", [0, 10])
@@ -170,7 +171,7 @@ def test_empty_or_too_short_data_file_is_a_clear_error(tmp_path, size):
   data.write_bytes(b"x" * size)
   expected = "is empty" if size == 0 else "need at least ctx_len"
   with pytest.raises(ValueError, match=expected) as error:
-    train.train_and_evaluate(tiny_config(data), tmp_path / "run")
+    train_loop.train_and_evaluate(tiny_config(data), tmp_path / "run")
   assert str(data) in str(error.value)
 
 
@@ -218,7 +219,7 @@ def test_score_cli_reads_the_export_on_another_device_count(full_run, tmp_path):
 def test_export_converts_to_an_official_pth(full_run, tmp_path):
   model, _ = weights.load(full_run / "export")
   path = tmp_path / "model.pth"
-  weights.save_pth(model, path)
+  formats.save_pth(model, path)
 
   back, config = weights.load(path)
   assert config.n_embd == 32

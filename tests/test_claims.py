@@ -12,7 +12,8 @@ from flax import nnx
 
 from experiments import _runs, char_level, scaling
 from experiments.baselines import transformer as tf
-from rwkv_jax import sharding, train
+from rwkv_jax import sharding
+from rwkv_jax.train import step as step_lib
 
 
 def _count(model) -> int:
@@ -22,10 +23,10 @@ def _count(model) -> int:
 @pytest.mark.parametrize("size", ["cpu", "paper"])
 def test_char_level_models_have_matching_parameter_counts(size):
   config = char_level.SIZES[size]()
-  rwkv = nnx.eval_shape(lambda: train.build_model(config, nnx.Rngs(0)))
+  rwkv = nnx.eval_shape(lambda: step_lib.build_model(config, nnx.Rngs(0)))
   transformer = nnx.eval_shape(lambda: tf.build_model(config, nnx.Rngs(0)))
   n_rwkv, n_tf = _count(rwkv), _count(transformer)
-  assert n_rwkv == train.model_config(config).num_params()
+  assert n_rwkv == step_lib.model_config(config).num_params()
   assert n_tf == tf.TransformerConfig.from_training(config).num_params()
   assert abs(n_tf / n_rwkv - 1) < 0.01, (n_tf, n_rwkv)
 

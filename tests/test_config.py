@@ -9,9 +9,9 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from rwkv_jax import train_config
 from rwkv_jax.config import PILE_VOCAB_SIZE, Preset, RWKVConfig, paper_param_count
 from rwkv_jax.model import abstract_model
+from rwkv_jax.train import config as train_config
 
 # Table 2 of the paper: parameter counts of the released models, in millions (rounded there).
 PAPER_SIZES_M = {Preset.RWKV4_169M: 169, Preset.RWKV4_430M: 430, Preset.RWKV4_1B5: 1515,
@@ -58,7 +58,7 @@ def test_unknown_fields_are_rejected():
 
 
 # ---------------------------------------------------------------------------------------------
-# The training config (rwkv_jax/train_config.py)
+# The training config (rwkv_jax/train/config.py)
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from flax import nnx
 
-from rwkv_jax import checkpoint, weights
-from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model import RWKV
 import training_util
+from rwkv_jax.config import RWKVConfig
+from rwkv_jax.io import checkpoint, formats, weights
+from rwkv_jax.model import RWKV
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -29,7 +29,7 @@ def test_pth_to_orbax_and_back_is_bit_exact(tmp_path):
   keys = jax.random.split(jax.random.key(3), len(leaves))
   nnx.update(model, jax.tree.unflatten(
       treedef, [x + jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
-  weights.save_pth(model, tmp_path / "a.pth", dtype="bfloat16")
+  formats.save_pth(model, tmp_path / "a.pth", dtype="bfloat16")
 
   result = convert(f"--input={tmp_path / 'a.pth'}", f"--output={tmp_path / 'orbax'}",
                    "--format=orbax")
@@ -49,7 +49,7 @@ def test_pth_to_orbax_and_back_is_bit_exact(tmp_path):
 
 def test_dtype_flag_applies_to_an_orbax_output(tmp_path):
   model = RWKV(RWKVConfig(n_layer=1, n_embd=16, vocab_size=50), rngs=nnx.Rngs(0))
-  weights.save_pth(model, tmp_path / "a.pth")
+  formats.save_pth(model, tmp_path / "a.pth")
 
   result = convert(f"--input={tmp_path / 'a.pth'}", f"--output={tmp_path / 'orbax'}",
                    "--format=orbax", "--dtype=float16")
@@ -64,7 +64,7 @@ def test_dtype_flag_applies_to_an_orbax_output(tmp_path):
 
 def test_an_existing_output_is_kept_unless_overwrite_is_given(tmp_path):
   model = RWKV(RWKVConfig(n_layer=1, n_embd=16, vocab_size=50), rngs=nnx.Rngs(0))
-  weights.save_pth(model, tmp_path / "a.pth")
+  formats.save_pth(model, tmp_path / "a.pth")
   (tmp_path / "hf").mkdir()
   (tmp_path / "hf" / "notes.txt").write_text("mine")
   (tmp_path / "b.pth").write_bytes(b"keep me")
@@ -83,7 +83,7 @@ def test_an_existing_output_is_kept_unless_overwrite_is_given(tmp_path):
 
 def test_a_training_workdir_is_never_an_output(tmp_path):
   model = RWKV(RWKVConfig(n_layer=1, n_embd=16, vocab_size=50), rngs=nnx.Rngs(0))
-  weights.save_pth(model, tmp_path / "a.pth")
+  formats.save_pth(model, tmp_path / "a.pth")
   (tmp_path / "run" / "checkpoints").mkdir(parents=True)
   result = convert(f"--input={tmp_path / 'a.pth'}", f"--output={tmp_path / 'run'}",
                    "--format=orbax", "--overwrite")
@@ -93,7 +93,7 @@ def test_a_training_workdir_is_never_an_output(tmp_path):
 
 def small_pth(tmp_path):
   model = RWKV(RWKVConfig(n_layer=1, n_embd=32, vocab_size=50), rngs=nnx.Rngs(0))
-  weights.save_pth(model, tmp_path / "a.pth")
+  formats.save_pth(model, tmp_path / "a.pth")
   return tmp_path / "a.pth"
 
 

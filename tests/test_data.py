@@ -1,4 +1,4 @@
-"""Tests for rwkv_jax.binidx (the format), rwkv_jax.data (sources, grain pipeline) and corpus."""
+"""Tests for rwkv_jax.data.binidx (the format), rwkv_jax.data (sources, grain pipeline) and corpus."""
 
 import bz2
 import json
@@ -9,14 +9,15 @@ import subprocess
 import sys
 import zipfile
 
-from absl import flags
 import grain
 import numpy as np
 import pytest
+from absl import flags
 
-from rwkv_jax import binidx
-from rwkv_jax import corpus
-from rwkv_jax import data
+from rwkv_jax.data import binidx, corpus
+from rwkv_jax.data import encode as data_encode
+from rwkv_jax.data import pipeline as data_pipeline
+from rwkv_jax.data import sources as data_sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ def test_binidx_round_trip_reads_documents_back_exactly(tmp_path):
   np.testing.assert_array_equal(src.doc_idx, np.arange(len(docs) + 1))
   # The .bin and .idx suffixes name the same pair.
   np.testing.assert_array_equal(binidx.BinidxSource(bin_path).tokens, src.tokens)
-  np.testing.assert_array_equal(data.open_source(idx_path).tokens, src.tokens)
+  np.testing.assert_array_equal(data_sources.open_source(idx_path).tokens, src.tokens)
 
 
 def test_binidx_files_follow_the_megatron_layout(tmp_path):
@@ -141,17 +142,17 @@ def test_write_binidx_rejects_tokens_that_do_not_fit_the_dtype(tmp_path):
 def test_encode_text_file_makes_one_document_per_paragraph(tmp_path):
   text = tmp_path / "t.txt"
   text.write_text("first line\nsame para\n\n\nsecond\n\nthird é\n", encoding="utf-8")
-  src = data.encode_text_file(text, ByteTokenizer(), tmp_path / "out")
+  src = data_encode.encode_text_file(text, ByteTokenizer(), tmp_path / "out")
   assert src.dtype == np.uint16
   got = [bytes(src.sequence(i)[:-1].astype(np.uint8)).decode() for i in range(src.num_sequences)]
   assert got == ["first line\nsame para", "second", "third é"]
-  assert all(src.sequence(i)[-1] == data.END_OF_DOCUMENT for i in range(src.num_sequences))
+  assert all(src.sequence(i)[-1] == data_encode.END_OF_DOCUMENT for i in range(src.num_sequences))
 
 
 def test_encode_text_file_line_mode_without_end_of_document(tmp_path):
   text = tmp_path / "t.txt"
   text.write_text("a\nbc\n\nd\n")
-  src = data.encode_text_file(text, ByteTokenizer(), tmp_path / "out", split="line",
+  src = data_encode.encode_text_file(text, ByteTokenizer(), tmp_path / "out", split="line",
                               end_of_document=None)
   np.testing.assert_array_equal(src.tokens, list(b"abcd"))
   np.testing.assert_array_equal(src.sizes, [1, 2, 1])
@@ -163,13 +164,13 @@ def test_encode_text_file_rejects_vocab_larger_than_dtype(tmp_path):
   big = ByteTokenizer()
   big.vocab_size = 70000
   with pytest.raises(ValueError, match=r"vocab_size 70000 does not fit in uint16"):
-    data.encode_text_file(text, big, tmp_path / "out", dtype=np.uint16)
+    data_encode.encode_text_file(text, big, tmp_path / "out", dtype=np.uint16)
   # Left unset, the dtype widens to hold the vocabulary.
-  assert data.encode_text_file(text, big, tmp_path / "out").dtype == np.int32
+  assert data_encode.encode_text_file(text, big, tmp_path / "out").dtype == np.int32
 
 
 def test_make_binidx_script_writes_a_readable_pair(tmp_path):
-  pytest.importorskip("rwkv_jax.tokenizer")
+  pytest.importorskip("rwkv_jax.data.tokenizer")
   text = tmp_path / "t.txt"
   text.write_text("one\n\ntwo\n")
   subprocess.run(
@@ -187,7 +188,7 @@ def test_make_binidx_script_writes_a_readable_pair(tmp_path):
 def test_byte_source_memory_maps_a_file(tmp_path):
   path = tmp_path / "f.txt"
   path.write_bytes(b"hello world")
-  src = data.ByteSource(path)
+  src = data_sources.ByteSource(path)
   assert isinstance(src.tokens, np.memmap) and src.tokens.dtype == np.uint8
   assert bytes(src.tokens) == b"hello world" and src.vocab_size == 256
 
@@ -198,18 +199,18 @@ def test_byte_source_joins_a_directory_in_sorted_order(tmp_path):
   (tmp_path / "sub").mkdir()
   (tmp_path / "sub" / "c.txt").write_bytes(b"C")
   (tmp_path / ".hidden").write_bytes(b"no")
-  assert bytes(data.ByteSource(tmp_path).tokens) == b"A\nBB\nC"
+  assert bytes(data_sources.ByteSource(tmp_path).tokens) == b"A\nBB\nC"
 
 
 def test_byte_source_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    data.ByteSource(tmp_path / "missing.txt")
+    data_sources.ByteSource(tmp_path / "missing.txt")
   (tmp_path / "empty.txt").write_bytes(b"")
   with pytest.raises(ValueError, match="is empty"):
-    data.ByteSource(tmp_path / "empty.txt")
+    data_sources.ByteSource(tmp_path / "empty.txt")
   (tmp_path / "d").mkdir()
   with pytest.raises(ValueError, match="holds no files"):
-    data.ByteSource(tmp_path / "d")
+    data_sources.ByteSource(tmp_path / "d")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_byte_source_errors(tmp_path):
 
 def test_windows_are_shifted_slices_of_the_stream(tmp_path):
   src = _stream_file(tmp_path, 3000)
-  it = iter(data.make_dataset(src, ctx_len=16, batch_size=4, seed=0))
+  it = iter(data_pipeline.make_dataset(src, ctx_len=16, batch_size=4, seed=0))
   for batch in _take(it, 5):
     assert batch["inputs"].shape == (4, 16) and batch["inputs"].dtype == np.int32
     assert batch["targets"].shape == (4, 16) and batch["targets"].dtype == np.int32
@@ -232,7 +233,7 @@ def test_windows_from_a_text_file_match_its_bytes(tmp_path):
   path = tmp_path / "f.txt"
   text = bytes(range(256)) * 4
   path.write_bytes(text)
-  batch = next(iter(data.make_dataset(data.ByteSource(path), ctx_len=8, batch_size=2, seed=3,
+  batch = next(iter(data_pipeline.make_dataset(data_sources.ByteSource(path), ctx_len=8, batch_size=2, seed=3,
                                       val_fraction=0.0)))
   for inputs, targets in zip(batch["inputs"], batch["targets"]):
     start = text.index(bytes(inputs.astype(np.uint8)))
@@ -241,7 +242,7 @@ def test_windows_from_a_text_file_match_its_bytes(tmp_path):
 
 def test_same_seed_same_order_other_seed_other_order(tmp_path):
   src = _stream_file(tmp_path, 3000)
-  make = lambda seed: _take(iter(data.make_dataset(src, 16, 4, seed=seed)), 4)
+  make = lambda seed: _take(iter(data_pipeline.make_dataset(src, 16, 4, seed=seed)), 4)
   _assert_batches_equal(make(7), make(7))
   assert not np.array_equal(make(7)[0]["inputs"], make(8)[0]["inputs"])
 
@@ -249,10 +250,10 @@ def test_same_seed_same_order_other_seed_other_order(tmp_path):
 def test_training_epoch_visits_every_start_once_then_reshuffles(tmp_path):
   n, t, b = 200, 8, 4
   tokens = np.arange(n, dtype=np.int32)
-  split = data.split_stream(n, t, 0.1)
+  split = data_pipeline.split_stream(n, t, 0.1)
   num_starts = split.num_train_windows
   assert num_starts % b == 0  # 180 - 8 = 172 windows, 43 batches
-  it = iter(data.make_dataset(tokens, t, b, seed=0, val_fraction=0.1))
+  it = iter(data_pipeline.make_dataset(tokens, t, b, seed=0, val_fraction=0.1))
   epoch1 = np.concatenate([x["inputs"][:, 0] for x in _take(it, num_starts // b)])
   epoch2 = np.concatenate([x["inputs"][:, 0] for x in _take(it, num_starts // b)])
   np.testing.assert_array_equal(np.sort(epoch1), np.arange(num_starts))
@@ -263,12 +264,12 @@ def test_training_epoch_visits_every_start_once_then_reshuffles(tmp_path):
 def test_train_and_val_windows_never_share_a_token(tmp_path):
   n, t, b = 400, 8, 2
   tokens = np.arange(n, dtype=np.int32)  # token value == position
-  split = data.split_stream(n, t, 0.25)
-  train_it = iter(data.make_dataset(tokens, t, b, seed=1, val_fraction=0.25))
+  split = data_pipeline.split_stream(n, t, 0.25)
+  train_it = iter(data_pipeline.make_dataset(tokens, t, b, seed=1, val_fraction=0.25))
   train_pos = np.concatenate(
       [np.concatenate([x["inputs"], x["targets"]], 1).ravel()
        for x in _take(train_it, split.num_train_windows // b)])
-  val = list(data.make_dataset(tokens, t, b, seed=1, split="val", val_fraction=0.25))
+  val = list(data_pipeline.make_dataset(tokens, t, b, seed=1, split="val", val_fraction=0.25))
   val_pos = np.concatenate([np.concatenate([x["inputs"], x["targets"]], 1).ravel() for x in val])
   assert train_pos.max() < split.train_end == 300 <= val_pos.min()
   assert set(train_pos) == set(range(300))  # the whole training part is used
@@ -277,7 +278,7 @@ def test_train_and_val_windows_never_share_a_token(tmp_path):
 def test_validation_is_finite_in_order_and_targets_every_token_once():
   n, t, b = 300, 10, 3
   tokens = np.arange(n, dtype=np.int32)
-  ds = data.make_dataset(tokens, t, b, seed=0, split="val", val_fraction=0.32)
+  ds = data_pipeline.make_dataset(tokens, t, b, seed=0, split="val", val_fraction=0.32)
   batches = list(ds)
   assert len(batches) == 3  # 96 tokens -> 9 windows -> 3 batches of 3
   targets = np.concatenate([x["targets"] for x in batches]).ravel()
@@ -287,7 +288,7 @@ def test_validation_is_finite_in_order_and_targets_every_token_once():
 
 def test_resumed_iterator_yields_the_same_batches(tmp_path):
   src = _stream_file(tmp_path, 5000)
-  make = lambda: iter(data.make_dataset(src, 16, 4, seed=5))
+  make = lambda: iter(data_pipeline.make_dataset(src, 16, 4, seed=5))
   uninterrupted = make()
   _take(uninterrupted, 3)
   state = json.loads(json.dumps(uninterrupted.get_state()))  # survives a text round trip
@@ -301,7 +302,7 @@ def test_resumed_iterator_yields_the_same_batches(tmp_path):
 def test_iterator_state_round_trips_through_orbax(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
   src = _stream_file(tmp_path, 5000)
-  make = lambda: iter(data.make_dataset(src, 16, 4, seed=2))
+  make = lambda: iter(data_pipeline.make_dataset(src, 16, 4, seed=2))
   it = make()
   _take(it, 2)
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
@@ -319,8 +320,8 @@ def test_iterator_state_round_trips_through_orbax(tmp_path):
 def test_host_shards_are_disjoint_and_tile_the_global_batch(tmp_path, split, shard_count):
   tokens = np.arange(4000, dtype=np.int32)
   kwargs = dict(ctx_len=8, batch_size=8, seed=4, split=split, val_fraction=0.2)
-  single = _take(iter(data.make_dataset(tokens, **kwargs)), 5)
-  hosts = [_take(iter(data.make_dataset(tokens, shard_index=i, shard_count=shard_count,
+  single = _take(iter(data_pipeline.make_dataset(tokens, **kwargs)), 5)
+  hosts = [_take(iter(data_pipeline.make_dataset(tokens, shard_index=i, shard_count=shard_count,
                                         **kwargs)), 5) for i in range(shard_count)]
   for k, global_batch in enumerate(single):
     parts = [h[k]["inputs"] for h in hosts]
@@ -337,8 +338,8 @@ def test_worker_processes_read_the_same_batches_from_a_memmap(tmp_path):
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   src = _stream_file(tmp_path, 3000)
-  in_process = _take(iter(data.make_dataset(src, 16, 4, seed=9)), 3)
-  with_workers = _take(iter(data.make_dataset(src, 16, 4, seed=9, worker_count=1)), 3)
+  in_process = _take(iter(data_pipeline.make_dataset(src, 16, 4, seed=9)), 3)
+  with_workers = _take(iter(data_pipeline.make_dataset(src, 16, 4, seed=9, worker_count=1)), 3)
   _assert_batches_equal(with_workers, in_process)
 
 
@@ -348,16 +349,16 @@ def test_pipeline_errors_say_what_to_change(tmp_path):
   with pytest.raises(ValueError, match=(
       r"short\.txt.* has 9 tokens; need at least ctx_len \+ 2 = 10; use a longer file or a "
       r"smaller --config\.model\.ctx_len")):
-    data.make_dataset(data.ByteSource(short), ctx_len=8, batch_size=1, seed=0)
+    data_pipeline.make_dataset(data_sources.ByteSource(short), ctx_len=8, batch_size=1, seed=0)
   tokens = np.arange(100)
   with pytest.raises(ValueError, match="fewer than one batch of 8.*larger val_fraction"):
-    data.make_dataset(tokens, 8, 8, seed=0, split="val", val_fraction=0.2)
+    data_pipeline.make_dataset(tokens, 8, 8, seed=0, split="val", val_fraction=0.2)
   with pytest.raises(ValueError, match="smaller val_fraction"):
-    data.make_dataset(tokens, 60, 1, seed=0, val_fraction=0.5)
+    data_pipeline.make_dataset(tokens, 60, 1, seed=0, val_fraction=0.5)
   with pytest.raises(ValueError, match="not divisible by shard_count=3"):
-    data.make_dataset(tokens, 8, 8, seed=0, shard_count=3)
+    data_pipeline.make_dataset(tokens, 8, 8, seed=0, shard_count=3)
   with pytest.raises(ValueError, match="use 'train' or 'val'"):
-    data.make_dataset(tokens, 8, 8, seed=0, split="test")
+    data_pipeline.make_dataset(tokens, 8, 8, seed=0, split="test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +371,7 @@ def test_wiki_sample_from_the_shared_cache_is_wikipedia_xml():
   path = corpus.wiki_sample()
   assert abs(path.stat().st_size - 6.09e6) < 0.01e6
   assert path.read_bytes()[:10] == b"<mediawiki"
-  batch = next(iter(data.make_dataset(data.ByteSource(path), 128, 2, seed=0)))
+  batch = next(iter(data_pipeline.make_dataset(data_sources.ByteSource(path), 128, 2, seed=0)))
   assert batch["inputs"].shape == (2, 128)
 
 
@@ -423,12 +424,12 @@ def _world_vocab(path, extra_lines=()):
 
 
 def test_encoded_data_is_reused_only_for_the_same_text_and_tokenizer(tmp_path):
-  from rwkv_jax import train_config  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.train import config as train_config  # pylint: disable=g-import-not-at-top
 
   def tokens(text_path, tokenizer_path):
     d = train_config.default_config().data
     d.update(source="file", path=str(text_path), tokenizer=str(tokenizer_path))
-    return np.asarray(data.open_training_source(d, tmp_path / "run", 512).tokens).tolist()
+    return np.asarray(data_sources.open_training_source(d, tmp_path / "run", 512).tokens).tolist()
 
   bytes_only = _world_vocab(tmp_path / "bytes.txt")
   with_ab = _world_vocab(tmp_path / "ab.txt", ["300 'ab' 2"])

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rwkv_jax import files, weights
+from rwkv_jax import files
 from rwkv_jax.config import RWKVConfig
+from rwkv_jax.io import formats
 from rwkv_jax.model import RWKV
 
 
@@ -35,8 +36,8 @@ def test_atomic_files_follow_the_umask(tmp_path, umask):
 
 def test_converted_checkpoints_are_readable_by_others_under_the_usual_umask(tmp_path, umask):
   model = RWKV(RWKVConfig(n_layer=1, n_embd=8, vocab_size=16), rngs=nnx.Rngs(0))
-  weights.save_pth(model, tmp_path / "m.pth")
-  weights.save_hf(model, tmp_path / "hf")
+  formats.save_pth(model, tmp_path / "m.pth")
+  formats.save_hf(model, tmp_path / "hf")
   written = [tmp_path / "m.pth", *(p for p in (tmp_path / "hf").iterdir() if p.is_file())]
   assert len(written) >= 3
   for path in written:

@@ -11,12 +11,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-
-from rwkv_jax import assets, sampling, state_file, weights
-from rwkv_jax import tokenizer as tokenizer_lib
 from test_sampling import CFG, REPO
-from training_util import one_line_error, random_model
 
+from rwkv_jax.data import assets
+from rwkv_jax.data import tokenizer as tokenizer_lib
+from rwkv_jax.infer import sampling
+from rwkv_jax.io import formats, state_file
+from training_util import one_line_error, random_model
 
 # ----------------------------------------------------------------------------------------------
 # Streaming: incremental decoding.
@@ -88,7 +89,7 @@ def model():
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
   path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-  weights.save_pth(model, path)
+  formats.save_pth(model, path)
   return path
 
 

@@ -1,7 +1,7 @@
 """Both GPU kernels compiled to machine code on a machine without a GPU.
 
 The Pallas kernels are lowered by JAX to Triton IR and compiled by the `triton` package; the
-Triton kernels are compiled from their source (`rwkv_jax_kernels.gpu_compile`); both for sm_80
+Triton kernels are compiled from their source (`experiments.gpu_compile`); both for sm_80
 (A100) and sm_90a (H100/H200), fp32 and bf16 inputs. Their numbers are checked in the Pallas and
 Triton interpreters by tests/test_kernels.py.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from rwkv_jax_kernels import gpu_compile
+from experiments import gpu_compile
 from rwkv_jax_kernels import wkv_pallas
 
 _PALLAS_KERNELS = ["wkv_summary", "wkv_output", "wkv_output_bwd", "wkv_summary_bwd"]

@@ -8,16 +8,21 @@ the platform the code is lowered for.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_kernels import _loss_grad, _WKVKernelChecks, compiled
 
-from rwkv_jax import sampling, sharding, train, train_config
+from rwkv_jax import sharding
 from rwkv_jax import wkv as wkv_lib
+from rwkv_jax.infer import sampling
+from rwkv_jax.train import config as train_config
+from rwkv_jax.train import step as step_lib
 from rwkv_jax_kernels import chunked, wkv_pallas_tpu
-from test_kernels import _WKVKernelChecks, _loss_grad, compiled
 from wkv_util import random_inputs, rel_err
 
 _ON_TPU = jax.default_backend() == "tpu"
@@ -45,7 +50,8 @@ class TestWKVPallasTPUInterpret(_WKVKernelChecks):
     tensor = 2 if n > 1 and n % 2 == 0 else 1
     mesh = sharding.make_mesh(data=-1, fsdp=1, tensor=tensor)
     w, u, k, v, state = random_inputs(6, 2 * (n // tensor), 13, 24, jnp.float32)
-    fn = lambda *args: wkv_pallas_tpu.wkv_pallas_tpu_sharded(*args, interpret=self.INTERPRET)
+    fn = sharding.wkv_per_shard(
+        functools.partial(wkv_pallas_tpu.wkv_pallas_tpu, interpret=self.INTERPRET))
     with jax.set_mesh(mesh):
       (y, out), grads = jax.jit(lambda *a: fn(*a))(w, u, k, v, state), _loss_grad(fn)(
           w, u, k, v, state)
@@ -142,13 +148,13 @@ def test_sharded_training_step_lowers_for_tpu(impl):
     pytest.skip("needs the 8-device mesh of tests/conftest.py")
   config = _tiny_config()
   mesh = sharding.make_mesh(**config.mesh)
-  tx, _ = train.build_optimizer(config)
-  state = train.abstract_state(config, mesh, tx)
+  tx, _ = step_lib.build_optimizer(config)
+  state = step_lib.abstract_state(config, mesh, tx)
   tokens = jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=sharding.batch_sharding(mesh))
   # Under the mesh the Mosaic calls run per shard (a Mosaic kernel cannot be partitioned
   # automatically: without `jax.set_mesh` the sharded step does not lower).
   with jax.set_mesh(mesh):
-    step = train.make_train_step(state, tx, mesh, accumulate_steps=1, l2wrap=1e-4, impl=impl)
+    step = step_lib.make_train_step(state, tx, mesh, accumulate_steps=1, l2wrap=1e-4, impl=impl)
     exported = jax.export.export(step, platforms=["tpu"])(
         state.params, state.opt_state, {"inputs": tokens, "targets": tokens})
   assert exported.nr_devices == 8
@@ -157,7 +163,7 @@ def test_sharded_training_step_lowers_for_tpu(impl):
 
 def test_generation_lowers_for_tpu():
   config = _tiny_config()
-  graphdef, params = nnx.split(train.build_model(config, nnx.Rngs(0)))
+  graphdef, params = nnx.split(step_lib.build_model(config, nnx.Rngs(0)))
 
   def generate(params, prompt_bt, key):
     model = nnx.merge(graphdef, params)

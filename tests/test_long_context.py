@@ -1,4 +1,4 @@
-"""Long windows trained in chunks (rwkv_jax/bptt.py): the same loss and gradients as one call."""
+"""Long windows trained in chunks (rwkv_jax/train/bptt.py): the same loss and gradients as one call."""
 
 from __future__ import annotations
 
@@ -10,13 +10,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rwkv_jax import bptt, losses, train, train_config, wkv
-from rwkv_jax import data as data_lib
 from rwkv_jax import model as model_lib
-from rwkv_jax import sharding
+from rwkv_jax import sharding, wkv
 from rwkv_jax.config import RWKVConfig
-from training_util import (N, TOTAL, compile_cache, corpus, full_run,  # noqa: F401
-                           latest_params, losses as logged_losses, tiny_config)
+from rwkv_jax.data import pipeline as data_pipeline
+from rwkv_jax.data import sources as data_sources
+from rwkv_jax.train import bptt
+from rwkv_jax.train import config as train_config
+from rwkv_jax.train import loop as train_loop
+from rwkv_jax.train import losses
+from rwkv_jax.train import step as step_lib
+from training_util import TOTAL, N, compile_cache, corpus, full_run, latest_params
+from training_util import losses as logged_losses  # noqa: F401
+from training_util import tiny_config
 
 # One layer: the model's own tests pin that each layer carries its own state; one keeps the
 # compilations here short.
@@ -145,10 +151,10 @@ def test_every_wkv_implementation_trains_in_chunks_exactly(impl):
 def _first_update(config, batch_np):
   """(loss, the parameters after one optimizer update) of `config`'s train step."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  tx, _ = train.build_optimizer(config)
-  state = train.init_state(config, mesh, tx)
+  tx, _ = step_lib.build_optimizer(config)
+  state = step_lib.init_state(config, mesh, tx)
   t = config.train
-  step = train.make_train_step(state, tx, mesh, accumulate_steps=t.accumulate_steps,
+  step = step_lib.make_train_step(state, tx, mesh, accumulate_steps=t.accumulate_steps,
                                l2wrap=config.optim.l2wrap, impl=t.impl, chunk_len=t.chunk_len,
                                bptt=t.bptt)
   params, _, metrics = step(state.params, state.opt_state, sharding.shard_batch(mesh, batch_np))
@@ -159,7 +165,7 @@ def test_chunked_step_on_a_sharded_mesh_with_accumulation_matches_the_one_call_s
     corpus, compile_cache):
   config = tiny_config(corpus)  # ctx_len 16
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  batch = next(iter(data_lib.make_dataset(data_lib.open_source(corpus), ctx_len=16, batch_size=8,
+  batch = next(iter(data_pipeline.make_dataset(data_sources.open_source(corpus), ctx_len=16, batch_size=8,
                                           seed=0)))
   want, want_params = _first_update(config, batch)
   config.train.update(chunk_len=5, accumulate_steps=2)
@@ -185,8 +191,8 @@ def test_bad_chunking_flags_are_refused_naming_the_field(overrides, match, tmp_p
 
 def test_a_chunked_run_resumes_and_ends_as_the_one_call_run(full_run, corpus, tmp_path):
   # Stopped after N steps and resumed to TOTAL, in chunks of 5 of the 16-token windows.
-  train.train_and_evaluate(tiny_config(corpus, steps=N, chunk_len=5), tmp_path)
-  train.train_and_evaluate(tiny_config(corpus, chunk_len=5), tmp_path)
+  train_loop.train_and_evaluate(tiny_config(corpus, steps=N, chunk_len=5), tmp_path)
+  train_loop.train_and_evaluate(tiny_config(corpus, chunk_len=5), tmp_path)
 
   resumed, whole = logged_losses(tmp_path), logged_losses(full_run)
   assert sorted(resumed) == list(range(1, TOTAL + 1))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rwkv_jax import losses
+from rwkv_jax.train import losses
 
 B, T, V = 3, 5, 11
 

@@ -9,9 +9,9 @@ import optax
 import pytest
 from flax import nnx
 
-from rwkv_jax import optim
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.model import RWKV
+from rwkv_jax.train import optim
 
 SCHED = dict(lr_init=6e-4, lr_final=1e-5, warmup_steps=10, total_steps=110)
 SCHEDULE = optim.learning_rate_schedule(**SCHED)

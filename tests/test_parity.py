@@ -12,7 +12,7 @@ from flax import nnx
 
 from experiments import parity
 from experiments.parity import A, C, F, L, V
-from rwkv_jax import weights
+from rwkv_jax.io import state_convert, weights
 
 TOL = 1e-4
 
@@ -80,7 +80,7 @@ def test_state_from_rwkv_package_continues_generation_identically(ours, ref, tok
 
 def test_state_round_trip_through_package_layout_is_exact(ours, tokens):
   _, state = ours(jnp.asarray([tokens]))
-  back = weights.state_from_rwkv_package(weights.state_to_rwkv_package(state))
+  back = state_convert.state_from_rwkv_package(state_convert.state_to_rwkv_package(state))
   for a, b in zip(state, back):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -4,14 +4,15 @@ int8, the types the matrix products run in, int8 exports, and bad dtypes."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import orbax.checkpoint as ocp
+import pytest
 import torch
 from flax import nnx
 
 from experiments import parity
-from rwkv_jax import checkpoint, quant, sharding, weights
 from rwkv_jax import model as model_lib
+from rwkv_jax import quant, sharding
+from rwkv_jax.io import checkpoint, formats, tensor_names, weights
 from rwkv_jax_kernels import int8_cpu
 
 # The deep model (experiments/parity.py): batch B of the tokens every logit is compared on.
@@ -133,14 +134,14 @@ def small_pth(tmp_path_factory):
   keys = jax.random.split(jax.random.key(1), len(leaves))
   nnx.update(model, jax.tree.unflatten(
       treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
-  weights.save_pth(model, path)
+  formats.save_pth(model, path)
   return path
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_every_format_loads_the_same_model_in_each_precision(small_pth, tmp_path, dtype):
   model, _ = weights.load(small_pth, dtype="float32")
-  weights.save_hf(model, tmp_path / "hf")
+  formats.save_hf(model, tmp_path / "hf")
   checkpoint.export(model, tmp_path / "orbax")
   toks = jnp.asarray(parity.deep_tokens()[:2, :9] % SMALL["vocab_size"])
   run = lambda m: np.asarray(m(toks)[0])
@@ -170,10 +171,10 @@ def test_an_int8_export_is_read_back_without_requantising(small_pth, tmp_path):
                     jax.tree.leaves(nnx.state(loaded, nnx.Param))):
       assert a.dtype == b.dtype
       np.testing.assert_array_equal(a, b)
-  with pytest.raises(weights.CheckpointError, match="is an int8 export; it cannot be loaded as"):
+  with pytest.raises(tensor_names.CheckpointError, match="is an int8 export; it cannot be loaded as"):
     weights.load(tmp_path / "int8", dtype="float32")
   with pytest.raises(ValueError, match="cannot"):
-    weights.save_pth(loaded, tmp_path / "x.pth")
+    formats.save_pth(loaded, tmp_path / "x.pth")
   assert not (tmp_path / "x.pth").exists()
 
 

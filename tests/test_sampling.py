@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rwkv_jax import chunks, sampling
-from rwkv_jax import weights
-from rwkv_jax.config import RWKVConfig
-from rwkv_jax.tokenizer import ByteTokenizer
 import training_util
+from rwkv_jax.config import RWKVConfig
+from rwkv_jax.data.tokenizer import ByteTokenizer
+from rwkv_jax.infer import chunks, sampling
+from rwkv_jax.io import formats
 
 CFG = RWKVConfig(n_layer=2, n_embd=32, vocab_size=256)
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -318,7 +318,7 @@ def run_cli(*args):
 
 def test_generate_cli_prints_the_greedy_continuation(model, tmp_path):
   path = tmp_path / "tiny.pth"
-  weights.save_pth(model, path)
+  formats.save_pth(model, path)
   proc = run_cli(f"--checkpoint={path}", "--prompt=Hello", "--tokenizer=bytes",
                  "--max_tokens=25", "--temperature=0")
   assert proc.returncode == 0, proc.stderr
@@ -331,7 +331,7 @@ def test_generate_cli_prints_the_greedy_continuation(model, tmp_path):
 def test_generate_cli_reports_bad_inputs(tmp_path):
   small = random_model(CFG.replace(vocab_size=100))
   path = tmp_path / "small.pth"
-  weights.save_pth(small, path)
+  formats.save_pth(small, path)
   proc = run_cli(f"--checkpoint={tmp_path / 'missing.pth'}", "--prompt=Hi", "--tokenizer=bytes")
   assert proc.returncode != 0 and "missing.pth does not exist" in proc.stderr
   proc = run_cli(f"--checkpoint={path}", "--prompt=", "--tokenizer=bytes")

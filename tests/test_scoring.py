@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rwkv_jax import chunks, scoring, weights
 from rwkv_jax.config import RWKVConfig
+from rwkv_jax.infer import chunks, scoring
+from rwkv_jax.io import formats
 from rwkv_jax.model import RWKV
 from training_util import one_line_error, random_model
 
@@ -26,7 +27,7 @@ def model():
 @pytest.fixture(scope="module")
 def pth(model, tmp_path_factory):
   path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-  weights.save_pth(model, path)
+  formats.save_pth(model, path)
   return path
 
 
@@ -83,7 +84,7 @@ def test_text_score_is_mean_cross_entropy(model):
 
 def test_cli_writes_logits_for_pth_and_hf(model, pth, tmp_path):
   hf_dir = tmp_path / "hf"
-  weights.save_hf(model, hf_dir)
+  formats.save_hf(model, hf_dir)
   expected = np.asarray(model(np.array([[1, 2, 3, 200]]))[0][0])
   for ckpt in (pth, hf_dir):
     out = tmp_path / f"logits_{ckpt.name}.npy"
@@ -133,7 +134,7 @@ def test_cli_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_perplexity_of_a_diverged_model_is_infinite_not_an_error():
-  from rwkv_jax import scoring as scoring_lib  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.infer import scoring as scoring_lib  # pylint: disable=g-import-not-at-top
   score = scoring_lib.TextScore(np.asarray([1e4, 2e4], np.float32), num_bytes=2)
   assert score.perplexity == float("inf")
   assert scoring_lib.TextScore(np.asarray([1.0], np.float32), 1).perplexity == pytest.approx(np.e)
@@ -188,7 +189,8 @@ def test_cli_writes_the_loss_by_position_of_separated_documents(model, pth, tmp_
 
 def test_cli_scores_a_binidx_dataset_by_position(model, pth, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
-  from rwkv_jax import binidx  # pylint: disable=g-import-not-at-top
+
+  from rwkv_jax.data import binidx  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(5)
   docs = [rng.integers(0, 256, n).astype(np.uint16) for n in (20, 7)]
   binidx.write_binidx(tmp_path / "val", docs, dtype=np.uint16)
@@ -208,7 +210,7 @@ def test_cli_scores_a_binidx_dataset_by_position(model, pth, tmp_path):
 def neox_pth(tmp_path_factory):
   cfg = RWKVConfig(n_layer=1, n_embd=8, vocab_size=50277)
   path = tmp_path_factory.mktemp("neox") / "neox.pth"
-  weights.save_pth(RWKV(cfg, rngs=nnx.Rngs(0)), path)
+  formats.save_pth(RWKV(cfg, rngs=nnx.Rngs(0)), path)
   return path
 
 
@@ -248,7 +250,7 @@ def test_cli_mistakes_are_one_line(model, pth, tmp_path, case):
     ckpt.write_bytes(pth.read_bytes()[:1000])
     expected = "cut.pth"
   elif case == "damaged export":
-    from rwkv_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    from rwkv_jax.io import checkpoint  # pylint: disable=g-import-not-at-top
     ckpt = checkpoint.export(model, tmp_path / "export")
     for f in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.stat().st_size > 1000):
       f.write_bytes(f.read_bytes()[:100])

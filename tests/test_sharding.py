@@ -8,12 +8,14 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from rwkv_jax import losses, optim, sharding
 from rwkv_jax import model as model_lib
+from rwkv_jax import sharding
 from rwkv_jax.config import Preset, RWKVConfig
 from rwkv_jax.model import RWKV
+from rwkv_jax.train import losses, optim
 
 B, T = 8, 16
 CFG = RWKVConfig(n_layer=2, n_embd=32, vocab_size=64)

@@ -6,9 +6,10 @@ import zipfile
 import jax
 import numpy as np
 import pytest
-
-from rwkv_jax import sampling, state_file
 from test_sampling import CFG, random_model
+
+from rwkv_jax.infer import sampling
+from rwkv_jax.io import state_file
 
 N = 8  # new tokens, shared so that the decode loop compiles once
 

@@ -13,8 +13,9 @@ import pytest
 import rwkv
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
-from rwkv_jax import assets, files
-from rwkv_jax.tokenizer import (ByteTokenizer, NeoXTokenizer, WorldTokenizer, load_tokenizer)
+from rwkv_jax import files
+from rwkv_jax.data import assets
+from rwkv_jax.data.tokenizer import ByteTokenizer, NeoXTokenizer, WorldTokenizer, load_tokenizer
 
 MULTILINGUAL = [
     "The quick brown fox jumps over the lazy dog.\n\nIt was the best of times.",

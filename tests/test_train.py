@@ -16,11 +16,17 @@ import pytest
 from flax import nnx
 
 from experiments import bench_train
-from rwkv_jax import checkpoint as ckpt_lib
-from rwkv_jax import data as data_lib
-from rwkv_jax import metrics, sharding, train, train_config
+from rwkv_jax import sharding
 from rwkv_jax.config import Preset, RWKVConfig
-from training_util import (N, REPO, TOTAL, compile_cache, copy_run, corpus,  # noqa: F401
+from rwkv_jax.data import pipeline as data_pipeline
+from rwkv_jax.data import sources as data_sources
+from rwkv_jax.io import tensor_names
+from rwkv_jax.train import config as train_config
+from rwkv_jax.train import loop as train_loop
+from rwkv_jax.train import metrics
+from rwkv_jax.train import step as step_lib
+from rwkv_jax.train import workdir as workdir_lib
+from training_util import (REPO, TOTAL, N, compile_cache, copy_run, corpus,  # noqa: F401
                            damage_checkpoint, full_run, half_run, latest_params, losses,
                            tiny_config)
 
@@ -29,9 +35,9 @@ CONFIGS = REPO / "experiments" / "configs"
 
 def _one_step(config, batch_np):
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  tx, _ = train.build_optimizer(config)
-  state = train.init_state(config, mesh, tx)
-  step = train.make_train_step(state, tx, mesh, accumulate_steps=config.train.accumulate_steps,
+  tx, _ = step_lib.build_optimizer(config)
+  state = step_lib.init_state(config, mesh, tx)
+  step = step_lib.make_train_step(state, tx, mesh, accumulate_steps=config.train.accumulate_steps,
                                l2wrap=config.optim.l2wrap, impl=config.train.impl)
   initial = jax.device_get(nnx.to_pure_dict(state.params))  # before the step donates the buffers
   params, _, metrics = step(state.params, state.opt_state, sharding.shard_batch(mesh, batch_np))
@@ -41,7 +47,7 @@ def _one_step(config, batch_np):
 def test_gradient_accumulation_gives_the_same_first_update(corpus, compile_cache):
   config = tiny_config(corpus)
   config.mesh.update(data=2, fsdp=2, tensor=2)  # a micro-batch of 4 still splits over data x fsdp
-  batch = next(iter(data_lib.make_dataset(data_lib.open_source(corpus), ctx_len=16, batch_size=8,
+  batch = next(iter(data_pipeline.make_dataset(data_sources.open_source(corpus), ctx_len=16, batch_size=8,
                                           seed=0)))
   initial, whole_params, whole = _one_step(config, batch)
   config.train.accumulate_steps = 2
@@ -67,12 +73,12 @@ def test_every_logged_step_reports_throughput(full_run):
 def test_mfu_counts_the_flops_per_token_of_the_model_trained(corpus, compile_cache, tmp_path):
   config = tiny_config(corpus, steps=3, checkpoint_every=3)
   peak = 1e9
-  default = train.train_and_evaluate(config, tmp_path / "rwkv", peak_flops=peak)
-  rwkv_flops = train.model_config(config).flops_per_token()
+  default = train_loop.train_and_evaluate(config, tmp_path / "rwkv", peak_flops=peak)
+  rwkv_flops = step_lib.model_config(config).flops_per_token()
   assert default["perf/mfu"] == pytest.approx(
       default["perf/tokens_per_s"] * rwkv_flops / (peak * jax.device_count()))
   # Another model (the Transformer baseline) passes its own count.
-  other = train.train_and_evaluate(config, tmp_path / "other", peak_flops=peak,
+  other = train_loop.train_and_evaluate(config, tmp_path / "other", peak_flops=peak,
                                    flops_per_token=3 * rwkv_flops)
   assert other["perf/mfu"] == pytest.approx(
       other["perf/tokens_per_s"] * 3 * rwkv_flops / (peak * jax.device_count()))
@@ -101,7 +107,7 @@ def _load_config(name: str, parameter: str | None = None):
 ])
 def test_pile_config_builds_the_paper_model(size, preset, lr_init, lr_final):
   config = _load_config("pile", size)
-  model = train.model_config(config)
+  model = step_lib.model_config(config)
 
   assert model == preset.config(ctx_len=1024, dtype="bfloat16")
   assert model.num_params() == preset.config().num_params()
@@ -116,11 +122,11 @@ def test_pile_config_rejects_an_unknown_size():
 
 
 def test_enwik8_and_char_tiny_configs_build_valid_models():
-  enwik8 = train.model_config(_load_config("enwik8"))
+  enwik8 = step_lib.model_config(_load_config("enwik8"))
   assert enwik8 == RWKVConfig(n_layer=12, n_embd=512, vocab_size=256, ctx_len=1024,
                               dtype="bfloat16")
   assert _load_config("enwik8").data.source == "enwik8"
-  tiny = train.model_config(_load_config("char_tiny"))
+  tiny = step_lib.model_config(_load_config("char_tiny"))
   assert tiny.vocab_size == 256 and tiny.num_params() > 0
   long = _load_config("char_long")
   train_config.check(long)
@@ -144,7 +150,7 @@ def test_bench_train_writes_a_record_per_implementation(tmp_path, compile_cache)
   plan = scan["memory_plan"]
   # The arguments are the fp32 parameters and the two Adam moments (plus the step count and the
   # token batch); the donated state comes back in place.
-  param_bytes = 4 * train.model_config(bench_train.experiment_config(
+  param_bytes = 4 * step_lib.model_config(bench_train.experiment_config(
       "char_tiny", 8, 16, "float32", False)).num_params()
   assert 3 * param_bytes <= plan["argument_bytes"] < 3 * param_bytes + 4096
   assert plan["alias_bytes"] >= 3 * param_bytes and plan["temp_bytes"] > 0
@@ -171,7 +177,7 @@ def test_inconsistent_training_flags_are_named(overrides, match):
   config = _load_config("char_tiny")
   config.train.update(overrides)
   with pytest.raises(ValueError, match=match):
-    train.build_optimizer(config)
+    step_lib.build_optimizer(config)
 
 
 def test_metric_writer_keeps_every_record_and_non_finite_values_in_the_json(tmp_path):
@@ -188,7 +194,8 @@ def test_metric_writer_keeps_every_record_and_non_finite_values_in_the_json(tmp_
 
 
 def test_the_library_trains_without_importing_matplotlib():
-  code = ("import sys; from rwkv_jax import data, metrics, optim, train, train_config; "
+  code = ("import sys; from rwkv_jax.data import pipeline, sources; "
+          "from rwkv_jax.train import config, loop, metrics, optim; "
           "assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -201,8 +208,8 @@ def test_an_infinite_gradient_norm_stops_the_run_before_it_is_saved(corpus, comp
   # used to save it and end as a success.
   config = tiny_config(corpus, steps=3, checkpoint_every=1, export=True)
   config.optim.update(lr_init=1e3, lr_final=1e3)
-  with pytest.raises(train.NonFiniteLossError) as error:
-    train.train_and_evaluate(config, tmp_path)
+  with pytest.raises(train_loop.NonFiniteLossError) as error:
+    train_loop.train_and_evaluate(config, tmp_path)
 
   message = str(error.value)
   assert "Training gradient norm is nan at step 3" in message
@@ -217,8 +224,8 @@ def test_a_refused_resume_leaves_config_json_as_it_was(half_run, corpus, tmp_pat
   before = (workdir / "config.json").read_text()
   config = tiny_config(corpus)
   config.model.n_embd = 64
-  with pytest.raises(ckpt_lib.CheckpointError, match="n_embd"):
-    train.train_and_evaluate(config, workdir)
+  with pytest.raises(tensor_names.CheckpointError, match="n_embd"):
+    train_loop.train_and_evaluate(config, workdir)
   assert (workdir / "config.json").read_text() == before
 
 
@@ -226,7 +233,7 @@ def test_a_resumed_run_logs_each_step_once(full_run, corpus, tmp_path):
   # A run that logged steps past its last checkpoint: they are trained again after the resume.
   workdir = copy_run(full_run, tmp_path / "run")
   shutil.rmtree(workdir / "checkpoints" / str(TOTAL))
-  train.train_and_evaluate(tiny_config(corpus), workdir)
+  train_loop.train_and_evaluate(tiny_config(corpus), workdir)
 
   steps = [r["step"] for r in metrics.read_history(workdir) if "train/loss" in r]
   assert steps == list(range(1, TOTAL + 1))
@@ -242,11 +249,11 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
   damage_checkpoint(workdir / "checkpoints" / str(TOTAL), damage)
   caplog.set_level(logging.WARNING)
 
-  train.train_and_evaluate(tiny_config(corpus), workdir)
+  train_loop.train_and_evaluate(tiny_config(corpus), workdir)
 
   assert (f"CHECKPOINT STEP {TOTAL} IN {workdir / 'checkpoints'} IS DAMAGED; resuming from step "
           f"{N}") in caplog.text
-  assert (workdir / train.DAMAGED_DIR / str(TOTAL) / "params").is_dir()  # kept for a look
+  assert (workdir / workdir_lib.DAMAGED_DIR / str(TOTAL) / "params").is_dir()  # kept for a look
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [N, TOTAL]
   resumed, whole = losses(workdir), losses(full_run)
   for step in range(N + 1, TOTAL + 1):

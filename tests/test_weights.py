@@ -11,9 +11,9 @@ import pytest
 import torch
 from flax import nnx
 
-from rwkv_jax import checkpoint, weights
 from rwkv_jax import model as model_lib
 from rwkv_jax.config import RWKVConfig
+from rwkv_jax.io import checkpoint, formats, tensor_names, weights
 
 L, C, A, F, V = 2, 32, 24, 96, 64  # dim_att != n_embd: catches A/C mix-ups in the table
 
@@ -57,7 +57,7 @@ def test_pth_round_trip_is_bit_exact_fp32(pth, tmp_path):
   path, sd = pth
   model, config = weights.load_pth(path)
   assert config.param_dtype == "float32"
-  weights.save_pth(model, tmp_path / "out.pth")
+  formats.save_pth(model, tmp_path / "out.pth")
   assert_same_tensors(torch.load(tmp_path / "out.pth", weights_only=True), sd)
 
 
@@ -68,7 +68,7 @@ def test_bf16_file_upcasts_exactly_and_exports_back_bit_exact(tmp_path):
   emb = np.asarray(model.emb.embedding.get_value())
   assert emb.dtype == np.float32
   np.testing.assert_array_equal(emb, sd["emb.weight"].float().numpy())
-  weights.save_pth(model, tmp_path / "back.pth", dtype="bfloat16")
+  formats.save_pth(model, tmp_path / "back.pth", dtype="bfloat16")
   assert_same_tensors(torch.load(tmp_path / "back.pth", weights_only=True), sd)
 
 
@@ -76,7 +76,7 @@ def test_legacy_non_zip_pth_loads(tmp_path):
   sd = official_state_dict()
   torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
   model, _ = weights.load_pth(tmp_path / "legacy.pth")  # cannot be memory-mapped: read whole
-  weights.save_pth(model, tmp_path / "back.pth")
+  formats.save_pth(model, tmp_path / "back.pth")
   assert_same_tensors(torch.load(tmp_path / "back.pth", weights_only=True), sd)
 
 
@@ -86,29 +86,29 @@ def test_dtype_none_keeps_the_checkpoint_dtype(tmp_path):
   model, config = weights.load_pth(tmp_path / "fp16.pth", dtype=None)
   assert config.param_dtype == "float16"
   assert model.head.kernel.get_value().dtype == jnp.float16
-  weights.save_pth(model, tmp_path / "back.pth")
+  formats.save_pth(model, tmp_path / "back.pth")
   assert_same_tensors(torch.load(tmp_path / "back.pth", weights_only=True), sd)
 
 
 def test_pth_to_hf_to_pth_is_bit_exact(pth, tmp_path):
   path, sd = pth
   model, _ = weights.load_pth(path)
-  weights.save_hf(model, tmp_path / "hf")
+  formats.save_hf(model, tmp_path / "hf")
   hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
   assert hf_config["rescale_every"] == 0
   assert (hf_config["attention_hidden_size"], hf_config["intermediate_size"]) == (A, F)
   model2, config2 = weights.load_hf(tmp_path / "hf")
   assert (config2.n_layer, config2.dim_att, config2.dim_ffn) == (L, A, F)
-  weights.save_pth(model2, tmp_path / "back.pth")
+  formats.save_pth(model2, tmp_path / "back.pth")
   assert_same_tensors(torch.load(tmp_path / "back.pth", weights_only=True), sd)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_hf_directory_saved_again_is_byte_identical(pth, tmp_path, dtype):
   model, _ = weights.load_pth(pth[0], dtype=dtype)
-  weights.save_hf(model, tmp_path / "a")
+  formats.save_hf(model, tmp_path / "a")
   weights.convert_checkpoint(tmp_path / "a", tmp_path / "b", "hf")  # file -> file, no model
-  weights.save_hf(weights.load_hf(tmp_path / "b", dtype=None)[0], tmp_path / "c")
+  formats.save_hf(weights.load_hf(tmp_path / "b", dtype=None)[0], tmp_path / "c")
   for name in ("model.safetensors", "config.json"):
     a = (tmp_path / "a" / name).read_bytes()
     assert a == (tmp_path / "b" / name).read_bytes() == (tmp_path / "c" / name).read_bytes(), name
@@ -117,19 +117,19 @@ def test_hf_directory_saved_again_is_byte_identical(pth, tmp_path, dtype):
 def test_hf_pytorch_model_bin_loads_like_safetensors(pth, tmp_path):
   path, sd = pth
   model, _ = weights.load_pth(path)
-  weights.save_hf(model, tmp_path / "hf")
-  hf_names = {e.official: e.hf for e in weights.mapping(L)}
+  formats.save_hf(model, tmp_path / "hf")
+  hf_names = {e.official: e.hf for e in tensor_names.mapping(L)}
   (tmp_path / "hf" / "model.safetensors").unlink()
   torch.save({hf_names[k]: v for k, v in sd.items()}, tmp_path / "hf" / "pytorch_model.bin")
   model2, _ = weights.load(tmp_path / "hf")
-  weights.save_pth(model2, tmp_path / "back.pth")
+  formats.save_pth(model2, tmp_path / "back.pth")
   assert_same_tensors(torch.load(tmp_path / "back.pth", weights_only=True), sd)
 
 
 def test_sharded_safetensors_directory_loads(pth, tmp_path):
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   path, sd = pth
-  hf_names = {e.official: e.hf for e in weights.mapping(L)}
+  hf_names = {e.official: e.hf for e in tensor_names.mapping(L)}
   d = tmp_path / "sharded"
   d.mkdir()
   (d / "config.json").write_text(json.dumps(
@@ -143,7 +143,7 @@ def test_sharded_safetensors_directory_loads(pth, tmp_path):
   index = {"weight_map": {k: name for name, ts in shards.items() for k in ts}}
   (d / "model.safetensors.index.json").write_text(json.dumps(index))
   model, _ = weights.load(d)
-  weights.save_pth(model, tmp_path / "back.pth")
+  formats.save_pth(model, tmp_path / "back.pth")
   assert_same_tensors(torch.load(tmp_path / "back.pth", weights_only=True), sd)
 
 
@@ -151,34 +151,34 @@ def test_table_covers_every_model_parameter_once():
   config = RWKVConfig(n_layer=L, n_embd=C, vocab_size=V, dim_att=A, dim_ffn=F)
   abstract = model_lib.abstract_model(config)
   paths = [p for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
-  entries = weights.mapping(L)
+  entries = tensor_names.mapping(L)
   assert sorted(map(str, paths)) == sorted(str(e.path) for e in entries)
   assert sorted(e.official for e in entries) == sorted(official_state_dict())
   for e in entries:  # the name rules used before the layer count is known agree with the table
-    assert weights.hf_to_official_name(e.hf) == e.official
+    assert tensor_names.hf_to_official_name(e.hf) == e.official
 
 
 def test_infer_config_reads_every_dimension():
   shapes = {k: tuple(v.shape) for k, v in official_state_dict().items()}
-  config = weights.infer_config(shapes)
+  config = tensor_names.infer_config(shapes)
   assert (config.n_layer, config.n_embd, config.vocab_size, config.dim_att, config.dim_ffn) == (
       L, C, V, A, F)
-  hf_shapes = {e.hf: shapes[e.official] for e in weights.mapping(L)}
-  assert weights.infer_config(hf_shapes) == config
+  hf_shapes = {e.hf: shapes[e.official] for e in tensor_names.mapping(L)}
+  assert tensor_names.infer_config(hf_shapes) == config
 
 
 def test_infer_config_names_missing_essential_tensor():
   shapes = {k: tuple(v.shape) for k, v in official_state_dict().items()}
   del shapes["blocks.0.ffn.key.weight"]
-  with pytest.raises(weights.CheckpointError, match=r"blocks\.0\.ffn\.key\.weight.*missing"):
-    weights.infer_config(shapes)
+  with pytest.raises(tensor_names.CheckpointError, match=r"blocks\.0\.ffn\.key\.weight.*missing"):
+    tensor_names.infer_config(shapes)
 
 
 def test_missing_tensors_are_listed(tmp_path):
   sd = official_state_dict()
   del sd["blocks.1.att.time_first"], sd["ln_out.bias"]
   torch.save(sd, tmp_path / "m.pth")
-  with pytest.raises(weights.CheckpointError,
+  with pytest.raises(tensor_names.CheckpointError,
                      match=r"missing tensors \['blocks\.1\.att\.time_first', 'ln_out\.bias'\]"):
     weights.load_pth(tmp_path / "m.pth")
 
@@ -187,7 +187,7 @@ def test_unexpected_tensors_are_listed(tmp_path):
   sd = official_state_dict()
   sd["blocks.0.att.gate.weight"] = torch.zeros(C, C)  # an RWKV-5 tensor
   torch.save(sd, tmp_path / "m.pth")
-  with pytest.raises(weights.CheckpointError,
+  with pytest.raises(tensor_names.CheckpointError,
                      match=r"unexpected tensors \['blocks\.0\.att\.gate\.weight'\]"):
     weights.load_pth(tmp_path / "m.pth")
 
@@ -196,31 +196,31 @@ def test_misshaped_tensor_names_expected_and_got(tmp_path):
   sd = official_state_dict()
   sd["blocks.1.ffn.value.weight"] = torch.zeros(F, C)  # transposed
   torch.save(sd, tmp_path / "m.pth")
-  with pytest.raises(weights.CheckpointError,
+  with pytest.raises(tensor_names.CheckpointError,
                      match=r"blocks\.1\.ffn\.value\.weight .* shape \(96, 32\), expected \(32, 96\)"):
     weights.load_pth(tmp_path / "m.pth")
 
 
 def test_config_mismatch_names_the_tensor(pth):
   wrong = RWKVConfig(n_layer=L, n_embd=C, vocab_size=V, dim_att=C, dim_ffn=F)
-  with pytest.raises(weights.CheckpointError,
+  with pytest.raises(tensor_names.CheckpointError,
                      match=r"blocks\.0\.att\.time_decay .* shape \(24,\), expected \(32,\)"):
     weights.load_pth(pth[0], config=wrong)
 
 
 def test_config_with_more_layers_lists_the_missing_block(pth):
   wrong = RWKVConfig(n_layer=L + 1, n_embd=C, vocab_size=V, dim_att=A, dim_ffn=F)
-  with pytest.raises(weights.CheckpointError, match=r"n_layer=3: missing tensors \['blocks\.2\."):
+  with pytest.raises(tensor_names.CheckpointError, match=r"n_layer=3: missing tensors \['blocks\.2\."):
     weights.load_pth(pth[0], config=wrong)
 
 
 def test_hf_config_mismatch_names_the_hf_tensor(pth, tmp_path):
   model, _ = weights.load_pth(pth[0])
-  weights.save_hf(model, tmp_path / "hf")
+  formats.save_hf(model, tmp_path / "hf")
   cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
   cfg["intermediate_size"] = 4 * C
   (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(weights.CheckpointError,
+  with pytest.raises(tensor_names.CheckpointError,
                      match=r"rwkv\.blocks\.0\.feed_forward\.key\.weight .* expected \(128, 32\)"):
     weights.load_hf(tmp_path / "hf")
 
@@ -229,19 +229,19 @@ def test_hf_config_mismatch_names_the_hf_tensor(pth, tmp_path):
 def test_file_that_is_not_a_checkpoint(tmp_path, content):
   path = tmp_path / "bad.pth"
   path.write_bytes(content)
-  with pytest.raises(weights.CheckpointError, match=r"bad\.pth is not an RWKV-4 checkpoint"):
+  with pytest.raises(tensor_names.CheckpointError, match=r"bad\.pth is not an RWKV-4 checkpoint"):
     weights.load(path)
 
 
 def test_torch_file_that_is_not_a_state_dict(tmp_path):
   torch.save([1, 2, 3], tmp_path / "list.pth")
-  with pytest.raises(weights.CheckpointError, match="not a state dict of tensors"):
+  with pytest.raises(tensor_names.CheckpointError, match="not a state dict of tensors"):
     weights.load_pth(tmp_path / "list.pth")
 
 
 def test_directory_without_config_json(tmp_path):
   (tmp_path / "empty").mkdir()
-  with pytest.raises(weights.CheckpointError,
+  with pytest.raises(tensor_names.CheckpointError,
                      match=r"not an RWKV-4 checkpoint .*official \.pth file or a HuggingFace"):
     weights.load(tmp_path / "empty")
 
@@ -252,13 +252,13 @@ def test_hf_directory_with_corrupt_safetensors(tmp_path):
   (d / "config.json").write_text(json.dumps(
       {"model_type": "rwkv", "hidden_size": C, "num_hidden_layers": L, "vocab_size": V}))
   (d / "model.safetensors").write_bytes(b"not a safetensors file")
-  with pytest.raises(weights.CheckpointError, match="not a readable safetensors file"):
+  with pytest.raises(tensor_names.CheckpointError, match="not a readable safetensors file"):
     weights.load(d)
 
 
 def test_hf_directory_of_another_architecture(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-  with pytest.raises(weights.CheckpointError, match="model_type='llama'; expected 'rwkv'"):
+  with pytest.raises(tensor_names.CheckpointError, match="model_type='llama'; expected 'rwkv'"):
     weights.load(tmp_path)
 
 
@@ -267,9 +267,9 @@ def test_save_replaces_atomically_and_leaves_no_temp_files(pth, tmp_path):
   out = tmp_path / "out"
   out.mkdir()
   (out / "m.pth").write_bytes(b"old")
-  weights.save_pth(model, out / "m.pth")
-  weights.save_hf(model, out / "hf")
-  weights.save_hf(model, out / "hf")  # overwriting an existing directory works
+  formats.save_pth(model, out / "m.pth")
+  formats.save_hf(model, out / "hf")
+  formats.save_hf(model, out / "hf")  # overwriting an existing directory works
   assert sorted(p.name for p in out.iterdir()) == ["hf", "m.pth"]
   assert sorted(p.name for p in (out / "hf").iterdir()) == ["config.json", "model.safetensors"]
 
@@ -280,7 +280,7 @@ def test_load_gives_the_requested_dtype_for_every_format(pth, tmp_path, fmt, dty
   model, _ = weights.load_pth(pth[0])  # float32
   path = {"pth": pth[0], "hf": tmp_path / "hf", "orbax": tmp_path / "orbax"}[fmt]
   if fmt == "hf":
-    weights.save_hf(model, path)
+    formats.save_hf(model, path)
   elif fmt == "orbax":
     checkpoint.export(model, path)
 
@@ -306,7 +306,7 @@ def test_load_keeps_an_exports_dtype_with_dtype_none(pth, tmp_path):
 
 def test_bf16_parameters_survive_hf_round_trip(pth, tmp_path):
   model, _ = weights.load_pth(pth[0], dtype="bfloat16")
-  weights.save_hf(model, tmp_path / "hf")
+  formats.save_hf(model, tmp_path / "hf")
   assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
   model2, config2 = weights.load_hf(tmp_path / "hf", dtype=None)
   assert config2.param_dtype == "bfloat16"

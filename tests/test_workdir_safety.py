@@ -8,14 +8,15 @@ import socket
 import subprocess
 import sys
 
-from rwkv_jax import train
+from rwkv_jax.train import loop as train_loop
+from rwkv_jax.train import workdir as workdir_lib
 from training_util import (REPO, TOTAL, compile_cache, copy_run, corpus, full_run,  # noqa: F401
                            run_module, subprocess_env, tiny_config, train_command,
                            write_config_file)
 
 # Takes the workdir's lock as a trainer does, says so, and holds it until killed.
-_HOLD = ("import pathlib, sys, time; from rwkv_jax import train\n"
-         "with train.workdir_lock(pathlib.Path(sys.argv[1])):\n"
+_HOLD = ("import pathlib, sys, time; from rwkv_jax.train import workdir as workdir_lib\n"
+         "with workdir_lib.workdir_lock(pathlib.Path(sys.argv[1])):\n"
          "  print('held', flush=True); time.sleep(600)\n")
 
 
@@ -37,7 +38,7 @@ def test_a_second_trainer_is_refused_and_a_killed_holder_blocks_nothing(corpus, 
     holder.send_signal(signal.SIGKILL)
     holder.wait()
 
-  final = train.train_and_evaluate(config, workdir)  # the dead holder's lock is gone with it
+  final = train_loop.train_and_evaluate(config, workdir)  # the dead holder's lock is gone with it
   assert final["step"] == 1
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
 
@@ -49,7 +50,7 @@ def test_a_killed_save_leaves_no_temporary_directory_behind(full_run, corpus, tm
   (unfinished / "params").mkdir(parents=True)
   (unfinished / "params" / "half_written").write_bytes(b"\0" * 64)
 
-  final = train.train_and_evaluate(tiny_config(corpus), workdir)  # resumes at TOTAL: no steps
+  final = train_loop.train_and_evaluate(tiny_config(corpus), workdir)  # resumes at TOTAL: no steps
   assert final["step"] == TOTAL
   assert not unfinished.exists()
   assert str(TOTAL) in [p.name for p in (workdir / "checkpoints").iterdir()]

@@ -1,7 +1,7 @@
 """Shared pieces of the tests: a real text file, a tiny config, runs and their results, a tiny
 model with every parameter non-zero, damaged checkpoints, and the one-line error of a program.
 
-Every run here is a real `train.train_and_evaluate` (in this process or as `experiments.train`
+Every run here is a real `train_loop.train_and_evaluate` (in this process or as `experiments.train`
 in a subprocess) over a real byte file, writing real Orbax checkpoints.
 """
 
@@ -21,10 +21,12 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
-from rwkv_jax import checkpoint as ckpt_lib
-from rwkv_jax import sharding, train, train_config
+from rwkv_jax import sharding
 from rwkv_jax.config import RWKVConfig
+from rwkv_jax.io import checkpoint as ckpt_lib
 from rwkv_jax.model import RWKV
+from rwkv_jax.train import config as train_config
+from rwkv_jax.train import loop as train_loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Steps of the short runs: N before the interruption, TOTAL at the end.
@@ -180,7 +182,7 @@ def corpus(tmp_path_factory) -> pathlib.Path:
 def full_run(tmp_path_factory, corpus, compile_cache) -> pathlib.Path:
   """TOTAL steps uninterrupted on mesh (8, 1, 1), with an export at the end."""
   workdir = tmp_path_factory.mktemp("full_run")
-  train.train_and_evaluate(tiny_config(corpus, export=True), workdir)
+  train_loop.train_and_evaluate(tiny_config(corpus, export=True), workdir)
   return workdir
 
 
@@ -188,7 +190,7 @@ def full_run(tmp_path_factory, corpus, compile_cache) -> pathlib.Path:
 def half_run(tmp_path_factory, corpus, compile_cache) -> pathlib.Path:
   """The same run stopped after N steps (steps=N); tests copy it before continuing it."""
   workdir = tmp_path_factory.mktemp("half_run")
-  train.train_and_evaluate(tiny_config(corpus, steps=N), workdir)
+  train_loop.train_and_evaluate(tiny_config(corpus, steps=N), workdir)
   return workdir
 
 

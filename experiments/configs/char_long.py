@@ -1,6 +1,6 @@
 """The demo model (char_tiny) on windows of 4,096 bytes, trained in chunks of 512 with full BPTT.
 
-Each window runs as 8 chunks that carry the recurrent state (rwkv_jax/bptt.py): the gradients are
+Each window runs as 8 chunks that carry the recurrent state (rwkv_jax/train/bptt.py): the gradients are
 those of one call over the window, in about the memory of one chunk. Longer windows need only a
 larger --config.model.ctx_len (and --config.train.batch_size to keep the tokens per step).
 """

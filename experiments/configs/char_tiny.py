@@ -1,6 +1,6 @@
 """The demo: a small character-level model on the Wikipedia sample, minutes on 2 CPU cores."""
 
-from rwkv_jax import train_config
+from rwkv_jax.train import config as train_config
 
 
 def get_config():

@@ -3,10 +3,10 @@
   python -m experiments.train --config=experiments/configs/enwik8.py --workdir=/tmp/enwik8
 
 Bytes are the tokens (vocabulary 256); the corpus is downloaded on first use (see
-rwkv_jax/corpus.py), and the last 5% of it is held out, the usual 90/5/5 split's test part.
+rwkv_jax/data/corpus.py), and the last 5% of it is held out, the usual 90/5/5 split's test part.
 """
 
-from rwkv_jax import train_config
+from rwkv_jax.train import config as train_config
 
 
 def get_config():

@@ -8,8 +8,8 @@ GPT-NeoX 20B tokens, as the official trainer reads); a plain text file is encode
 tokenizer once, into WORKDIR/data. Learning rates are the paper's Table 3; context 1024, bf16.
 """
 
-from rwkv_jax import train_config
 from rwkv_jax.config import Preset
+from rwkv_jax.train import config as train_config
 
 # size -> (preset, lr_init, lr_final), paper Table 3.
 SIZES = {

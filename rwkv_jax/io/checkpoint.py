@@ -11,7 +11,7 @@ ignored on the next start. Restoring takes abstract arrays carrying the target s
 checkpoint written on one mesh restores onto any other.
 
 An export (WORKDIR/export/) is the inference-only form: params plus rwkv_jax.json with the model
-config. `load_export` reads either form, in any precision; `rwkv_jax.weights.load` calls it
+config. `load_export` reads either form, in any precision; `rwkv_jax.io.weights.load` calls it
 for them. An int8 export (the model of `weights.load(..., dtype="int8")` exported) holds the int8
 kernels and their scales and is read back as they are; it cannot be read in a float precision.
 """
@@ -31,7 +31,7 @@ from rwkv_jax import files
 from rwkv_jax import model as model_lib
 from rwkv_jax import quant
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.tensor_names import CheckpointError
+from rwkv_jax.io.tensor_names import CheckpointError
 
 EXPORT_MARKER = "rwkv_jax.json"
 FORMAT_VERSION = 1

@@ -4,11 +4,11 @@
 Orbax export or a training work directory (its latest checkpoint). Every reader fills an abstract
 model (`model.abstract_model`) of the requested precision (`DTYPES`, defined by
 `RWKVConfig.with_precision`), so a precision means the same for all formats; int8 is quantised
-tensor by tensor as it is read (`quant.py`), and an int8 export is read back as it is. time_decay and time_first are stored raw by the official trainer,
-the rwkv package and HF alike (all use w = -exp(time_decay)); the model keeps them raw too, so no
+tensor by tensor as it is read (`rwkv_jax/quant.py`), and an int8 export is read back as it
+is. time_decay and time_first are stored raw by the official trainer, the rwkv package and HF alike (all use w = -exp(time_decay)); the model keeps them raw too, so no
 value is ever transformed, only renamed, transposed or cast.
 
-Where the rest lives (and is re-exported here, so `weights.X` keeps working):
+The rest of rwkv_jax/io/:
   tensor_names.py   the name table (official / HF / NNX path), layouts, config inference
   formats.py        reading and writing .pth and HF files
   state_convert.py  the recurrent state <-> the rwkv package and HF
@@ -25,18 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rwkv_jax import checkpoint
-from rwkv_jax import formats
 from rwkv_jax import model as model_lib
 from rwkv_jax import quant
-from rwkv_jax import tensor_names
 from rwkv_jax.config import PRECISIONS, RWKVConfig
-# Re-exported: the public names of the modules split out of this one.
-from rwkv_jax.formats import hf_config_dict, save_hf, save_pth  # noqa: F401
-from rwkv_jax.state_convert import (  # noqa: F401
-    state_from_hf, state_from_rwkv_package, state_to_hf, state_to_rwkv_package)
-from rwkv_jax.tensor_names import (  # noqa: F401
-    CheckpointError, Entry, hf_to_official_name, infer_config, mapping)
+from rwkv_jax.io import checkpoint, formats, tensor_names
+from rwkv_jax.io.tensor_names import CheckpointError
 
 PathLike = str | os.PathLike
 
@@ -77,9 +70,9 @@ def _validate(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str,
     dtype = dtypes.get("emb.weight", "float32")
     dtype = dtype if dtype in formats.NP_DTYPES else "float32"
   if config is None:
-    config = infer_config(shapes)
+    config = tensor_names.infer_config(shapes)
   config = config.with_precision(dtype)
-  entries = mapping(config.n_layer)
+  entries = tensor_names.mapping(config.n_layer)
   expected = {e.official for e in entries}
   missing = [spell(e.official) for e in entries if e.official not in shapes]
   unexpected = sorted(spell(n) for n in shapes if n not in expected)
@@ -229,7 +222,7 @@ def convert_checkpoint(src: PathLike, dst: PathLike, fmt: str, dtype: str | None
   .pth <-> HF is a renaming, done without a model: tensors are read memory-mapped where the format
   allows, renamed and cast; a tensor that needs no cast stays a view of the input, so a same-dtype
   conversion makes no second host copy. Orbax in or out goes through a model (`load`, then
-  `save_pth`, `save_hf` or `checkpoint.export`).
+  `formats.save_pth`, `formats.save_hf` or `checkpoint.export`).
 
   Args:
     src: official .pth file, HF directory, rwkv_jax export or training work directory.
@@ -245,7 +238,7 @@ def convert_checkpoint(src: PathLike, dst: PathLike, fmt: str, dtype: str | None
     ValueError: an unknown fmt or dtype, or int8 asked of .pth or HF.
     CheckpointError: `src` is not a checkpoint or does not fit an RWKV-4 model.
   """
-  writers = {"pth": save_pth, "hf": save_hf, "orbax": checkpoint.export}
+  writers = {"pth": formats.save_pth, "hf": formats.save_hf, "orbax": checkpoint.export}
   if fmt not in writers:
     raise ValueError(f"fmt={fmt!r}; use one of {sorted(writers)}.")
   check_dtype(dtype)

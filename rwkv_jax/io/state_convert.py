@@ -11,8 +11,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv_jax import formats
 from rwkv_jax import model as model_lib
+from rwkv_jax.io import formats
 
 
 def state_to_rwkv_package(state: model_lib.RWKVState) -> list[Any]:

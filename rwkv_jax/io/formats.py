@@ -24,9 +24,9 @@ from flax import nnx
 
 from rwkv_jax import files
 from rwkv_jax import model as model_lib
-from rwkv_jax import tensor_names
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.tensor_names import CheckpointError, Entry
+from rwkv_jax.io import tensor_names
+from rwkv_jax.io.tensor_names import CheckpointError, Entry
 
 PathLike = str | os.PathLike
 

@@ -138,7 +138,7 @@ def load(path: str | os.PathLike, config: RWKVConfig | None = None) -> SavedStat
   path = pathlib.Path(path)
   if not path.is_file():
     raise StateFileError(f"{path} does not exist or is not a file; pass a state file written "
-                         f"with --save_state (rwkv_jax.state_file.save).")
+                         f"with --save_state (rwkv_jax.io.state_file.save).")
   try:
     with zipfile.ZipFile(path) as z:
       header = json.loads(z.read(_HEADER))

@@ -21,7 +21,8 @@ import urllib.error
 import urllib.request
 import zipfile
 
-from rwkv_jax import assets, files
+from rwkv_jax import files
+from rwkv_jax.data import assets
 
 WIKI_SAMPLE_NAME = "enwiki_sample.xml"
 GENSIM_REQUIREMENT = "gensim==4.4.0"

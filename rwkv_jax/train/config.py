@@ -38,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.seed = 0  # shuffle seed of the training windows
   c.data.worker_count = 0  # grain worker processes; 0 reads in the training process
 
-  # The official RWKV-4 recipe (rwkv_jax/optim.py): Adam, layerwise LR, warmup, exp. decay.
+  # The official RWKV-4 recipe (rwkv_jax/train/optim.py): Adam, layerwise LR, warmup, exp. decay.
   c.optim = ml_collections.ConfigDict()
   c.optim.lr_init = 6e-4  # peak learning rate
   c.optim.lr_final = 1e-5  # rate at the last step (decay runs over train.steps)
@@ -48,13 +48,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0  # decoupled, on >= 2-D parameters only
   c.optim.grad_clip = 1.0  # global gradient norm bound; <= 0 disables
   c.optim.layerwise_lr = True  # time_decay x2, time_first x3 learning rates
-  c.optim.l2wrap = 1e-4  # L2Wrap strength (rwkv_jax/losses.py); 0 disables
+  c.optim.l2wrap = 1e-4  # L2Wrap strength (rwkv_jax/train/losses.py); 0 disables
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 10000  # optimizer updates
   c.train.batch_size = 16  # global sequences per update
   c.train.accumulate_steps = 1  # micro-batches per update (divides batch_size)
-  # Long windows (rwkv_jax/bptt.py): each window runs in chunks of chunk_len tokens that carry
+  # Long windows (rwkv_jax/train/bptt.py): each window runs in chunks of chunk_len tokens that carry
   # the recurrent state, so activation memory follows the chunk; 0 = the whole window in one call.
   # bptt "full" gives one-shot training's exact gradients (chunks recomputed in the backward
   # pass); "truncated" stops the state's gradient at every chunk boundary.
@@ -112,10 +112,10 @@ def _check_keys(got: Any, want: ml_collections.ConfigDict, where: str) -> None:
   missing = sorted(set(want.keys()) - set(got.keys()))
   if unknown:
     raise ValueError(f"Unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
-                     f"{where} has {sorted(want.keys())} (see rwkv_jax/train_config.py).")
+                     f"{where} has {sorted(want.keys())} (see rwkv_jax/train/config.py).")
   if missing:
     raise ValueError(f"The config lacks {', '.join(f'{where}.{k}' for k in missing)}; build "
-                     f"experiment configs from rwkv_jax.train_config.default_config() and "
+                     f"experiment configs from rwkv_jax.train.config.default_config() and "
                      f"override what differs.")
   for key, value in want.items():
     if isinstance(value, ml_collections.ConfigDict):

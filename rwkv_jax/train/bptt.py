@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rwkv_jax import losses
 from rwkv_jax import model as model_lib
-from rwkv_jax.train_config import BPTT_MODES
+from rwkv_jax.train import losses
+from rwkv_jax.train.config import BPTT_MODES
 
 Array = jax.Array
 

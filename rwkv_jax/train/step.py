@@ -1,0 +1,167 @@
+"""The training state and the jitted, sharded train and eval steps.
+
+Parameters and optimizer state are created directly on the mesh by a jitted init with
+out_shardings from `rwkv_jax.sharding`; the step is `jax.jit` with in/out shardings and donated
+state, and accumulates gradients over micro-batches itself (a `lax.scan`, one micro-batch's
+activations alive at a time) before its one optimizer update. Long windows train in chunks that
+carry the recurrent state (train.chunk_len, train.bptt; rwkv_jax/train/bptt.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from rwkv_jax import model as model_lib
+from rwkv_jax import sharding
+from rwkv_jax.config import RWKVConfig
+from rwkv_jax.train import bptt as bptt_lib
+from rwkv_jax.train import config as train_config
+from rwkv_jax.train import losses, optim
+
+
+def model_config(config: ml_collections.ConfigDict) -> RWKVConfig:
+  """The model's frozen config from an experiment config's `model` section."""
+  m = config.model
+  return RWKVConfig(n_layer=m.n_layer, n_embd=m.n_embd, vocab_size=m.vocab_size,
+                    dim_att=m.dim_att, dim_ffn=m.dim_ffn, ctx_len=m.ctx_len, dtype=m.dtype,
+                    param_dtype=m.param_dtype)
+
+
+# Builds the model to train from the config; `build_model` (RWKV) unless the caller passes another
+# with RWKV's calling convention, e.g. the Transformer baseline of experiments/baselines.
+ModelBuilder = Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
+
+
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> model_lib.RWKV:
+  return model_lib.RWKV(model_config(config), rngs=rngs, init=config.model.init,
+                        emb_scale=config.optim.lr_init, remat=config.model.remat)
+
+
+def build_optimizer(config: ml_collections.ConfigDict
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer of `config` and the one schedule it follows (the loop logs its rate).
+
+  Raises:
+    ValueError: the config is invalid (`train_config.check`), e.g. its steps do not outlast
+      the warmup.
+  """
+  train_config.check(config)
+  o = config.optim
+  schedule = optim.learning_rate_schedule(lr_init=o.lr_init, lr_final=o.lr_final,
+                                          warmup_steps=o.warmup_steps,
+                                          total_steps=config.train.steps)
+  tx = optim.make_optimizer(schedule, betas=tuple(o.betas), eps=o.eps,
+                            weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+                            layerwise_lr=o.layerwise_lr)
+  return tx, schedule
+
+
+@dataclasses.dataclass
+class TrainState:
+  """What the loop carries: static structure plus the sharded arrays."""
+
+  graphdef: Any
+  params: Any  # nnx.State of nnx.Param, sharded by the rules
+  opt_state: Any
+  param_shardings: Any
+  opt_shardings: Any
+
+
+def abstract_state(config: ml_collections.ConfigDict, mesh, tx,
+                   make_model: ModelBuilder = build_model,
+                   rules: sharding.Rules = sharding.PARAM_RULES) -> TrainState:
+  """The TrainState's structure, shapes and shardings, with no array allocated.
+
+  `rules` place the parameters and the optimizer state that mirrors them (rwkv_jax/sharding.py);
+  a model other than RWKV passes its own.
+  """
+  abstract_model = nnx.eval_shape(lambda: make_model(config, nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  return TrainState(graphdef, abstract_params, abstract_opt,
+                    sharding.param_shardings(mesh, abstract_params, rules),
+                    sharding.tree_shardings(mesh, abstract_opt, rules))
+
+
+def init_state(config: ml_collections.ConfigDict, mesh, tx,
+               make_model: ModelBuilder = build_model,
+               rules: sharding.Rules = sharding.PARAM_RULES) -> TrainState:
+  """Creates params and optimizer state directly in their sharded layout (no host copy)."""
+  abstract = abstract_state(config, mesh, tx, make_model, rules)
+
+  @functools.partial(jax.jit, out_shardings=abstract.param_shardings)
+  def init_params():
+    return nnx.state(make_model(config, nnx.Rngs(config.train.seed)), nnx.Param)
+
+  params = init_params()
+  opt_state = jax.jit(tx.init, out_shardings=abstract.opt_shardings)(params)
+  return dataclasses.replace(abstract, params=params, opt_state=opt_state)
+
+
+def make_train_step(state: TrainState, tx, mesh, *, accumulate_steps: int, l2wrap: float,
+                    impl: str, chunk_len: int = 0, bptt: str = "full") -> Callable:
+  """Returns step(params, opt_state, batch) -> (params, opt_state, metrics), jitted and sharded.
+
+  This is the one gradient-accumulation path: with accumulate_steps = k the batch [b, t] is
+  split into k micro-batches whose gradients are averaged before one optimizer update. A
+  `lax.scan` runs them, so one micro-batch's activations are alive at a time, and each
+  micro-batch stays spread over the data axes of the mesh. With chunk_len > 0 each window runs
+  in chunks that carry the state (rwkv_jax/train/bptt.py, `bptt` "full" or "truncated"), so one
+  chunk's activations are alive at a time.
+  """
+  graphdef = state.graphdef
+
+  def loss_fn(params, inputs_bt, targets_bt):
+    return bptt_lib.window_loss(graphdef, params, inputs_bt, targets_bt, chunk_len=chunk_len,
+                                bptt=bptt, l2wrap_factor=l2wrap, impl=impl)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(params, opt_state, batch):
+    inputs, targets = batch["inputs"], batch["targets"]
+    if accumulate_steps == 1:
+      (_, metrics), grads = grad_fn(params, inputs, targets)
+    else:
+      b, t = inputs.shape
+      # [b, t] -> [k, b/k, t] keeping each micro-batch spread over the data axes.
+      split = lambda x: x.reshape(b // accumulate_steps, accumulate_steps, t).swapaxes(0, 1)
+
+      def micro(carry, mb):
+        (_, m), g = grad_fn(params, *mb)
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      zero_metrics = {"loss": 0.0, "accuracy": 0.0, "num_tokens": 0.0}
+      zero_metrics = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zero_metrics)
+      (grads, metrics), _ = jax.lax.scan(micro, (zeros, zero_metrics),
+                                         (split(inputs), split(targets)))
+      grads = jax.tree.map(lambda g: g / accumulate_steps, grads)
+      metrics = {k: v / accumulate_steps if k != "num_tokens" else v
+                 for k, v in metrics.items()}
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    return params, opt_state, metrics
+
+  batch_sh = sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(state.param_shardings, state.opt_shardings, batch_sh),
+                 out_shardings=(state.param_shardings, state.opt_shardings, None),
+                 donate_argnums=(0, 1))
+
+
+def make_eval_step(state: TrainState, mesh, impl: str) -> Callable:
+  graphdef = state.graphdef
+
+  def step(params, batch):
+    logits, _ = nnx.merge(graphdef, params)(batch["inputs"], impl=impl)
+    return losses.cross_entropy(logits, batch["targets"])
+
+  return jax.jit(step, in_shardings=(state.param_shardings, sharding.batch_sharding(mesh)))
