@@ -90,7 +90,7 @@ def open_training_source(data_config: Any, workdir: str | os.PathLike,
   Returns:
     The opened source.
   """
-  from rwkv_jax import corpus  # pylint: disable=g-import-not-at-top  (downloads on demand)
+  from rwkv_jax.data import corpus  # pylint: disable=g-import-not-at-top  (downloads on demand)
 
   d = data_config
   if d.source == "wiki_sample":
