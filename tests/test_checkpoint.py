@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import gc
-import os
 import pathlib
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +16,7 @@ from rwkv_jax.io import checkpoint as ckpt_lib
 from rwkv_jax.io import formats, tensor_names, weights
 from rwkv_jax.train import loop as train_loop
 from training_util import CHECKPOINT_DAMAGE  # noqa: F401  (fixtures are used by name)
-from training_util import (REPO, TOTAL, N, compile_cache, copy_run, corpus, damage_checkpoint,
+from training_util import (TOTAL, N, compile_cache, copy_run, corpus, damage_checkpoint,
                            flat_params, full_run, half_run, latest_params, losses, run_module,
                            subprocess_env, tiny_config, train_command, write_config_file)
 
@@ -64,51 +61,51 @@ def test_resume_on_another_mesh_matches_the_uninterrupted_run(full_run, half_run
   assert_params_close(latest_params(workdir), latest_params(full_run), atol=1e-5)
 
 
-def _kill_during_save(args, env, checkpoints: pathlib.Path, timeout: float = 120) -> str:
-  """Starts a run and SIGKILLs it once a complete checkpoint and a half-written one coexist."""
-  process = subprocess.Popen(args, cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-      names = os.listdir(checkpoints) if checkpoints.is_dir() else []
-      tmp = [n for n in names if TMP_MARKER in n]
-      if tmp and any(n.isdigit() for n in names):
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-        return tmp[0]
-      time.sleep(0.002)
-    return ""
-  finally:
-    if process.poll() is None:
-      process.kill()
-      process.wait(timeout=30)
+# Runs `experiments.train` with Orbax's final rename of step KILL_AT_STEP's save replaced by a
+# SIGKILL: the process dies with that save written in full under its temporary name, the last
+# moment before it would count as a checkpoint.
+_KILLED_AT_RENAME = """
+import os, runpy, signal, sys
+from orbax.checkpoint._src.path import async_path
+
+_rename = async_path.rename
+
+async def rename(src, dst):
+  if dst.name == os.environ["KILL_AT_STEP"] and TMP_MARKER in src.name:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await _rename(src, dst)
+
+async_path.rename = rename
+sys.argv = ["train", *sys.argv[1:]]
+runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
+""".replace("TMP_MARKER", repr(TMP_MARKER))
 
 
-def test_sigkill_during_save_resumes_from_the_last_complete_checkpoint(corpus, compile_cache,
-                                                                       tmp_path):
-  steps = 30
-  reference = tmp_path / "reference"
-  train_loop.train_and_evaluate(tiny_config(corpus, steps=steps, checkpoint_every=steps), reference)
-  config_file = write_config_file(tmp_path / "config.py",
-                                  tiny_config(corpus, steps=steps, checkpoint_every=1))
+def test_sigkill_during_save_resumes_from_the_last_complete_checkpoint(full_run, corpus,
+                                                                       compile_cache, tmp_path):
+  config_file = write_config_file(tmp_path / "config.py", tiny_config(corpus, checkpoint_every=1))
   workdir = tmp_path / "run"
   env = subprocess_env(compile_cache)
 
-  caught = _kill_during_save(train_command(config_file, workdir), env, workdir / "checkpoints")
-  if not caught:
-    pytest.fail(f"The run finished (or timed out) before a checkpoint save was seen in "
-                f"progress; no kill happened. Steps completed: {sorted(losses(workdir))[-1:]}.")
+  killed = run_module([sys.executable, "-c", _KILLED_AT_RENAME, f"--config={config_file}",
+                       f"--workdir={workdir}"], dict(env, KILL_AT_STEP=str(N + 1)))
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  leftovers = [p.name for p in (workdir / "checkpoints").iterdir() if TMP_MARKER in p.name]
+  assert [name.split(".")[0] for name in leftovers] == [str(N + 1)]
   complete = saved_steps(workdir)
-  assert complete and complete[-1] < steps
+  assert complete[-1] == N  # the unfinished save is not taken for a checkpoint
 
-  result = run_module(train_command(config_file, workdir, "--verbosity=0"), env)
+  # Saving every N steps, the resumed run never writes step N + 1 again: only the clean-up at its
+  # start can remove that step's leftovers (Orbax would replace them on a save of the same step).
+  result = run_module(train_command(config_file, workdir, "--verbosity=0",
+                                    f"--config.train.checkpoint_every={N}"), env)
   assert result.returncode == 0, result.stderr[-3000:]
 
   assert f"Resumed from step {complete[-1]}" in result.stderr
-  assert saved_steps(workdir)[-1] == steps
-  assert losses(workdir)[steps] == pytest.approx(losses(reference)[steps], abs=1e-6)
-  assert_params_close(latest_params(workdir), latest_params(reference), atol=1e-6)
+  assert not any(TMP_MARKER in p.name for p in (workdir / "checkpoints").iterdir())
+  assert saved_steps(workdir)[-1] == TOTAL
+  assert losses(workdir)[TOTAL] == pytest.approx(losses(full_run)[TOTAL], abs=1e-6)
+  assert_params_close(latest_params(workdir), latest_params(full_run), atol=1e-6)
 
 
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(half_run, corpus, tmp_path):
