@@ -11,6 +11,7 @@ import zipfile
 
 import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 
@@ -170,13 +171,13 @@ def test_encode_text_file_rejects_vocab_larger_than_dtype(tmp_path):
 
 
 def test_make_binidx_script_writes_a_readable_pair(tmp_path):
-  pytest.importorskip("rwkv_jax.data.tokenizer")
   text = tmp_path / "t.txt"
   text.write_text("one\n\ntwo\n")
-  subprocess.run(
+  result = subprocess.run(
       [sys.executable, "-m", "experiments.make_binidx", f"--input={text}",
        f"--output_prefix={tmp_path / 'out'}", "--tokenizer=bytes"],
-      cwd=REPO, check=True, capture_output=True, timeout=120)
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
   src = binidx.BinidxSource(tmp_path / "out")
   np.testing.assert_array_equal(src.tokens, list(b"one\x00two\x00"))
 
@@ -300,7 +301,6 @@ def test_resumed_iterator_yields_the_same_batches(tmp_path):
 
 
 def test_iterator_state_round_trips_through_orbax(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
   src = _stream_file(tmp_path, 5000)
   make = lambda: iter(data_pipeline.make_dataset(src, 16, 4, seed=2))
   it = make()
