@@ -1,21 +1,19 @@
 """Runs a long token array through the parallel model in fixed-size chunks, carrying the state.
 
-Scoring and prefill share this one runner. Memory is bounded by the chunk, not by the sequence,
-and there is one compiled program per chunk length (and batch size; a second for rows of
-different lengths), whatever the lengths:
+Prefill, logits and scoring share this one runner. Memory is bounded by the chunk, not by the
+sequence, and there is one compiled program per chunk length and batch size, whatever the
+lengths:
 
   * Every chunk, the last one too, reaches the program padded to `chunk` tokens, with each row's
-    real length in it as a traced number.
-  * RWKV has no padding mask, so padding run through the model would leak into the state.
-    The program therefore never runs it: it holds one model call per piece length (`chunk`, and
-    every power of two below it) and, under `lax.cond`, runs the full chunk or the pieces that
-    sum to the real length (13 = 8 + 4 + 1). Every token the model sees is real, so the logits
-    and the state after the last real token are exact.
-  * Prompts of different lengths share every call (batched prefill): the pieces cover the
-    longest row, and the model's `lengths=` stops each row's state at its own last token
-    (rwkv_jax.wkv.wkv_state_after); a row with nothing left in a piece keeps its state. This
-    path is compiled apart (`ragged`), so equal lengths pay nothing for it. Once some prompts
-    have ended, a chunk runs only the rows still going (padded to a power of two).
+    real length in it as a traced number, and runs as one model call.
+  * RWKV has no padding mask, so padding must not reach the state: the model's `lengths=` takes
+    each row's state after its own last real token (rwkv_jax.wkv.wkv_state_after, and the token
+    shift's last real input), and a row with nothing left in a chunk keeps its state. The model
+    is causal, so padding after a row's tokens changes none of its logits. Prompts of different
+    lengths therefore share every call (batched prefill); once some have ended, a chunk runs only
+    the rows still going (padded to a power of two).
+  * Scoring asks for per-token losses instead of logits (`targets=`): they are computed on the
+    device, so only one float per token reaches the host and [t, v] logits never do.
 
 Shapes: b = batch, t = time, v = vocab, c = chunk.
 """
@@ -30,57 +28,36 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax import model as model_lib
+from rwkv_jax.train import losses
 
 Array = jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "last_only", "ragged"))
-def _run_chunk(graphdef, params, tokens_bc, lengths_b, state, logits_in, impl, last_only,
-               ragged):
+@functools.partial(jax.jit, static_argnames=("impl", "last_only"))
+def _run_chunk(graphdef, params, tokens_bc, lengths_b, state, logits_in, targets_bc, impl,
+               last_only):
   """The first lengths_b[i] tokens of row i of the padded chunk tokens_bc [b, c] through the model.
 
-  Module-level, so every call with the same model structure and chunk length reuses one
-  compilation. Without `ragged` every row has lengths_b[0] tokens. Returns (logits [b, c, v],
-  zeros past each row's length; or, if last_only, [b, 1, v] after each row's last real token,
-  logits_in for rows with no tokens; the state after each row's last real token).
+  Module-level, so every call with the same model structure, batch and chunk length reuses one
+  compilation. One model call over the whole chunk; its `lengths=` keeps padding out of the state,
+  and a row with no tokens keeps the state it had. Returns (out, the state after each row's last
+  real token), out being: with targets_bc [b, c], the per-token losses [b, c] (0 past a row's
+  length and where a target is < 0); else with last_only, the logits [b, 1, v] after each row's
+  last real token (logits_in for rows with no tokens); else the logits [b, c, v] (zeros past each
+  row's length).
   """
   model = nnx.merge(graphdef, params)
-  b, chunk = tokens_bc.shape
-  length = jnp.max(lengths_b)
-
-  def call(n):
-    def run(carry):
-      start, state, logits = carry
-      piece_bn = jax.lax.dynamic_slice_in_dim(tokens_bc, start, n, axis=1)
-      if ragged:
-        real_b = jnp.clip(lengths_b - start, 0, n)
-        out, new_state = model(piece_bn, state, impl=impl, last_only=last_only,
-                               lengths=jnp.maximum(real_b, 1))
-        keep_b = real_b > 0
-        state = jax.tree.map(lambda x, y: jnp.where(keep_b[None, :, None], x, y),
-                             new_state, state)
-        if last_only:
-          out = jnp.where(keep_b[:, None, None], out, logits)
-        else:
-          out = jnp.where((jnp.arange(n) < real_b[:, None])[..., None], out, 0.0)
-      else:
-        out, state = model(piece_bn, state, impl=impl, last_only=last_only)
-      if not last_only:
-        out = jax.lax.dynamic_update_slice_in_dim(logits, out, start, axis=1)
-      return start + n, state, out
-    return run
-
-  # The whole chunk, or the powers of two in the binary form of length < chunk, largest first.
-  full = length == chunk
-  logits = logits_in if last_only else jnp.zeros((b, chunk, model.config.vocab_size),
-                                                 jnp.float32)
-  carry = (jnp.zeros((), jnp.int32), state, logits)
-  carry = jax.lax.cond(full, call(chunk), lambda c: c, carry)
-  for i in reversed(range((chunk - 1).bit_length())):
-    take = ~full & ((length >> i) & 1 == 1)
-    carry = jax.lax.cond(take, call(1 << i), lambda c: c, carry)
-  _, state, logits = carry
-  return logits, state
+  chunk = tokens_bc.shape[1]
+  keep_b = lengths_b > 0
+  out, new_state = model(tokens_bc, state, impl=impl, last_only=last_only and targets_bc is None,
+                         lengths=jnp.maximum(lengths_b, 1))
+  state = jax.tree.map(lambda x, y: jnp.where(keep_b[None, :, None], x, y), new_state, state)
+  real_bc = jnp.arange(chunk) < lengths_b[:, None]
+  if targets_bc is not None:
+    return jnp.where(real_bc, losses.token_losses(out, targets_bc), 0.0), state
+  if last_only:
+    return jnp.where(keep_b[:, None, None], out, logits_in), state
+  return jnp.where(real_bc[..., None], out, 0.0), state
 
 
 def _rows_to_run(real_b: np.ndarray) -> np.ndarray | None:
@@ -97,9 +74,9 @@ def _rows_to_run(real_b: np.ndarray) -> np.ndarray | None:
 
 def run_chunks(model: model_lib.RWKV, tokens_bt: np.ndarray | Array,
                state: model_lib.RWKVState | None = None, *, chunk: int = 1024,
-               impl: str = "auto", last_only: bool = False, lengths=None
+               impl: str = "auto", last_only: bool = False, lengths=None, targets=None
                ) -> tuple[np.ndarray | Array, model_lib.RWKVState]:
-  """Logits of [b, t] tokens and the state after them, `chunk` tokens per model call.
+  """Logits (or per-token losses) of [b, t] tokens and the state after them, chunk by chunk.
 
   Args:
     model: the model.
@@ -107,19 +84,21 @@ def run_chunks(model: model_lib.RWKV, tokens_bt: np.ndarray | Array,
       lengths[i], and the rest is padding (any valid ids, e.g. 0) that no result sees.
     state: state to continue from, or None for an empty one.
     chunk: tokens per parallel call; memory is bounded by this, not by t. The first call with
-      a new chunk length (or batch size) compiles one program that serves every t; it holds
-      log2(chunk) + 1 model calls, so prefer a chunk near the usual length for short inputs.
+      a new chunk length (or batch size) compiles one program that serves every t.
     impl: WKV implementation (see rwkv_jax.wkv).
     last_only: return only the logits after each row's last token, [b, v] (the head runs on one
       position per call).
     lengths: int [b] real tokens per row, each in [0, t]; None means all t. A row of length 0
       keeps its state, and its last_only logits are zeros.
+    targets: int [b, t] next-token ids; when given, the result is the cross-entropy (nats) of
+      each target under the logits at its position (`losses.token_losses`), 0 where a target is
+      < 0 or past a row's length, instead of the logits.
 
   Returns:
-    (logits, state): logits float32 [b, v] as a jax.Array if last_only, else [b, t, v] as a
-    numpy array (gathered on the host chunk by chunk, so device memory stays bounded; zeros past
-    a row's length); the state after each row's last token, as exact as one model call over its
-    tokens.
+    (out, state): out is float32 [b, v] logits as a jax.Array if last_only, else a numpy array
+    of [b, t, v] logits, or [b, t] losses with `targets` (gathered on the host chunk by chunk,
+    so device memory stays bounded; zeros past a row's length); the state after each row's last
+    token, as exact as one model call over its tokens.
   """
   if not isinstance(chunk, (int, np.integer)) or chunk < 1:
     raise ValueError(f"chunk={chunk!r} must be an integer >= 1 (tokens per model call).")
@@ -133,40 +112,49 @@ def run_chunks(model: model_lib.RWKV, tokens_bt: np.ndarray | Array,
     if lengths_b.shape != (b,) or lengths_b.min() < 0 or lengths_b.max() > t:
       raise ValueError(f"lengths={lengths_b.tolist()} must give one count in [0, {t}] for each "
                        f"of the {b} rows of tokens.")
+  if targets is not None:
+    targets = np.asarray(targets)
+    if targets.shape != tokens_bt.shape:
+      raise ValueError(f"targets must have the tokens' shape {tokens_bt.shape}; got "
+                       f"{targets.shape}.")
+    last_only = False
   graphdef, params = nnx.split(model)
   if state is None:
     state = model_lib.empty_state(model.config, b)
   logits = jnp.zeros((b, 1, model.config.vocab_size), jnp.float32) if last_only else None
-  ragged = bool(lengths_b.min() != lengths_b.max())
+
+  def padded(x_bt, start, rows=slice(None)):
+    piece = x_bt[rows, start:start + chunk]
+    return jnp.asarray(np.pad(piece, ((0, 0), (0, chunk - piece.shape[1]))), jnp.int32)
+
   out = []
   for start in range(0, max(int(lengths_b.max()), 1), chunk):
-    piece_bt = tokens_bt[:, start:start + chunk]
-    real = piece_bt.shape[1]
-    piece_bt = np.pad(piece_bt, ((0, 0), (0, chunk - real)))
+    real = min(chunk, t - start)
     real_b = np.clip(lengths_b - start, 0, chunk)
     rows = _rows_to_run(real_b)
     if rows is None:
-      logits_btv, state = _run_chunk(graphdef, params, jnp.asarray(piece_bt, jnp.int32),
-                                     jnp.asarray(real_b, jnp.int32), state, logits, impl,
-                                     last_only, ragged)
+      out_b, state = _run_chunk(graphdef, params, padded(tokens_bt, start),
+                                jnp.asarray(real_b, jnp.int32), state, logits,
+                                None if targets is None else padded(targets, start), impl,
+                                last_only)
     else:  # only the rows with tokens left, and the state of the others is not touched
-      sub_logits, sub_state = _run_chunk(
-          graphdef, params, jnp.asarray(piece_bt[rows], jnp.int32),
-          jnp.asarray(real_b[rows], jnp.int32), jax.tree.map(lambda x: x[:, rows], state),
-          None if logits is None else logits[rows], impl, last_only, True)
+      sub_out, sub_state = _run_chunk(
+          graphdef, params, padded(tokens_bt, start, rows), jnp.asarray(real_b[rows], jnp.int32),
+          jax.tree.map(lambda x: x[:, rows], state), None if logits is None else logits[rows],
+          None if targets is None else padded(targets, start, rows), impl, last_only)
       state = jax.tree.map(lambda x, y: x.at[:, rows].set(y), state, sub_state)
       if last_only:
-        logits_btv = logits.at[rows].set(sub_logits)
+        out_b = logits.at[rows].set(sub_out)
       else:
-        logits_btv = np.zeros((b, *sub_logits.shape[1:]), np.float32)
-        logits_btv[rows] = np.asarray(sub_logits)
+        out_b = np.zeros((b, *sub_out.shape[1:]), np.float32)
+        out_b[rows] = np.asarray(sub_out)
     if last_only:
-      logits = logits_btv
+      logits = out_b
     else:
-      out.append(np.asarray(logits_btv[:, :real]))
+      out.append(np.asarray(out_b[:, :real]))
   if last_only:
     return logits[:, 0], state
-  logits_btv = np.concatenate(out, axis=1)
-  if logits_btv.shape[1] < t:  # every row shorter than t
-    logits_btv = np.pad(logits_btv, ((0, 0), (0, t - logits_btv.shape[1]), (0, 0)))
-  return logits_btv, state
+  out_bt = np.concatenate(out, axis=1)
+  if out_bt.shape[1] < t:  # every row shorter than t
+    out_bt = np.pad(out_bt, ((0, 0), (0, t - out_bt.shape[1])) + ((0, 0),) * (out_bt.ndim - 2))
+  return out_bt, state

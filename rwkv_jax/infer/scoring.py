@@ -1,9 +1,9 @@
 """Scoring text: logits, per-token losses, perplexity, bits per byte, and loss by position.
 
 Long inputs run in fixed-size chunks with the recurrent state carried between them, so memory
-stays constant however long the text. Logits come from `rwkv_jax.infer.chunks` (exact for any length);
-losses are computed on the device chunk by chunk (`_chunk_losses`), so only one float per token
-reaches the host and a 50k-token vocabulary never materialises [t, v] there.
+stays constant however long the text. Logits and losses come from `rwkv_jax.infer.chunks`
+(exact for any length); losses are computed on the device chunk by chunk, so only one float per
+token reaches the host and a 50k-token vocabulary never materialises [t, v] there.
 
 Shapes: b = batch (documents), t = time, v = vocab, p = position.
 """
@@ -11,15 +11,11 @@ Shapes: b = batch (documents), t = time, v = vocab, p = position.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import sys
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from rwkv_jax import model as model_lib
 from rwkv_jax.infer import chunks
@@ -45,32 +41,14 @@ def logits_for(model: model_lib.RWKV, tokens: np.ndarray, *, chunk: int = 1024,
   return logits_btv[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Losses, chunk by chunk on the device.
-
-@functools.partial(jax.jit, static_argnames=("impl",))
-def _chunk_losses(graphdef, params, tokens_bc, targets_bc, state, impl):
-  """Cross-entropy (nats) of targets_bc under the model's logits for tokens_bc, and the state.
-
-  Targets < 0 are not scored (loss 0). Module-level, so one compilation serves every chunk of
-  the same shape.
-  """
-  model = nnx.merge(graphdef, params)
-  logits_bcv, state = model(tokens_bc, state, impl=impl)
-  logp_bcv = jax.nn.log_softmax(logits_bcv, axis=-1)
-  picked_bc = jnp.take_along_axis(logp_bcv, jnp.maximum(targets_bc, 0)[..., None], axis=-1)
-  return jnp.where(targets_bc >= 0, -picked_bc[..., 0], 0.0), state
-
-
 def batch_token_losses(model: model_lib.RWKV, documents: Sequence[np.ndarray], *,
                        chunk: int = 1024, impl: str = "auto") -> list[np.ndarray]:
   """Per-token losses of each document, all documents run side by side in one batch.
 
   Token i+1 of a document is predicted from its tokens 0..i, so a document of n tokens gets
-  n - 1 losses. Documents of different lengths are padded at the end: the model is causal, so
-  padding after a document's last token changes none of its logits (it does reach the carried
-  state, but only after that document has ended). Every call has the shape [b, chunk], so one
-  compilation serves every length.
+  n - 1 losses. Documents of different lengths are padded at the end, and each row runs only its
+  own tokens (`chunks.run_chunks` with per-row lengths); every call has the shape [b, chunk], so
+  one compilation serves every length.
 
   Args:
     model: the model.
@@ -81,42 +59,22 @@ def batch_token_losses(model: model_lib.RWKV, documents: Sequence[np.ndarray], *
   Returns:
     float32 [n_i - 1] per document, in order.
   """
-  if not isinstance(chunk, (int, np.integer)) or chunk < 1:
-    raise ValueError(f"chunk={chunk!r} must be an integer >= 1 (tokens per model call).")
   documents = [np.asarray(d) for d in documents]
   for i, doc in enumerate(documents):
     if doc.ndim != 1 or len(doc) < 2:
       raise ValueError(f"document {i} has shape {doc.shape}; scoring needs at least 2 tokens "
                        f"(one context, one prediction).")
-  b = len(documents)
-  if b == 0:
+  if not documents:
     return []
-  longest = max(len(d) for d in documents)
-  padded = -(-longest // chunk) * chunk
-  tokens_bt = np.zeros((b, padded), np.int32)
-  targets_bt = np.full((b, padded), -1, np.int32)
+  longest = max(len(d) for d in documents) - 1
+  tokens_bt = np.zeros((len(documents), longest), np.int32)
+  targets_bt = np.full((len(documents), longest), -1, np.int32)
   for i, doc in enumerate(documents):
-    tokens_bt[i, :len(doc)] = doc
+    tokens_bt[i, :len(doc) - 1] = doc[:-1]  # the last token predicts nothing scored
     targets_bt[i, :len(doc) - 1] = doc[1:]
-  model_lib.check_tokens(tokens_bt, model.config.vocab_size)
-  graphdef, params = nnx.split(model)
-  state = model_lib.empty_state(model.config, b)
-  losses = []
-  for start in range(0, padded, chunk):
-    if not (targets_bt[:, start:] >= 0).any():
-      break
-    loss_bc, state = _chunk_losses(graphdef, params, jnp.asarray(tokens_bt[:, start:start + chunk]),
-                                   jnp.asarray(targets_bt[:, start:start + chunk]), state, impl)
-    losses.append(np.asarray(loss_bc))
-  loss_bt = np.concatenate(losses, axis=1)
+  loss_bt, _ = chunks.run_chunks(model, tokens_bt, chunk=chunk, impl=impl, targets=targets_bt,
+                                 lengths=[len(d) - 1 for d in documents])
   return [loss_bt[i, :len(doc) - 1] for i, doc in enumerate(documents)]
-
-
-def token_losses(logits_tv: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-  """Cross-entropy (nats) of tokens[1:] under logits[:-1]."""
-  logits = jnp.asarray(logits_tv[:-1])
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return -np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens[1:])[:, None], axis=-1)[:, 0])
 
 
 # ----------------------------------------------------------------------------------------------

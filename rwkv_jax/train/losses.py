@@ -25,6 +25,18 @@ Array = jax.Array
 L2WRAP_FACTOR = 1e-4  # the official trainer's constant
 
 
+def token_losses(logits_btv: Array, targets_bt: Array) -> Array:
+  """Cross-entropy (nats) of each target under its logits, float32 [b, t], via log_softmax.
+
+  The one per-token loss: training's mean, scoring and evaluation are all made of it. A target
+  < 0 is not scored (loss 0), so padded positions can be marked with -1.
+  """
+  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+  targets_bt = targets_bt.astype(jnp.int32)
+  picked_bt = jnp.take_along_axis(logp_btv, jnp.maximum(targets_bt, 0)[..., None], axis=-1)
+  return jnp.where(targets_bt >= 0, -picked_bt[..., 0], 0.0)
+
+
 def cross_entropy(logits_btv: Array, targets_bt: Array, mask_bt: Array | None = None) -> Array:
   """Mean next-token cross-entropy, computed in float32 through log_softmax.
 
@@ -38,8 +50,7 @@ def cross_entropy(logits_btv: Array, targets_bt: Array, mask_bt: Array | None = 
     (0 when the mask is all zeros).
   """
   _check_shapes(logits_btv, targets_bt, mask_bt)
-  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-  nll_bt = -jnp.take_along_axis(logp_btv, targets_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  nll_bt = token_losses(logits_btv, targets_bt)
   if mask_bt is None:
     return jnp.mean(nll_bt)
   mask_bt = mask_bt.astype(jnp.float32)
