@@ -13,8 +13,9 @@ although JAX 0.11 deprecates it in favour of Mosaic GPU, because
   * it runs on the GPUs users train RWKV on, A100 (sm_80) as well as H100/H200 (sm_90); Mosaic
     GPU targets Hopper and later, and its API is documented as unstable from week to week;
   * the same kernel source lowers with jax 0.10 (CI) and 0.11 (the GPU machines), and it can be
-    compiled to sm_80 and sm_90a machine code on a machine without a GPU (`experiments/gpu_compile.py`,
-    tests/test_kernel_compile.py), which is how CI checks that it still lowers;
+    compiled to sm_80 and sm_90a machine code on a machine without a GPU
+    (`experiments/gpu_compile.py`, tests/test_kernel_compile.py), which is how CI checks that it
+    still lowers;
   * the kernels use only refs, `BlockSpec`s and jnp arithmetic (broadcasts, exp, max/sum
     reductions), which also run anywhere with `interpret=True`: CI checks their numbers on CPU.
 A Mosaic GPU port would keep the same three steps (`chunked.py`) and only replace this file.

@@ -15,7 +15,8 @@ With Orbax, grain's handler saves that state next to the model (one JSON file pe
     mngr.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(model_state), data=grain.checkpoint.CheckpointSave(it)))
     mngr.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(it)))
+        model=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(it)))
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def make_dataset(tokens: np.ndarray | sources.ByteSource | binidx.BinidxSource, 
   concatenating the hosts' batches in host order gives the single-host batch exactly.
 
   Args:
-    tokens: a 1-D token array (np.memmap is fine) or a source (`sources.ByteSource`, `BinidxSource`).
+    tokens: a 1-D token array (np.memmap is fine) or a source (`ByteSource`, `BinidxSource`).
     ctx_len: tokens per example (t).
     batch_size: global batch size, divisible by `shard_count`.
     seed: shuffle seed for the training order, in [0, 2**32).

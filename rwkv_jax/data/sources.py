@@ -104,7 +104,8 @@ def open_training_source(data_config: Any, workdir: str | os.PathLike,
   else:
     raise ValueError(f"--config.data.source={d.source!r}; use wiki_sample, enwik8 or file.")
   if d.tokenizer != "bytes" and not binidx.is_binidx(path):
-    path = encode.encode_once(path, d.tokenizer, pathlib.Path(workdir) / "data" / pathlib.Path(path).name)
+    prefix = pathlib.Path(workdir) / "data" / pathlib.Path(path).name
+    path = encode.encode_once(path, d.tokenizer, prefix)
   source = open_source(path)
   # A bounded prefix: a full scan of a Pile-sized memmap would read it all from disk.
   top = int(np.max(source.tokens[: min(len(source.tokens), 1 << 24)])) + 1

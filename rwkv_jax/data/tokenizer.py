@@ -5,9 +5,9 @@
     `tokenizers` library.
   * `WorldTokenizer`: the RWKV World vocabulary (vocab 65536), greedy longest match over bytes.
 
-`load_tokenizer("bytes" | "neox" | "world" | path)` picks one; "neox" and "world" fetch the standard
-files once (see `rwkv_jax.data.assets`). `StreamDecoder` turns ids into text one token at a time (for
-printing generation as it comes) with work per token that does not grow with the text.
+`load_tokenizer("bytes" | "neox" | "world" | path)` picks one; "neox" and "world" fetch the
+standard files once (see `rwkv_jax.data.assets`). `StreamDecoder` turns ids into text one token at
+a time (for printing generation as it comes) with work per token that does not grow with the text.
 """
 
 from __future__ import annotations

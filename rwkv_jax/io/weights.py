@@ -5,8 +5,9 @@ Orbax export or a training work directory (its latest checkpoint). Every reader 
 model (`model.abstract_model`) of the requested precision (`DTYPES`, defined by
 `RWKVConfig.with_precision`), so a precision means the same for all formats; int8 is quantised
 tensor by tensor as it is read (`rwkv_jax/quant.py`), and an int8 export is read back as it
-is. time_decay and time_first are stored raw by the official trainer, the rwkv package and HF alike (all use w = -exp(time_decay)); the model keeps them raw too, so no
-value is ever transformed, only renamed, transposed or cast.
+is. time_decay and time_first are stored raw by the official trainer, the rwkv package and HF
+alike (all use w = -exp(time_decay)); the model keeps them raw too, so no value is ever
+transformed, only renamed, transposed or cast.
 
 The rest of rwkv_jax/io/:
   tensor_names.py   the name table (official / HF / NNX path), layouts, config inference

@@ -91,8 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Trains (resuming from WORKDIR's latest checkpoint if any) and returns final metrics.
 
   Args:
-    config: a training config (rwkv_jax/train_config.py); checked before anything is written.
-    workdir: where the config, checkpoints, metrics (rwkv_jax/metrics.py) and export go.
+    config: a training config (rwkv_jax/train/config.py); checked before anything is written.
+    workdir: where the config, checkpoints, metrics (rwkv_jax/train/metrics.py) and export go.
     peak_flops: dense peak FLOP/s of one device; when given, the logs carry model FLOPs
       utilization (perf/mfu). experiments/benchlib.py knows the common accelerators'.
     make_model: builds the model from the config (default: RWKV). Another model trains with the
@@ -140,8 +140,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Mesh %s over %d devices (%d processes); model %s, %s parameters.",
                dict(mesh.shape), mesh.size, jax.process_count(),
-               cfg if make_model is step_lib.build_model else type(nnx.merge(state.graphdef, state.params))
-               .__name__, f"{num_params:,}")
+               cfg if make_model is step_lib.build_model
+               else type(nnx.merge(state.graphdef, state.params)).__name__, f"{num_params:,}")
   open_checkpoints = lambda: ckpt_lib.TrainCheckpointer(workdir, keep=t.keep_checkpoints,
                                                         async_save=t.async_checkpoints)
   ckpt = open_checkpoints()
@@ -155,15 +155,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       f.write(config.to_json_best_effort(indent=2))
 
   train_step = step_lib.make_train_step(state, tx, mesh, accumulate_steps=t.accumulate_steps,
-                               l2wrap=config.optim.l2wrap, impl=t.impl, chunk_len=t.chunk_len,
-                               bptt=t.bptt)
+                                        l2wrap=config.optim.l2wrap, impl=t.impl,
+                                        chunk_len=t.chunk_len, bptt=t.bptt)
   eval_step = step_lib.make_eval_step(state, mesh, t.impl)
   writer = metrics_lib.MetricWriter(workdir, lead, start_step=step)
-  tokens_per_step = t.batch_size * config.model.ctx_len
   meta = {"model": cfg.to_dict(), "config": json.loads(config.to_json_best_effort())}
-
-  def save(at_step):
-    ckpt.save(at_step, state.params, state.opt_state, train_it, meta)
 
   progress = None
   # A bar on a terminal; log lines (every log_every steps) when output goes to a file or CI log.
@@ -171,51 +167,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     from tqdm import tqdm
 
     progress = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True)
+  log = _StepLog(config, schedule, writer, progress, ckpt,
+                 mfu_per_token_s=(flops_per_token / (peak_flops * jax.device_count())
+                                  if peak_flops else None))
 
   pending = None  # (step, metrics) dispatched but not yet fetched
-  window_start, window_steps = time.perf_counter(), 0
-  window_losses: list[float] = []  # since the last log line: one step's loss is noisy
-  # The whole run's throughput: from the end of its first step (the compilation's) to the end of
-  # its last, less the time spent evaluating.
-  run_start, run_steps, run_paused = None, 0, 0.0
-  final: dict[str, float] = {}
-
-  def fetch(pending_step, step_metrics):
-    nonlocal window_start, window_steps, run_start, run_steps
-    m = jax.device_get(step_metrics)
-    window_steps += 1  # counted once finished, so back-to-back fetches do not report 0 tokens/s
-    if run_start is None:
-      run_start = time.perf_counter()
-    else:
-      run_steps += 1
-    loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-    window_losses.append(loss)
-    # An infinite gradient norm with a finite loss is divergence too: clipping scales such
-    # gradients to zero or NaN, and the loss goes on at 1e13 without ever becoming NaN.
-    for what, value in (("loss", loss), ("gradient norm", grad_norm)):
-      if not math.isfinite(value):
-        raise NonFiniteLossError(_non_finite_message(what, value, pending_step, ckpt))
-    if pending_step % t.log_every == 0 or pending_step == t.steps:
-      elapsed = time.perf_counter() - window_start
-      tok_s = window_steps * tokens_per_step / elapsed if elapsed > 0 else float("nan")
-      mean_loss = sum(window_losses) / len(window_losses)
-      window_losses.clear()
-      record = {"train/loss": loss, "train/loss_avg": mean_loss,
-                "train/bits_per_token": mean_loss / math.log(2),
-                "train/accuracy": float(m["accuracy"]), "train/grad_norm": grad_norm,
-                "train/lr": float(schedule(pending_step - 1)), "perf/tokens_per_s": tok_s}
-      if peak_flops:
-        record["perf/mfu"] = tok_s * flops_per_token / (peak_flops * jax.device_count())
-      writer.write(pending_step, record)
-      final.update(record)
-      if progress is not None:
-        progress.set_postfix(loss=f"{mean_loss:.3f}", bpt=f"{mean_loss / math.log(2):.3f}",
-                             tok_s=f"{tok_s:,.0f}")
-      else:
-        logging.info("step %d: loss %.4f (%.3f bits/token), %.0f tokens/s", pending_step,
-                     mean_loss, mean_loss / math.log(2), tok_s)
-      window_start, window_steps = time.perf_counter(), 0
-
   try:
     while step < t.steps:
       batch = sharding.make_global_batch(mesh, next(train_it))
@@ -226,36 +182,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                                                                  batch)
       step += 1
       if pending is not None:
-        fetch(*pending)
+        log.fetch(*pending)
       pending = (step, step_metrics)
       if progress is not None:
         progress.update(1)
       boundary = step == t.steps
       if t.eval_every and (step % t.eval_every == 0 or boundary):
-        fetch(*pending)
+        log.fetch(*pending)
         pending = None
-        eval_start = time.perf_counter()
-        val_loss = evaluate(eval_step, state.params, val_ds, mesh, t.eval_batches)
-        run_paused += time.perf_counter() - eval_start
-        writer.write(step, {"val/loss": val_loss, "val/bits_per_token": val_loss / math.log(2)})
-        final.update({"val/loss": val_loss, "val/bits_per_token": val_loss / math.log(2)})
-        logging.info("step %d: validation loss %.4f, %.4f bits/token", step, val_loss,
-                     val_loss / math.log(2))
-        window_start, window_steps = time.perf_counter(), 0
+        with log.paused():
+          val_loss = evaluate(eval_step, state.params, val_ds, mesh, t.eval_batches)
+        log.validation(step, val_loss)
       if step % t.checkpoint_every == 0 or boundary:
         if pending is not None:
-          fetch(*pending)  # never save a state whose loss we have not seen to be finite
+          log.fetch(*pending)  # never save a state whose loss we have not seen to be finite
           pending = None
-        save(step)
+        ckpt.save(step, state.params, state.opt_state, train_it, meta)
     if pending is not None:
-      fetch(*pending)
-    if run_start is not None:  # NaN for a single step: there is no step after the first
-      run_s = time.perf_counter() - run_start - run_paused
-      final["perf/tokens_per_s"] = (run_steps * tokens_per_step / run_s if run_steps
-                                    else float("nan"))
-      if peak_flops:
-        final["perf/mfu"] = (final["perf/tokens_per_s"] * flops_per_token
-                             / (peak_flops * jax.device_count()))
+      log.fetch(*pending)
+    throughput = log.run_throughput()  # before the last save completes and the export
   finally:
     if progress is not None:
       progress.close()
@@ -264,5 +209,92 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
   if t.export and make_model is step_lib.build_model:
     ckpt_lib.export(nnx.merge(state.graphdef, state.params), workdir / "export")
-  final["step"] = step
-  return final
+  return {**log.final, **throughput, "step": step}
+
+
+class _StepLog:
+  """Fetches each finished step's metrics, stops on a non-finite value, logs every log_every.
+
+  Two clocks: the logging window's (tokens/s since the last log line; the loss is averaged over
+  the window, since one step's is noisy) and the run's (from the end of its first step, which
+  compiles, to the end of its last, less the time spent evaluating).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, schedule, writer, progress,
+               ckpt: ckpt_lib.TrainCheckpointer, mfu_per_token_s: float | None):
+    self.log_every, self.steps = config.train.log_every, config.train.steps
+    self.tokens_per_step = config.train.batch_size * config.model.ctx_len
+    self.schedule, self.writer, self.progress, self.ckpt = schedule, writer, progress, ckpt
+    self.mfu_per_token_s = mfu_per_token_s  # MFU of one token/s; None without a peak FLOP/s
+    self.final: dict[str, float] = {}  # the last logged value of every metric
+    self._window_start, self._window_steps = time.perf_counter(), 0
+    self._window_losses: list[float] = []
+    self._run_start, self._run_steps, self._paused_s = None, 0, 0.0
+
+  def _restart_window(self) -> None:
+    self._window_start, self._window_steps = time.perf_counter(), 0
+
+  def fetch(self, step: int, step_metrics) -> None:
+    """Waits for `step`'s metrics; NonFiniteLossError if its loss or gradient norm is not finite."""
+    m = jax.device_get(step_metrics)
+    self._window_steps += 1  # counted once finished: back-to-back fetches never give 0 tokens/s
+    if self._run_start is None:
+      self._run_start = time.perf_counter()
+    else:
+      self._run_steps += 1
+    loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+    self._window_losses.append(loss)
+    # An infinite gradient norm with a finite loss is divergence too: clipping scales such
+    # gradients to zero or NaN, and the loss goes on at 1e13 without ever becoming NaN.
+    for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+      if not math.isfinite(value):
+        raise NonFiniteLossError(_non_finite_message(what, value, step, self.ckpt))
+    if step % self.log_every and step != self.steps:
+      return
+    elapsed = time.perf_counter() - self._window_start
+    tok_s = self._window_steps * self.tokens_per_step / elapsed if elapsed > 0 else float("nan")
+    mean_loss = sum(self._window_losses) / len(self._window_losses)
+    self._window_losses.clear()
+    record = {"train/loss": loss, "train/loss_avg": mean_loss,
+              "train/bits_per_token": mean_loss / math.log(2),
+              "train/accuracy": float(m["accuracy"]), "train/grad_norm": grad_norm,
+              "train/lr": float(self.schedule(step - 1)), "perf/tokens_per_s": tok_s}
+    if self.mfu_per_token_s:
+      record["perf/mfu"] = tok_s * self.mfu_per_token_s
+    self.writer.write(step, record)
+    self.final.update(record)
+    if self.progress is not None:
+      self.progress.set_postfix(loss=f"{mean_loss:.3f}", bpt=f"{mean_loss / math.log(2):.3f}",
+                                tok_s=f"{tok_s:,.0f}")
+    else:
+      logging.info("step %d: loss %.4f (%.3f bits/token), %.0f tokens/s", step, mean_loss,
+                   mean_loss / math.log(2), tok_s)
+    self._restart_window()
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Time spent in the block (evaluation) counts in neither clock."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused_s += time.perf_counter() - start
+      self._restart_window()
+
+  def validation(self, step: int, val_loss: float) -> None:
+    record = {"val/loss": val_loss, "val/bits_per_token": val_loss / math.log(2)}
+    self.writer.write(step, record)
+    self.final.update(record)
+    logging.info("step %d: validation loss %.4f, %.4f bits/token", step, val_loss,
+                 val_loss / math.log(2))
+
+  def run_throughput(self) -> dict[str, float]:
+    """The whole run's tokens/s (and MFU); NaN for a single step, {} for none."""
+    if self._run_start is None:
+      return {}
+    run_s = time.perf_counter() - self._run_start - self._paused_s
+    tok_s = self._run_steps * self.tokens_per_step / run_s if self._run_steps else float("nan")
+    out = {"perf/tokens_per_s": tok_s}
+    if self.mfu_per_token_s:
+      out["perf/mfu"] = tok_s * self.mfu_per_token_s
+    return out

@@ -12,8 +12,8 @@ identical gradients move by exactly the ratio of their multipliers.
 
 The schedule is one object: `learning_rate_schedule` builds it, `make_optimizer` follows it, and
 the trainer logs the rate from the same object. Gradient accumulation is not here: the train step
-(rwkv_jax/train/loop.py) averages the micro-batches' gradients in a `lax.scan` and calls `update` once
-per optimizer step, so the schedule counts real updates.
+(rwkv_jax/train/step.py) averages the micro-batches' gradients in a `lax.scan` and calls `update`
+once per optimizer step, so the schedule counts real updates.
 """
 
 from __future__ import annotations
