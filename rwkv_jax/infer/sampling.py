@@ -12,10 +12,13 @@ generated so far has its logit lowered by alpha_presence + count * alpha_frequen
 
 Generation prefills the prompts with the parallel model in chunks (the state is carried between
 chunks, so memory does not grow with the prompt; prompts of different lengths share each chunk's
-call, see rwkv_jax.infer.chunks), then decodes one token per step with the
-recurrent form. Without a callback the whole decoding is one jitted `lax.while_loop`; with one, a
-jitted step runs in a Python loop so that each token reaches the host as soon as it is sampled.
-Both run the same step function with the same keys, so they give the same tokens.
+call, see rwkv_jax.infer.chunks), then decodes one token per step with the recurrent form. The
+decoding is one compiled program per batch size and model: a `lax.while_loop` of up to
+DECODE_BLOCK steps whose sampling settings (`RowSampling`, one row per sequence), first step and
+step count are traced, so no setting or length compiles anything new. Without a callback each call
+runs DECODE_BLOCK steps; with one, each call runs one step, so that each token reaches the host
+as soon as it is sampled. Both run the same steps with the same keys, so they give the same
+tokens.
 
 Shapes: b = batch, t = time, v = vocab, n = new tokens.
 """
@@ -64,23 +67,34 @@ def filter_logits(logits_bv: Array, *, top_p: float = 1.0, top_k: int = 0) -> Ar
   Returns:
     float32 [b, v]: the logits, -inf outside the kept set (never empty: the argmax is kept).
   """
+  b = logits_bv.shape[0]
+  return _filter_rows(logits_bv, jnp.full((b,), top_p, jnp.float32),
+                      jnp.full((b,), top_k, jnp.int32))
+
+
+def _filter_rows(logits_bv: Array, top_p_b: Array, top_k_b: Array) -> Array:
+  """`filter_logits` with a top_p and a top_k per row (traced); rows with neither are kept whole,
+  and a batch where no row filters skips the sort."""
   logits_bv = logits_bv.astype(jnp.float32)
   v = logits_bv.shape[-1]
-  if top_p >= 1 and (top_k == 0 or top_k >= v):
-    return logits_bv
-  probs_bv = jax.nn.softmax(logits_bv, axis=-1)
-  sorted_bv = -jnp.sort(-probs_bv, axis=-1)  # descending
-  cutoff_b = jnp.zeros(probs_bv.shape[:-1], jnp.float32)
-  if top_p < 1:
+  by_p_b = top_p_b < 1
+  by_k_b = (top_k_b > 0) & (top_k_b < v)
+
+  def filtered(logits_bv):
+    probs_bv = jax.nn.softmax(logits_bv, axis=-1)
+    sorted_bv = -jnp.sort(-probs_bv, axis=-1)  # descending
     # Index of the first sorted token at which the mass reaches top_p. Counting the positions
     # still below top_p (rather than argmax of >=) stays correct when rounding keeps the
     # cumulative sum just under top_p at the end: then every token is kept.
     cum_bv = jnp.cumsum(sorted_bv, axis=-1)
-    idx_b = jnp.minimum(jnp.sum(cum_bv < top_p, axis=-1), v - 1)
-    cutoff_b = jnp.take_along_axis(sorted_bv, idx_b[:, None], axis=-1)[:, 0]
-  if 0 < top_k < v:
-    cutoff_b = jnp.maximum(cutoff_b, sorted_bv[:, top_k - 1])
-  return jnp.where(probs_bv >= cutoff_b[:, None], logits_bv, -jnp.inf)
+    idx_b = jnp.minimum(jnp.sum(cum_bv < top_p_b[:, None], axis=-1), v - 1)
+    cutoff_b = jnp.where(by_p_b, jnp.take_along_axis(sorted_bv, idx_b[:, None], axis=-1)[:, 0],
+                         0.0)
+    kth_b = jnp.take_along_axis(sorted_bv, jnp.clip(top_k_b - 1, 0, v - 1)[:, None], axis=-1)
+    cutoff_b = jnp.where(by_k_b, jnp.maximum(cutoff_b, kth_b[:, 0]), cutoff_b)
+    return jnp.where(probs_bv >= cutoff_b[:, None], logits_bv, -jnp.inf)
+
+  return jax.lax.cond(jnp.any(by_p_b | by_k_b), filtered, lambda x: x, logits_bv)
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_p", "top_k"))
@@ -99,10 +113,19 @@ def sample_logits(logits_bv: Array, key: Array, *, temperature: float = 1.0, top
     int32 [b]: the sampled token ids.
   """
   _check_sampling_args(temperature, top_p, top_k)
-  if temperature == 0:
-    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-  kept_bv = filter_logits(logits_bv, top_p=top_p, top_k=top_k)
-  return jax.random.categorical(key, kept_bv / temperature, axis=-1).astype(jnp.int32)
+  full = lambda x, dtype: jnp.full(logits_bv.shape[:1], x, dtype)
+  return _sample_rows(logits_bv, key, full(temperature, jnp.float32), full(top_p, jnp.float32),
+                      full(top_k, jnp.int32))
+
+
+def _sample_rows(logits_bv: Array, key: Array, temperature_b: Array, top_p_b: Array,
+                 top_k_b: Array) -> Array:
+  """`sample_logits` with settings per row (traced): one program serves every setting."""
+  greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  kept_bv = _filter_rows(logits_bv, top_p_b, top_k_b)
+  scale_b = jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
+  sampled_b = jax.random.categorical(key, kept_bv / scale_b, axis=-1).astype(jnp.int32)
+  return jnp.where(temperature_b > 0, sampled_b, greedy_b)
 
 
 def apply_penalties(logits_bv: Array, counts_bv: Array, *, alpha_presence: float = 0.0,
@@ -128,7 +151,7 @@ def apply_penalties(logits_bv: Array, counts_bv: Array, *, alpha_presence: float
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """Everything that decides the next token; hashable, so it is a static jit argument.
+  """Everything that decides the next token (as arrays in the decode program: `RowSampling`).
 
   Attributes:
     temperature, top_p, top_k: see `sample_logits`.
@@ -151,14 +174,10 @@ class SamplingConfig:
 
   def __post_init__(self):
     _check_sampling_args(self.temperature, self.top_p, self.top_k)
-    # A tuple of ints keeps the config hashable (a static jit argument) whatever was passed.
+    # A tuple of ints keeps the config hashable and comparable whatever was passed.
     object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
     if not 0 < self.penalty_decay <= 1:
       raise ValueError(f"penalty_decay={self.penalty_decay} must be in (0, 1].")
-
-  @property
-  def uses_penalties(self) -> bool:
-    return self.alpha_presence != 0 or self.alpha_frequency != 0
 
 
 class GenerationResult(NamedTuple):
@@ -186,10 +205,43 @@ class GenerationResult(NamedTuple):
     return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
 
 
+class RowSampling(NamedTuple):
+  """SamplingConfig settings as arrays, one row per sequence: traced in the decode program, so
+  sequences may each have their own and no setting compiles a new program. Shapes [b], the stop
+  tokens [b, s] padded with -1."""
+
+  temperature: Array
+  top_p: Array
+  top_k: Array
+  alpha_presence: Array
+  alpha_frequency: Array
+  penalty_decay: Array
+  vocab_limit: Array
+  stop_tokens: Array
+
+  @classmethod
+  def of(cls, configs: Sequence[SamplingConfig], vocab_size: int) -> "RowSampling":
+    """The arrays of one config per row. Stop-token lists are padded to a multiple of 8, so
+    that lists of different lengths share a program."""
+    n_stop = -(-max(len(c.stop_tokens) for c in configs) // 8) * 8 or 8
+    stop_bs = np.full((len(configs), n_stop), -1, np.int32)
+    for i, c in enumerate(configs):
+      stop_bs[i, :len(c.stop_tokens)] = c.stop_tokens
+    column = lambda f, dtype: jnp.asarray([f(c) for c in configs], dtype)
+    return cls(column(lambda c: c.temperature, jnp.float32),
+               column(lambda c: c.top_p, jnp.float32),
+               column(lambda c: c.top_k, jnp.int32),
+               column(lambda c: c.alpha_presence, jnp.float32),
+               column(lambda c: c.alpha_frequency, jnp.float32),
+               column(lambda c: c.penalty_decay, jnp.float32),
+               column(lambda c: min(c.vocab_limit or vocab_size, vocab_size), jnp.int32),
+               jnp.asarray(stop_bs))
+
+
 class _Carry(NamedTuple):
   logits_bv: Array  # the model's scores for the next token
   state: model_lib.RWKVState
-  counts_bv: Array  # float32 penalty counts, or a [b, 0] placeholder when penalties are off
+  counts_bv: Array  # float32 penalty counts (they stay 0 in rows without penalties)
   done_b: Array  # bool: the sequence has emitted a stop token
 
 
@@ -203,29 +255,30 @@ def _keep_rows(active_b: Array, new: Any, old: Any, batch_axis: int) -> Any:
 
 
 def _decode_step(graphdef: nnx.GraphDef, params: Any, carry: _Carry, step: Array, key: Array,
-                 cfg: SamplingConfig) -> tuple[_Carry, Array, Array]:
+                 rows: RowSampling) -> tuple[_Carry, Array, Array]:
   """Samples one token per row and feeds it to the model.
 
   Returns:
     (next carry, token_b with PAD_ID for rows stopped before this step, the raw logits used).
   """
   logits_bv = carry.logits_bv
-  scores_bv = logits_bv
-  if cfg.uses_penalties:
-    scores_bv = apply_penalties(scores_bv, carry.counts_bv, alpha_presence=cfg.alpha_presence,
-                                alpha_frequency=cfg.alpha_frequency)
-  if cfg.vocab_limit is not None and cfg.vocab_limit < scores_bv.shape[-1]:
-    scores_bv = jnp.where(jnp.arange(scores_bv.shape[-1]) < cfg.vocab_limit, scores_bv, -jnp.inf)
-  token_b = sample_logits(scores_bv, jax.random.fold_in(key, step), temperature=cfg.temperature,
-                          top_p=cfg.top_p, top_k=cfg.top_k)
+  v = logits_bv.shape[-1]
+  penalised_b = (rows.alpha_presence != 0) | (rows.alpha_frequency != 0)
+  scores_bv = jax.lax.cond(
+      jnp.any(penalised_b),
+      lambda x: apply_penalties(x, carry.counts_bv, alpha_presence=rows.alpha_presence[:, None],
+                                alpha_frequency=rows.alpha_frequency[:, None]),
+      lambda x: x.astype(jnp.float32), logits_bv)
+  scores_bv = jnp.where(jnp.arange(v) < rows.vocab_limit[:, None], scores_bv, -jnp.inf)
+  token_b = _sample_rows(scores_bv, jax.random.fold_in(key, step), rows.temperature,
+                         rows.top_p, rows.top_k)
   active_b = ~carry.done_b
-  counts_bv = carry.counts_bv
-  if cfg.uses_penalties:
-    counts_bv = counts_bv * cfg.penalty_decay + jnp.where(
-        active_b[:, None], jax.nn.one_hot(token_b, counts_bv.shape[-1], dtype=jnp.float32), 0.0)
-  stopped_b = jnp.zeros_like(active_b)
-  if cfg.stop_tokens:
-    stopped_b = jnp.isin(token_b, jnp.asarray(cfg.stop_tokens, jnp.int32))
+  counts_bv = jax.lax.cond(
+      jnp.any(penalised_b),
+      lambda c: c * rows.penalty_decay[:, None] + jnp.where(
+          (active_b & penalised_b)[:, None], jax.nn.one_hot(token_b, v, dtype=jnp.float32), 0.0),
+      lambda c: c, carry.counts_bv)
+  stopped_b = jnp.any(token_b[:, None] == rows.stop_tokens, axis=-1)
   model = nnx.merge(graphdef, params)
   next_logits_bv, next_state = model.step(token_b, carry.state)
   # Stopped rows keep their state and logits, so the returned state is the one after their
@@ -236,26 +289,28 @@ def _decode_step(graphdef: nnx.GraphDef, params: Any, carry: _Carry, step: Array
   return next_carry, jnp.where(active_b, token_b, PAD_ID), logits_bv
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _step_jit(graphdef, params, carry, step, key, cfg):
-  return _decode_step(graphdef, params, carry, step, key, cfg)
+# Tokens one decode call can return: generation runs `ceil(n / DECODE_BLOCK)` calls of the one
+# compiled program (streaming, one token per call of the same program).
+DECODE_BLOCK = 16
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_steps", "return_logits"))
-def _decode_loop(graphdef, params, carry: _Carry, key: Array, cfg: SamplingConfig,
-                 num_steps: int, return_logits: bool):
-  """All decoding steps in one while_loop, ending early once every row has stopped."""
+@functools.partial(jax.jit, static_argnames=("return_logits",))
+def _decode(graphdef, params, carry: _Carry, key: Array, rows: RowSampling, start: Array,
+            count: Array, return_logits: bool):
+  """Steps start .. start + count - 1 (count <= DECODE_BLOCK) in one while_loop, ending early
+  once every row has stopped. Every argument but return_logits is traced, so one program per
+  (batch, model) serves every sampling setting, length and step."""
   b, v = carry.logits_bv.shape
-  tokens_bn = jnp.full((b, num_steps), PAD_ID, jnp.int32)
-  logits_bnv = jnp.zeros((b, num_steps if return_logits else 0, v), jnp.float32)
+  tokens_bn = jnp.full((b, DECODE_BLOCK), PAD_ID, jnp.int32)
+  logits_bnv = jnp.zeros((b, DECODE_BLOCK if return_logits else 0, v), jnp.float32)
 
   def cond(loop):
     i, c, _, _ = loop
-    return (i < num_steps) & ~jnp.all(c.done_b)
+    return (i < count) & ~jnp.all(c.done_b)
 
   def body(loop):
     i, c, toks, logs = loop
-    c, token_b, used_bv = _decode_step(graphdef, params, c, i, key, cfg)
+    c, token_b, used_bv = _decode_step(graphdef, params, c, start + i, key, rows)
     toks = toks.at[:, i].set(token_b)
     if return_logits:
       logs = logs.at[:, i].set(used_bv)
@@ -389,34 +444,32 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
     if lengths_b.min() == 0:
       logits_bv = jnp.where(jnp.asarray(lengths_b > 0)[:, None], logits_bv, next_logits)
 
-  counts_bv = jnp.zeros((b, v if cfg.uses_penalties else 0), jnp.float32)
-  carry = _Carry(logits_bv, state, counts_bv, jnp.zeros((b,), bool))
+  carry = _Carry(logits_bv, state, jnp.zeros((b, v), jnp.float32), jnp.zeros((b,), bool))
+  rows = RowSampling.of([cfg] * b, v)
   graphdef, params = nnx.split(model)
-  if callback is None and max_new_tokens > 0:
-    carry, tokens_bn, logits_bnv = _decode_loop(graphdef, params, carry, key, cfg,
-                                                int(max_new_tokens), return_logits)
-    tokens_bn = np.asarray(tokens_bn)
-    logits_bnv = np.asarray(logits_bnv) if return_logits else None
-  else:
-    tokens, logits = [], []
-    for i in range(max_new_tokens):
-      carry, token_b, used_bv = _step_jit(graphdef, params, carry, jnp.asarray(i, jnp.int32),
-                                          key, cfg)
-      token_b = np.asarray(token_b)
-      tokens.append(token_b)
-      if return_logits:
-        logits.append(np.asarray(used_bv))
-      if callback is not None:
-        callback(token_b, token_b != PAD_ID)
-      if bool(np.all(carry.done_b)):
-        break
-    tokens_bn = np.full((b, max_new_tokens), PAD_ID, np.int32)
-    if tokens:
-      tokens_bn[:, :len(tokens)] = np.stack(tokens, axis=1)
-    logits_bnv = None
+  block = DECODE_BLOCK if callback is None else 1  # streaming: every token as it is sampled
+  tokens, logits = [], []
+  for start in range(0, max_new_tokens, block):
+    count = min(block, max_new_tokens - start)
+    carry, tokens_bn, logits_bnv = _decode(graphdef, params, carry, key, rows,
+                                           jnp.asarray(start, jnp.int32),
+                                           jnp.asarray(count, jnp.int32), return_logits)
+    tokens.append(np.asarray(tokens_bn[:, :count]))
     if return_logits:
-      logits_bnv = np.zeros((b, max_new_tokens, v), np.float32)
-      if logits:
-        logits_bnv[:, :len(logits)] = np.stack(logits, axis=1)
+      logits.append(np.asarray(logits_bnv[:, :count]))
+    if callback is not None:
+      callback(tokens[-1][:, 0], tokens[-1][:, 0] != PAD_ID)
+    if bool(np.all(carry.done_b)):
+      break
+  tokens_bn = np.full((b, max_new_tokens), PAD_ID, np.int32)
+  if tokens:
+    got = np.concatenate(tokens, axis=1)
+    tokens_bn[:, :got.shape[1]] = got
+  logits_bnv = None
+  if return_logits:
+    logits_bnv = np.zeros((b, max_new_tokens, v), np.float32)
+    if logits:
+      got = np.concatenate(logits, axis=1)
+      logits_bnv[:, :got.shape[1]] = got
   lengths_b = np.sum(tokens_bn != PAD_ID, axis=1).astype(np.int32)
   return GenerationResult(tokens_bn, lengths_b, carry.state, logits_bnv, carry.logits_bv)
