@@ -1,18 +1,25 @@
 """How an entry point ends on an error: one line for the user's mistake, a traceback for a bug.
 
-`run(main, usage_errors=..., failures=...)` replaces `app.run(main)`. A bad flag, a missing
-config file, an override naming no config field, or one of `usage_errors` raised by main prints
-one line `error: ...` and exits with status 2; one of `failures` (the run itself failed: a
-non-finite loss, a busy workdir) prints one line and exits with status 1. Anything else is a
-bug and keeps its traceback, as does everything with --debug.
+`run(main, failures=...)` replaces `app.run(main)`. A bad flag, a missing config file, an override
+naming no config field, or a `UsageError` raised by main prints one line `error: ...` and exits
+with status 2; a `WriteError` or one of `failures` (the run itself failed: a non-finite loss, a
+busy workdir, a full disk) prints one line and exits with status 1. Anything else is a bug and
+keeps its traceback, as does everything with --debug.
+
+A mistake is raised as a `UsageError` where the input comes in: by the entry point's own checks,
+by `output_path` (the one rule for every path a program writes), or by a library call that
+checks what the user gave, wrapped in `user_input(ErrorType)`. A library's ValueError anywhere
+else is a bug, and shows as one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pathlib
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from absl import app, flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
@@ -20,6 +27,78 @@ from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of every error.")
 
 USAGE, FAILURE = 2, 1
+
+
+class UsageError(app.UsageError):
+  """A mistake in the command line or in the files it names: one line, exit status 2."""
+
+
+class WriteError(RuntimeError):
+  """An output that could not be written (a full disk, a permission): one line, exit status 1."""
+
+
+@contextlib.contextmanager
+def user_input(*errors: type[Exception], flag: str = "") -> Iterator[None]:
+  """Raises the `errors` of the block as a UsageError with the same message, after `flag: `.
+
+  Wraps a library call that checks what the user gave (a config, a data file, a tokenizer
+  name), so that its ValueError says the user's mistake in one line; keep the block to that call,
+  since whatever else it raised would be reported as the user's mistake too.
+  """
+  try:
+    yield
+  except errors as e:
+    raise UsageError(f"{flag}: {e}" if flag else str(e)) from e
+
+
+@contextlib.contextmanager
+def writing(flag: str, path: str | os.PathLike[str]) -> Iterator[None]:
+  """Raises an OSError of the block (which writes --flag's `path`) as a WriteError."""
+  try:
+    yield
+  except OSError as e:
+    raise WriteError(f"could not write --{flag}={path}: {e.strerror or e}.") from e
+
+
+def output_path(flag: str, value: str | os.PathLike[str] | None, *,
+                directory: bool = False) -> pathlib.Path | None:
+  """The path --flag names for writing, checked before any work is done.
+
+  One rule for every program: missing parent directories are created when the output is
+  written; an empty value, an existing directory where a file is written (or a value ending in
+  "/"), an existing file where a directory is written, a parent that is a file, and a parent
+  without write permission are refused.
+
+  Args:
+    flag: the flag's name, for the message.
+    value: its value; None (the flag not given) is returned as None.
+    directory: whether the output is a directory (else a file, or a prefix of files).
+
+  Returns:
+    The path, or None.
+
+  Raises:
+    UsageError: naming the flag and what to pass instead.
+  """
+  if value is None:
+    return None
+  text, kind = os.fspath(value), "directory" if directory else "file"
+  if not text:
+    raise UsageError(f"--{flag} is empty; name a {kind}.")
+  path = pathlib.Path(text).expanduser()
+  if not directory and (path.is_dir() or text.endswith(("/", os.sep))):
+    raise UsageError(f"--{flag}={value} is a directory; name a file inside it.")
+  if directory and path.exists() and not path.is_dir():
+    raise UsageError(f"--{flag}={value} is a file; name a directory.")
+  folder = path.absolute() if directory and path.is_dir() else path.absolute().parent
+  existing = next(p for p in (folder, *folder.parents) if p.exists())
+  if not existing.is_dir():
+    raise UsageError(f"--{flag}={value} cannot be written: {existing} is a file, not a "
+                     f"directory; choose another --{flag}.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UsageError(f"--{flag}={value} cannot be written: no write permission in {existing}; "
+                     f"choose another --{flag}.")
+  return path
 
 
 def _fail(status: int, message: str) -> None:
@@ -84,8 +163,8 @@ def integers(flag: str, value: str | Sequence[str], *, minimum: int | None = Non
   """The integers of --flag: comma-separated text ("1, 2,3") or a flags.DEFINE_list value.
 
   Raises:
-    app.UsageError: naming the flag, for anything but integers, one below `minimum`, or none
-      (unless allow_empty).
+    UsageError: naming the flag, for anything but integers, one below `minimum`, or none (unless
+      allow_empty).
   """
   items = value.split(",") if isinstance(value, str) else list(value)
   items = [x.strip() for x in items if x.strip()]
@@ -93,35 +172,33 @@ def integers(flag: str, value: str | Sequence[str], *, minimum: int | None = Non
   try:
     ids = [int(x) for x in items]
   except ValueError:
-    raise app.UsageError(f"--{flag}={shown!r} must be comma-separated integers, e.g. "
-                         f"--{flag}=1,2,3.") from None
+    raise UsageError(f"--{flag}={shown!r} must be comma-separated integers, e.g. "
+                     f"--{flag}=1,2,3.") from None
   if not ids and not allow_empty:
-    raise app.UsageError(f"--{flag} is empty; give at least one integer.")
+    raise UsageError(f"--{flag} is empty; give at least one integer.")
   if minimum is not None and any(i < minimum for i in ids):
-    raise app.UsageError(f"--{flag}={shown}: every value must be >= {minimum}.")
+    raise UsageError(f"--{flag}={shown}: every value must be >= {minimum}.")
   return ids
 
 
 def run(main: Callable[[list[str]], None], *,
-        usage_errors: tuple[type[BaseException], ...] = (),
         failures: tuple[type[BaseException], ...] = ()) -> None:
-  """Runs `main` as `app.run` does, turning expected errors into one line and an exit status.
+  """Runs `main` as `app.run` does, turning the user's mistakes and failed runs into one line.
 
   Args:
     main: the entry point's main(argv).
-    usage_errors: what main raises for a mistake in the command line or the files it names
-      (exit status 2); app.UsageError always is one.
-    failures: what main raises when the run fails through no mistake in the command (status 1).
+    failures: what main raises when the run fails through no mistake in the command (status 1),
+      besides WriteError.
   """
 
   def checked_main(argv: list[str]) -> None:
     try:
       main(argv)
-    except failures as e:  # first: a failure may subclass a usage error (e.g. ValueError)
+    except (WriteError, *failures) as e:
       if _DEBUG.value:
         raise
       _fail(FAILURE, str(e))
-    except (app.UsageError, *usage_errors) as e:
+    except app.UsageError as e:  # UsageError, and absl's own
       if _DEBUG.value:
         raise
       _fail(USAGE, str(e))

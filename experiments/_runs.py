@@ -1,13 +1,18 @@
-"""What the claim runners (char_level.py, scaling.py, long_context.py) share.
+"""What the training entry points share: the checks at their boundary, and the claim runners' parts.
 
-Each run has its own workdir. `train_run` trains it with `train_loop.train_and_evaluate` (which resumes
+`train` is `train_loop.train_and_evaluate` behind the checks that make a mistake in the config,
+workdir or data one line (`_cli.UsageError`) and anything else a traceback; `FAILURES` are the
+ways a run fails through no mistake in the command (status 1). experiments.train, .demo and the
+claim runners (char_level.py, scaling.py, long_context.py) train through them.
+
+In a claim runner each run has its own workdir. `train_run` trains it with `train` (which resumes
 from the workdir's latest checkpoint) and then writes WORKDIR/result.json; a later call with the
 same config finds that file and returns it without training, so re-running a runner skips the
 finished runs and resumes the unfinished one.
 
 A runner adds its own flags, `run` and `plot` to the program's shared parts here: `define_flags`
-(--workdir, --out, --tag), `start_logging`, `default_tag`, `save_record` (OUT/NAME_TAG.json and
-its .png) and `run_cli`.
+(--workdir, --out, --tag), `start_logging`, `out_dir`, `default_tag`, `save_record`
+(OUT/NAME_TAG.json and its .png) and `run_cli`.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import ml_collections
 from absl import flags
 
 from experiments import _cli, _logs, benchlib
-from rwkv_jax import sharding
+from rwkv_jax import sharding, wkv
+from rwkv_jax.data import sources as data_sources
 from rwkv_jax.io import tensor_names
+from rwkv_jax.train import config as train_config
 from rwkv_jax.train import loop as train_loop
 from rwkv_jax.train import metrics
 from rwkv_jax.train import step as step_lib
@@ -32,6 +39,32 @@ from rwkv_jax.train import workdir as workdir_lib
 
 RESULT_FILE = "result.json"
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+# A run that diverged, found its workdir busy or a checkpoint unusable failed: status 1.
+FAILURES = (train_loop.NonFiniteLossError, workdir_lib.WorkdirBusyError,
+            tensor_names.CheckpointError)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, **kwargs: Any
+          ) -> dict[str, float]:
+  """`train_loop.train_and_evaluate(config, workdir, **kwargs)` after checking the user's input.
+
+  The library calls that would reject the config, the model and mesh it describes, its WKV
+  implementation, the workdir and the data are made first, each raising its error as a
+  `_cli.UsageError`; a ValueError from the training itself is a bug and keeps its traceback.
+  The data is opened twice, here and by the loop: a memory map, or text encoded once into the
+  workdir and read back from there.
+  """
+  with _cli.user_input(train_config.ConfigError):
+    train_config.check(config)
+  with _cli.user_input(ValueError):  # RWKVConfig's fields, the mesh against the devices, impl
+    step_lib.model_config(config)
+    sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    wkv.resolve(config.train.impl)
+  with _cli.user_input(workdir_lib.WorkdirError):
+    workdir = workdir_lib.make_workdir(workdir)
+  with _cli.user_input(ValueError, FileNotFoundError):  # missing, empty, ids beyond the vocab
+    data_sources.open_training_source(config.data, workdir, config.model.vocab_size)
+  return train_loop.train_and_evaluate(config, workdir, **kwargs)
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
@@ -69,9 +102,9 @@ def train_run(name: str, config: ml_collections.ConfigDict, workdir: str | pathl
   logging.info("%s: %d parameters, %d steps of %d x %d tokens in %s.", name, num_params, t.steps,
                t.batch_size, config.model.ctx_len, workdir)
   start = time.perf_counter()
-  final = train_loop.train_and_evaluate(config, workdir, make_model=make_model,
-                                   rules=sharding.PARAM_RULES if rules is None else rules,
-                                   flops_per_token=flops_per_token)
+  final = train(config, workdir, make_model=make_model,
+                rules=sharding.PARAM_RULES if rules is None else rules,
+                flops_per_token=flops_per_token)
   wall_s = time.perf_counter() - start
   history = metrics.read_history(workdir)
   val = [(r["step"], r["val/loss"]) for r in history if "val/loss" in r]
@@ -123,6 +156,11 @@ def start_logging() -> None:
   _logs.quiet_third_party()
 
 
+def out_dir() -> pathlib.Path:
+  """--out, checked before the first run trains (`_cli.output_path`)."""
+  return _cli.output_path("out", flags.FLAGS.out, directory=True)
+
+
 def default_tag(size: str, suffix: str = "") -> str:
   """The size, then the device's tag unless the size is that tag, then `suffix`.
 
@@ -147,5 +185,4 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
   A bad flag, workdir or data file is the user's to fix (status 2); a run that diverged, found
   its workdir busy or a checkpoint unusable failed (status 1). --debug: tracebacks.
   """
-  _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
-           failures=(train_loop.NonFiniteLossError, workdir_lib.WorkdirBusyError, tensor_names.CheckpointError))
+  _cli.run(main, failures=FAILURES)

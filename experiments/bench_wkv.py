@@ -27,7 +27,6 @@ import pathlib
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -91,8 +90,8 @@ def parse_shapes(specs: Sequence[str]) -> list[Shape]:
     except ValueError:
       shape = ()
     if len(shape) != 3 or min(shape) < 1:
-      raise app.UsageError(f"--shapes entry {spec!r} is not BxTxC with positive integers, "
-                           f"e.g. 8x1024x768.")
+      raise _cli.UsageError(f"--shapes entry {spec!r} is not BxTxC with positive integers, "
+                            f"e.g. 8x1024x768.")
     shapes.append(shape)
   return shapes
 
@@ -100,8 +99,8 @@ def parse_shapes(specs: Sequence[str]) -> list[Shape]:
 def _check_choices(name: str, values: Sequence[str], choices: Sequence[str]) -> list[str]:
   bad = [v for v in values if v not in choices]
   if bad or not values:
-    raise app.UsageError(f"--{name}={','.join(values)}: {bad or 'empty'} not among "
-                         f"{list(choices)}.")
+    raise _cli.UsageError(f"--{name}={','.join(values)}: {bad or 'empty'} not among "
+                          f"{list(choices)}.")
   return list(values)
 
 
@@ -259,7 +258,7 @@ def _print_entry(e: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise _cli.UsageError(f"Unexpected arguments: {argv[1:]}")
   platform = jax.default_backend()
   on_cpu = platform == "cpu"
   impls = _IMPLS.value or default_impls(platform)
@@ -268,7 +267,7 @@ def main(argv: list[str]) -> None:
       CPU_SHAPES if on_cpu else GPU_SHAPES)
   dtypes = _check_choices("dtypes", _DTYPES.value, list(DTYPES))
   modes = _check_choices("modes", _MODES.value, MODES)
-  out_dir = pathlib.Path(_OUT.value)
+  out_dir = _cli.output_path(_OUT.name, _OUT.value, directory=True)
   tag = _TAG.value or benchlib.default_tag()
   json_path, png_path = out_dir / f"bench_wkv_{tag}.json", out_dir / f"bench_wkv_{tag}.png"
 
@@ -345,4 +344,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  _cli.run(main, usage_errors=(ValueError,))
+  _cli.run(main)

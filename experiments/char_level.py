@@ -157,8 +157,9 @@ def main(argv):
   del argv
   _runs.start_logging()
   f = flags.FLAGS
+  out = _runs.out_dir()
   record = run(f.size, f.workdir, f.steps, f.lr_init)
-  path = save(record, f.out, f.tag or _runs.default_tag(f.size, _lr_suffix(f.lr_init)))
+  path = save(record, out, f.tag or _runs.default_tag(f.size, _lr_suffix(f.lr_init)))
   bpc = record["val_bits_per_char"]
   print(f"held-out bits per char after {record['steps']} steps: RWKV {bpc['rwkv']:.4f}, "
         f"Transformer {bpc['transformer']:.4f}. Wrote {path}")

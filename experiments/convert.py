@@ -27,12 +27,12 @@ in one line and status 1. --debug shows tracebacks.
 """
 
 import json
-import os
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
 from experiments import _cli, _logs
+from experiments._cli import UsageError
 from rwkv_jax.io import checkpoint, tensor_names, weights
 
 _INPUT = flags.DEFINE_string("input", None, "Official .pth file, HuggingFace directory, Orbax "
@@ -69,62 +69,40 @@ def _input_quant(src: pathlib.Path) -> str:
     return ""  # load reports an unreadable export in its own words
 
 
-def _check_writable(dst: pathlib.Path) -> None:
-  """Raises UsageError unless dst can be created or replaced (its nearest existing folder is a
-  writable directory)."""
-  folder = dst if dst.is_dir() else dst.parent
-  while not folder.exists():
-    folder = folder.parent
-  if not folder.is_dir():
-    raise app.UsageError(f"--output={dst} cannot be written: {folder} is a file, not a "
-                         f"directory. Choose another --output.")
-  if not os.access(folder, os.W_OK | os.X_OK):
-    raise app.UsageError(f"--output={dst} cannot be written: no write permission in {folder}. "
-                         f"Choose another --output.")
-
-
 def check_paths(src: pathlib.Path, dst: pathlib.Path, fmt: str, dtype: str | None,
                 overwrite: bool) -> None:
-  """Every check of the command line that needs no checkpoint read; raises app.UsageError."""
+  """Every check of the command line that needs no checkpoint read; raises UsageError."""
   if not src.exists():
-    raise app.UsageError(f"--input={src} does not exist; pass an official .pth file, a "
-                         f"HuggingFace directory, or an rwkv_jax export or work directory.")
+    raise UsageError(f"--input={src} does not exist; pass an official .pth file, a "
+                     f"HuggingFace directory, or an rwkv_jax export or work directory.")
   if dst.resolve() == src.resolve():
-    raise app.UsageError(f"--output={dst} is the same path as --input; choose another.")
+    raise UsageError(f"--output={dst} is the same path as --input; choose another.")
   if fmt != "orbax" and "int8" in (dtype, _input_quant(src) if dtype is None else None):
     what = "--dtype=int8" if dtype else f"--input={src} is an int8 export, and it"
-    raise app.UsageError(f"{what} cannot be written as {fmt} (--output={dst}): .pth and HF "
-                         f"files hold only float tensors. Write an int8 export with "
-                         f"--format=orbax, or pass a float --dtype.")
-  if fmt in ("hf", "orbax") and dst.is_file():
-    raise app.UsageError(f"--output={dst} is an existing file, but the {fmt} format writes a "
-                         f"directory; pass a directory path or --format=pth.")
-  if fmt == "pth" and dst.is_dir():
-    raise app.UsageError(f"--output={dst} is a directory, but the pth format writes a file; "
-                         f"pass a file path ending in .pth.")
+    raise UsageError(f"{what} cannot be written as {fmt} (--output={dst}): .pth and HF "
+                     f"files hold only float tensors. Write an int8 export with "
+                     f"--format=orbax, or pass a float --dtype.")
+  _cli.output_path("output", dst, directory=fmt != "pth")  # the pth format writes a file
   if dst.is_dir() and (dst / "checkpoints").is_dir():
-    raise app.UsageError(f"--output={dst} is a training work directory; converting into it would "
-                         f"take it over. Choose another --output.")
+    raise UsageError(f"--output={dst} is a training work directory; converting into it would "
+                     f"take it over. Choose another --output.")
   exists = dst.is_file() or (dst.is_dir() and any(dst.iterdir()))
   if exists and not overwrite:
-    raise app.UsageError(f"--output={dst} already exists; pass --overwrite to replace it, or "
-                         f"choose another path.")
-  _check_writable(dst)
+    raise UsageError(f"--output={dst} already exists; pass --overwrite to replace it, or "
+                     f"choose another path.")
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise UsageError(f"Unexpected arguments: {argv[1:]}")
   _logs.quiet_third_party()
   src, dst = pathlib.Path(_INPUT.value), pathlib.Path(_OUTPUT.value)
   fmt = output_format(_OUTPUT.value, _FORMAT.value, _DTYPE.value)
   check_paths(src, dst, fmt, _DTYPE.value, _OVERWRITE.value)
-  try:
+  # The input's fault is the user's to fix (status 2); the disk's is a failed run (status 1).
+  with (_cli.user_input(tensor_names.CheckpointError, flag=f"--input={src}"),
+        _cli.writing("output", dst)):
     config = weights.convert_checkpoint(src, dst, fmt, dtype=_DTYPE.value)
-  except tensor_names.CheckpointError as e:
-    raise app.UsageError(f"--input={src}: {e}") from None
-  except OSError as e:  # the disk, not the command: status 1
-    raise OSError(f"Writing --output={dst} failed: {e}") from None
   print(f"Wrote {dst} ({fmt}, {config.precision}): n_layer={config.n_layer}, "
         f"n_embd={config.n_embd}, vocab_size={config.vocab_size}, "
         f"{config.num_params():,} parameters.")
@@ -132,4 +110,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   # A mistake in the flags or the files they name: one line, status 2. Writing failed: status 1.
-  _cli.run(main, usage_errors=(ValueError,), failures=(OSError,))
+  _cli.run(main)

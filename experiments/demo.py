@@ -14,7 +14,7 @@ import sys
 
 from absl import flags
 
-from experiments import _cli
+from experiments import _cli, _runs
 
 flags.DEFINE_string("workdir", "workdir/demo", "Where checkpoints, logs and the export go.")
 flags.DEFINE_integer("steps", None, "Override the number of training steps.")
@@ -35,7 +35,6 @@ def main(argv):
   from rwkv_jax.data.tokenizer import ByteTokenizer
   from rwkv_jax.infer import sampling, scoring
   from rwkv_jax.io import checkpoint
-  from rwkv_jax.train import loop as train_loop
 
   _logs.quiet_third_party()
   config = char_tiny.get_config()
@@ -47,7 +46,7 @@ def main(argv):
   text_path = corpus.wiki_sample()
   print(f"corpus: {text_path} ({text_path.stat().st_size / 1e6:.2f} MB of Wikipedia XML)")
 
-  final = train_loop.train_and_evaluate(config, workdir, peak_flops=benchlib.peak_flops())
+  final = _runs.train(config, workdir, peak_flops=benchlib.peak_flops())
   curve = plots.plot_loss(workdir, plots.model_title(config))
   print(f"\nvalidation: {final['val/bits_per_token']:.3f} bits per character "
         f"after {final['step']} steps ({curve})")
@@ -77,9 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from rwkv_jax.io import tensor_names
-  from rwkv_jax.train import loop as train_loop
-  from rwkv_jax.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
-           failures=(train_loop.NonFiniteLossError, workdir_lib.WorkdirBusyError,
-                     tensor_names.CheckpointError))
+  _cli.run(main, failures=_runs.FAILURES)

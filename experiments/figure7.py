@@ -30,6 +30,7 @@ from experiments.baselines import transformer as tf_lib
 from rwkv_jax import model as model_lib
 from rwkv_jax.config import RWKVConfig
 
+
 def _define_flags() -> None:
   """Flags exist only when this file runs as a program (no clash with other runners in a test)."""
   flags.DEFINE_integer("n_layer", 6, "Layers of both models.")
@@ -89,13 +90,20 @@ class _Decoder:
     self.cumulative_s.append(self.elapsed)
 
 
-def run(n_layer, n_embd, n_head, vocab_size, tokens, chunk, batch, dtype) -> dict:
-  num_chunks = -(-tokens // chunk)
-  tokens = num_chunks * chunk
+def configs(n_layer, n_embd, n_head, vocab_size, tokens, dtype
+            ) -> tuple[RWKVConfig, tf_lib.TransformerConfig]:
+  """The two models' configs; ValueError for shapes they cannot take (heads that do not split)."""
   rwkv_cfg = RWKVConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, ctx_len=tokens,
                         dtype=dtype)
   tf_cfg = tf_lib.TransformerConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                                     vocab_size=vocab_size, ctx_len=tokens, dtype=dtype)
+  return rwkv_cfg, tf_cfg
+
+
+def run(n_layer, n_embd, n_head, vocab_size, tokens, chunk, batch, dtype) -> dict:
+  num_chunks = -(-tokens // chunk)
+  tokens = num_chunks * chunk
+  rwkv_cfg, tf_cfg = configs(n_layer, n_embd, n_head, vocab_size, tokens, dtype)
   rwkv = model_lib.RWKV(rwkv_cfg, rngs=nnx.Rngs(0))
   tf = tf_lib.Transformer(tf_cfg, rngs=nnx.Rngs(0))
 
@@ -167,9 +175,11 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   f = flags.FLAGS
+  with _cli.user_input(ValueError):  # e.g. --n_embd that --n_head does not divide
+    configs(f.n_layer, f.n_embd, f.n_head, f.vocab_size, f.tokens, f.dtype)
+  out = _cli.output_path("out", f.out, directory=True)
   record = run(f.n_layer, f.n_embd, f.n_head, f.vocab_size, f.tokens, f.chunk, f.batch, f.dtype)
   tag = f.tag or benchlib.default_tag()
-  out = pathlib.Path(f.out)
   path = benchlib.write_json(out / f"figure7_{tag}.json", record)
   plot(record, out / f"figure7_{tag}.png")
   r, t = record["rwkv_ms_per_token"], record["transformer_ms_per_token"]
@@ -180,4 +190,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  _cli.run(main, usage_errors=(ValueError,))
+  _cli.run(main)

@@ -32,13 +32,14 @@ import sys
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import _cli
+from experiments._cli import UsageError
 from rwkv_jax import files
 from rwkv_jax.data import tokenizer as tokenizer_lib
 from rwkv_jax.infer import sampling
-from rwkv_jax.io import state_file, tensor_names, weights
+from rwkv_jax.io import state_file, weights
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Official .pth file, HF directory or Orbax export.", required=True)
@@ -84,46 +85,35 @@ for _name in ("alpha_presence", "alpha_frequency"):
                            f"--{_name} must be a finite number.")
 
 
-def _output_path(flag: flags.FlagHolder) -> pathlib.Path | None:
-  """The file a flag names, refused before any work if it could not be written there."""
-  if flag.value is None:
-    return None
-  path = pathlib.Path(flag.value)
-  if not flag.value or path.is_dir():
-    raise app.UsageError(f"--{flag.name}={flag.value} is a directory or empty; name a file.")
-  if not path.parent.is_dir():
-    raise app.UsageError(f"--{flag.name}={flag.value}: directory {path.parent} does not exist; "
-                         f"create it first or write elsewhere.")
-  return path
-
-
 def _read_prompt(optional: bool) -> str | list[int]:
   """The prompt as text or token ids, checked before anything is loaded."""
   given = [f for f in (_PROMPT, _PROMPT_FILE, _PROMPT_TOKENS) if f.value is not None]
   if len(given) > 1:
-    raise app.UsageError(f"Pass only one of {', '.join('--' + f.name for f in given)}.")
+    raise UsageError(f"Pass only one of {', '.join('--' + f.name for f in given)}.")
   if not given:
     if optional:
       return []
-    raise app.UsageError("Give a prompt: --prompt=TEXT, --prompt_file=FILE or "
-                         "--prompt_tokens=1,2,3 (or --load_state=FILE to continue a state).")
+    raise UsageError("Give a prompt: --prompt=TEXT, --prompt_file=FILE or "
+                     "--prompt_tokens=1,2,3 (or --load_state=FILE to continue a state).")
   flag = given[0]
   if flag is _PROMPT_TOKENS:
     prompt = _cli.integers(flag.name, flag.value, allow_empty=True)
   elif flag is _PROMPT_FILE:
     path = pathlib.Path(flag.value)
     if not path.is_file():
-      raise app.UsageError(f"--prompt_file={path} does not exist.")
+      raise UsageError(f"--prompt_file={path} does not exist.")
     try:
       prompt = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-      raise app.UsageError(f"--prompt_file={path} is not UTF-8 text ({e.reason} at byte "
-                           f"{e.start}).") from None
+      raise UsageError(f"--prompt_file={path} is not UTF-8 text ({e.reason} at byte "
+                       f"{e.start}).") from None
+    except OSError as e:  # e.g. no permission to read it
+      raise UsageError(f"--prompt_file={path}: {e}") from None
   else:
     prompt = flag.value
   if not prompt and not optional:
     where = f"--{flag.name}" + (f"={flag.value}" if flag is _PROMPT_FILE else "")
-    raise app.UsageError(f"{where} is empty; give something to continue.")
+    raise UsageError(f"{where} is empty; give something to continue.")
   return prompt
 
 
@@ -132,53 +122,50 @@ def _prompt_ids(prompt: str | list[int], tokenizer, vocab_size: int, optional: b
   if isinstance(prompt, str):
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids and not optional:
-      raise app.UsageError("The prompt encodes to no tokens; give some text to continue.")
+      raise UsageError("The prompt encodes to no tokens; give some text to continue.")
     return ids
   bad = [i for i in prompt if not 0 <= i < vocab_size]
   if bad:
-    raise app.UsageError(f"--prompt_tokens: ids {bad[:5]} are outside the model's vocabulary "
-                         f"[0, {vocab_size}).")
+    raise UsageError(f"--prompt_tokens: ids {bad[:5]} are outside the model's vocabulary "
+                     f"[0, {vocab_size}).")
   return prompt
 
 
 def _load_state(config, n: int) -> state_file.SavedState | None:
   if _LOAD_STATE.value is None:
     return None
-  try:
+  with _cli.user_input(state_file.StateFileError, flag="--load_state"):
     saved = state_file.load(_LOAD_STATE.value, config=config)
-  except state_file.StateFileError as e:
-    raise app.UsageError(f"--load_state: {e}") from None
   if saved.batch == 1 and n > 1:
     saved = state_file.SavedState(
         state_file.fork(saved.state, n), saved.next_logits.repeat(n, axis=0),
         saved.tokens_consumed * n, saved.n_layer, saved.n_embd, saved.dim_att,
         saved.vocab_size, saved.param_dtype)
   if saved.batch != n:
-    raise app.UsageError(f"--load_state={_LOAD_STATE.value} holds {saved.batch} sequences but "
-                         f"--num_samples={n}; pass --num_samples={saved.batch}, or a state of "
-                         f"one sequence (which is forked).")
+    raise UsageError(f"--load_state={_LOAD_STATE.value} holds {saved.batch} sequences but "
+                     f"--num_samples={n}; pass --num_samples={saved.batch}, or a state of "
+                     f"one sequence (which is forked).")
   return saved
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  output, save_path = _output_path(_OUTPUT), _output_path(_SAVE_STATE)
+    raise UsageError(f"Unexpected arguments: {argv[1:]}")
+  output = _cli.output_path(_OUTPUT.name, _OUTPUT.value)
+  save_path = _cli.output_path(_SAVE_STATE.name, _SAVE_STATE.value)
   prompt = _read_prompt(optional=_LOAD_STATE.value is not None)
   checkpoint = pathlib.Path(_CHECKPOINT.value)
   if not checkpoint.exists():
-    raise app.UsageError(f"--checkpoint={checkpoint} does not exist; pass an official RWKV-4 "
-                         f".pth file, a HuggingFace directory or an rwkv_jax export.")
-  try:
+    raise UsageError(f"--checkpoint={checkpoint} does not exist; pass an official RWKV-4 "
+                     f".pth file, a HuggingFace directory or an rwkv_jax export.")
+  with _cli.user_input(ValueError, FileNotFoundError, flag="--tokenizer"):
     tokenizer = tokenizer_lib.load_tokenizer(_TOKENIZER.value)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(f"--tokenizer: {e}") from None
-  try:
+  # A CheckpointError, or a --dtype the checkpoint cannot hold.
+  with _cli.user_input(ValueError, FileNotFoundError,
+                       flag=f"--checkpoint={checkpoint} --dtype={_DTYPE.value}"):
     model, config = weights.load(checkpoint, dtype=_DTYPE.value)
-  except (ValueError, FileNotFoundError) as e:  # CheckpointError, or a --dtype it cannot hold
-    raise app.UsageError(f"--checkpoint={checkpoint} --dtype={_DTYPE.value}: {e}") from None
   if tokenizer.vocab_size > config.vocab_size:
-    raise app.UsageError(
+    raise UsageError(
         f"--tokenizer={_TOKENIZER.value} has {tokenizer.vocab_size} tokens but the model only "
         f"{config.vocab_size}; use the tokenizer the model was trained with (RWKV-4 Pile models: "
         f"neox; byte-level models: bytes).")
@@ -217,14 +204,15 @@ def main(argv: list[str]) -> None:
   logging.info("%d tokens in %.2f s (compilation included).", int(result.lengths.sum()), seconds)
 
   if output is not None:
-    with files.atomic_write(output, "w") as f:
+    with _cli.writing(_OUTPUT.name, output), files.atomic_write(output, "w") as f:
       json.dump(result.sequences(), f)
       f.write("\n")
   if save_path is not None:
     before = saved.tokens_consumed if saved else (0,) * n
-    state_file.save(save_path, state_file.SavedState.of(
-        config, result.state, result.next_logits,
-        [b + len(prompt) + int(k) for b, k in zip(before, result.lengths)]))
+    with _cli.writing(_SAVE_STATE.name, save_path):
+      state_file.save(save_path, state_file.SavedState.of(
+          config, result.state, result.next_logits,
+          [b + len(prompt) + int(k) for b, k in zip(before, result.lengths)]))
 
 
 class _TextStream:
@@ -256,5 +244,4 @@ class _TextStream:
 if __name__ == "__main__":
   # A mistake in the flags or the files they name is the user's to fix (status 2); an output that
   # cannot be written is a failed run (status 1). --debug shows tracebacks.
-  _cli.run(main, usage_errors=(state_file.StateFileError, tensor_names.CheckpointError),
-           failures=(OSError,))
+  _cli.run(main)

@@ -242,8 +242,9 @@ def main(argv):
   del argv
   _runs.start_logging()
   f = flags.FLAGS
+  out = _runs.out_dir()
   record = run(f.size, f.workdir, f.steps)
-  path = save(record, f.out, f.tag or _runs.default_tag(f.size))
+  path = save(record, out, f.tag or _runs.default_tag(f.size))
   span = record["spans"][-1]
   losses = ", ".join(f"{k} {v / math.log(2):.3f}" for k, v in
                      record[f"mean_loss_{span}"].items())

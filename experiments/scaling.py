@@ -185,8 +185,9 @@ def main(argv):
   del argv
   _runs.start_logging()
   f = flags.FLAGS
+  out = _runs.out_dir()
   record = run(f.size, f.workdir, f.tokens_per_param)
-  path = save(record, f.out, f.tag or _runs.default_tag(f.size))
+  path = save(record, out, f.tag or _runs.default_tag(f.size))
   fit = record["fit"]
   print(f"{len(record['points'])} sizes: loss ~ C^{fit['slope']:.4f}, r^2 = {fit['r2']:.4f} "
         f"(paper {PAPER_R2}). Wrote {path}")

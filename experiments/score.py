@@ -26,6 +26,7 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import _cli
+from experiments._cli import UsageError
 
 flags.DEFINE_string("checkpoint", None, "Official .pth file, HF directory or Orbax export.")
 flags.DEFINE_string("tokens", None, "Comma-separated token ids to score.")
@@ -55,21 +56,10 @@ FLAGS = flags.FLAGS
 _DEFAULT_TOKENIZER = {256: "bytes", 50277: "neox", 65536: "world"}
 
 
-class UsageError(ValueError):
-  """A mistake in the command line or in the files it names."""
-
-
-class WriteError(RuntimeError):
-  """An output that could not be written (a full disk, a permission)."""
-
-
-def _write(path: pathlib.Path, write) -> None:
+def _write(flag: str, path: pathlib.Path, write) -> None:
   from rwkv_jax import files
-  try:
-    with files.atomic_path(path) as tmp:
-      write(tmp)
-  except OSError as e:
-    raise WriteError(f"could not write {path}: {e.strerror or e}; nothing was written.") from e
+  with _cli.writing(flag, path), files.atomic_path(path) as tmp:
+    write(tmp)
 
 
 def _load(weights, path: str, dtype: str):
@@ -78,31 +68,36 @@ def _load(weights, path: str, dtype: str):
 
   try:
     return weights.load(path, dtype=dtype)
-  except CheckpointError:
-    raise
+  except CheckpointError as e:
+    raise UsageError(str(e)) from e
   except Exception as e:  # pylint: disable=broad-except  (a reader's error on a damaged file)
     raise UsageError(f"--checkpoint={path} could not be read ({type(e).__name__}: {e}); the "
                      f"file may be damaged or incomplete.") from e
 
 
-def _check_output(flag: str, value: str | None) -> pathlib.Path | None:
-  """The output path, refused before any work if its directory does not exist."""
-  if value is None:
-    return None
-  path = pathlib.Path(value)
-  if path.is_dir():
-    raise UsageError(f"--{flag}={value} is a directory; give a file name.")
-  if not path.parent.is_dir():
-    raise UsageError(f"--{flag}={value}: the directory {path.parent} does not exist; create it "
-                     f"or write elsewhere.")
-  return path
+def _check_ids(flag: str, documents: list[np.ndarray], vocab_size: int) -> None:
+  """Refuses token ids outside the model's vocabulary, naming the flag that gave them."""
+  from rwkv_jax import model as model_lib
+
+  with _cli.user_input(ValueError, flag=flag):
+    for doc in documents:
+      if len(doc):
+        model_lib.check_tokens(doc[None], vocab_size)
+
+
+def _scorable(documents: list[np.ndarray]) -> list[np.ndarray]:
+  """The documents, refused when none has the 2 tokens scoring by position needs."""
+  if not any(len(d) >= 2 for d in documents):
+    raise UsageError("no document has 2 or more tokens; nothing to score.")
+  return documents
 
 
 def _read_text_file(path: pathlib.Path, raw_bytes: bool) -> str | bytes:
   """The file's text (or its bytes, for the byte tokenizer), refusing what is not UTF-8."""
   if not path.is_file():
     raise UsageError(f"--text_file={path} does not exist (or is not a file).")
-  data = path.read_bytes()
+  with _cli.user_input(OSError):  # e.g. no permission to read it
+    data = path.read_bytes()
   if raw_bytes:
     return data
   try:
@@ -137,7 +132,8 @@ def _write_position_loss(path: pathlib.Path, result, source: str) -> None:
             "tokens_scored": int(result.count.sum()),
             "mean_loss": float(result.loss_sum.sum() / result.count.sum()),
             "command": " ".join(sys.argv), **result.to_json()}
-  _write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(record, indent=1)))
+  _write("position_loss", path,
+         lambda tmp: pathlib.Path(tmp).write_text(json.dumps(record, indent=1)))
 
 
 def _print_position_loss(result) -> None:
@@ -149,6 +145,7 @@ def _print_position_loss(result) -> None:
 
 def main(argv):
   del argv
+  from rwkv_jax import wkv
   from rwkv_jax.data import binidx
   from rwkv_jax.data.tokenizer import ByteTokenizer, load_tokenizer
   from rwkv_jax.infer import scoring
@@ -170,28 +167,33 @@ def main(argv):
       raise UsageError(f"--{name}={FLAGS[name].value} must be >= {low}.")
   if FLAGS.dtype not in weights.DTYPES:
     raise UsageError(f"--dtype={FLAGS.dtype} is not one of {', '.join(weights.DTYPES)}.")
-  output = _check_output("output", FLAGS.output)
-  position_out = _check_output("position_loss", FLAGS.position_loss)
+  with _cli.user_input(ValueError, flag=f"--impl={FLAGS.impl}"):  # unknown, or not here
+    wkv.resolve(FLAGS.impl)
+  output = _cli.output_path("output", FLAGS.output)
+  position_out = _cli.output_path("position_loss", FLAGS.position_loss)
   model, config = _load(weights, FLAGS.checkpoint, FLAGS.dtype)
   logging.info("Loaded %s: %s", FLAGS.checkpoint, config)
 
   if FLAGS.tokens is not None:
     tokens = np.asarray(_cli.integers("tokens", FLAGS.tokens), np.int64)
+    _check_ids("--tokens", [tokens], config.vocab_size)
     logits = scoring.logits_for(model, tokens, chunk=FLAGS.chunk, impl=FLAGS.impl)
     if output:
       def save(tmp):
         with open(tmp, "wb") as f:
           np.save(f, logits.astype(np.float32))  # a file object: np.save adds no ".npy"
-      _write(output, save)
+      _write("output", output, save)
       print(f"wrote logits {logits.shape} float32 to {output}")
     else:
       print(f"logits {logits.shape}; argmax per position: {logits.argmax(-1).tolist()}")
     return
 
   if FLAGS.binidx is not None:
-    source = binidx.BinidxSource(FLAGS.binidx)
+    with _cli.user_input(ValueError, OSError):  # missing, or not a binidx pair
+      source = binidx.BinidxSource(FLAGS.binidx)
     documents = [np.asarray(source.sequence(i), np.int64) for i in range(source.num_sequences)]
-    result = scoring.loss_by_position(model, documents, max_position=FLAGS.max_position,
+    _check_ids(f"--binidx={FLAGS.binidx}", documents, config.vocab_size)
+    result = scoring.loss_by_position(model, _scorable(documents), max_position=FLAGS.max_position,
                                       batch_size=FLAGS.batch_size, chunk=FLAGS.chunk,
                                       impl=FLAGS.impl)
     _print_position_loss(result)
@@ -203,7 +205,8 @@ def main(argv):
   if spec is None:
     raise UsageError(f"the model's vocabulary has {config.vocab_size} tokens, which matches no "
                      f"built-in tokenizer; pass --tokenizer=PATH.")
-  tokenizer = load_tokenizer(spec)
+  with _cli.user_input(ValueError, OSError):  # an unknown name, a missing or broken file
+    tokenizer = load_tokenizer(spec)
   if tokenizer.vocab_size > config.vocab_size:
     raise UsageError(f"tokenizer {spec!r} has {tokenizer.vocab_size} tokens but the model only "
                      f"{config.vocab_size}; pass the tokenizer the model was trained with.")
@@ -216,7 +219,7 @@ def main(argv):
   documents = [np.asarray(encode(doc), np.int64) for doc in _split(text, FLAGS.document_separator)]
 
   if position_out:
-    result = scoring.loss_by_position(model, documents, max_position=FLAGS.max_position,
+    result = scoring.loss_by_position(model, _scorable(documents), max_position=FLAGS.max_position,
                                       batch_size=FLAGS.batch_size, chunk=FLAGS.chunk,
                                       impl=FLAGS.impl)
     _print_position_loss(result)
@@ -229,7 +232,8 @@ def main(argv):
     raise UsageError("the text encodes to fewer than 2 tokens per document; need at least 2 to "
                      "score.")
   losses = scoring.batch_token_losses(model, documents, chunk=FLAGS.chunk, impl=FLAGS.impl)
-  num_bytes = sum(len(d) - 1 if raw_bytes else len(tokenizer.decode(d[1:].tolist()).encode("utf-8")) for d in documents)
+  num_bytes = sum(len(d) - 1 if raw_bytes else len(tokenizer.decode(d[1:].tolist()).encode("utf-8"))
+                  for d in documents)
   result = scoring.TextScore(np.concatenate(losses), num_bytes)
   tokens = documents[0]
   for tok, loss in list(zip(tokens[1:], losses[0]))[:FLAGS.show_tokens]:
@@ -241,4 +245,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _cli.run(main, usage_errors=(UsageError, ValueError, OSError), failures=(WriteError,))
+  _cli.run(main)

@@ -12,13 +12,10 @@ A mistake in the flags or the files they name ends in one line and exit status 2
 (divergence, a busy workdir) in one line and status 1; --debug shows tracebacks.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from experiments import _cli
-from rwkv_jax.io import tensor_names
-from rwkv_jax.train import loop as train_loop
-from rwkv_jax.train import workdir as workdir_lib
+from experiments import _cli, _runs
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.")
@@ -31,7 +28,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise _cli.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax
 
   from experiments import _logs, benchlib, plots
@@ -39,10 +36,10 @@ def main(argv):
 
   _logs.quiet_third_party()
 
-  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                  FLAGS.process_id)
-  final = train_loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                   peak_flops=benchlib.peak_flops())
+  with _cli.user_input(ValueError):  # e.g. a process id out of range
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
+  final = _runs.train(FLAGS.config, FLAGS.workdir, peak_flops=benchlib.peak_flops())
   if jax.process_index() == 0:
     plots.plot_loss(FLAGS.workdir, plots.model_title(FLAGS.config))
   print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -52,6 +49,4 @@ def main(argv):
 if __name__ == "__main__":
   # A bad config, workdir or data path is the user's to fix (status 2); a run that diverged,
   # found its workdir busy or a checkpoint unusable failed (status 1). --debug: tracebacks.
-  _cli.run(main, usage_errors=(ValueError, FileNotFoundError),
-           failures=(train_loop.NonFiniteLossError, workdir_lib.WorkdirBusyError,
-                     tensor_names.CheckpointError))
+  _cli.run(main, failures=_runs.FAILURES)

@@ -127,7 +127,8 @@ def test_prompt_tokens_output_and_the_prompt_cache_from_the_command_line(model, 
 
 @pytest.mark.parametrize("case, expected", [
     ("top_p", "--top_p must be in (0, 1]"),
-    ("output dir", "--output=MISSING/out.json: directory MISSING does not exist"),
+    ("output under a file", "--output=BROKEN/out.json cannot be written: BROKEN is a file, not a "
+                            "directory"),
     ("damaged checkpoint", "--checkpoint=BROKEN"),
     ("prompt tokens", "--prompt_tokens='1,x' must be comma-separated integers"),
     ("foreign state", "--load_state: BROKEN holds the state of a model with n_layer=3"),
@@ -142,8 +143,9 @@ def test_mistakes_are_one_line_naming_the_flag_and_write_nothing(checkpoint, tmp
   # by absl's flag validation.)
   if case == "top_p":
     args.append("--top_p=0")
-  elif case == "output dir":
-    args.append(f"--output={tmp_path / 'missing' / 'out.json'}")
+  elif case == "output under a file":
+    broken.write_text("a file")
+    args.append(f"--output={broken / 'out.json'}")
   elif case == "damaged checkpoint":
     broken.write_bytes(checkpoint.read_bytes()[:3000])
     args.append(f"--checkpoint={broken}")
@@ -156,7 +158,7 @@ def test_mistakes_are_one_line_naming_the_flag_and_write_nothing(checkpoint, tmp
         other, random_state(other), np.zeros((1, 256), np.float32), 4))
     args.append(f"--load_state={broken}")
   line = one_line_error(run_cli(*args), 2)
-  expected = expected.replace("MISSING", str(tmp_path / "missing")).replace("BROKEN", str(broken))
+  expected = expected.replace("BROKEN", str(broken))
   assert expected in line
   assert not out.exists() and not cache.exists()
 

@@ -2,7 +2,8 @@
 
 Experiment configs (experiments/configs/*.py) start from `default_config()` and override what
 differs; `--config.section.key=value` overrides on the command line. `check` rejects a config
-with a missing or unknown key, or with flags that disagree, naming the flags to change.
+with a missing or unknown key, or with flags that disagree, raising a ConfigError that names the
+flags to change.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from typing import Any
 import ml_collections
 
 BPTT_MODES = ("full", "truncated")
+
+
+class ConfigError(ValueError):
+  """A training config that `check` rejects; the message names the flags to change."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -79,7 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming what to change if `config` is not a valid training config.
+  """Raises ConfigError naming what to change if `config` is not a valid training config.
 
   Args:
     config: a config built from `default_config()`.
@@ -87,36 +92,36 @@ def check(config: ml_collections.ConfigDict) -> None:
   _check_keys(config, default_config(), "config")
   o, t = config.optim, config.train
   if o.lr_final != o.lr_init and t.steps <= o.warmup_steps:
-    raise ValueError(f"--config.train.steps={t.steps} must exceed --config.optim.warmup_steps="
-                     f"{o.warmup_steps} (the learning rate decays after the warmup); lower the "
-                     f"warmup or train longer.")
+    raise ConfigError(f"--config.train.steps={t.steps} must exceed --config.optim.warmup_steps="
+                      f"{o.warmup_steps} (the learning rate decays after the warmup); lower the "
+                      f"warmup or train longer.")
   # Zero would divide by zero in the loop's step arithmetic, and keep_checkpoints=0 would keep
   # no checkpoint, so the next run would silently start again from scratch.
   for name in ("checkpoint_every", "log_every", "keep_checkpoints"):
     if t[name] < 1:
-      raise ValueError(f"--config.train.{name}={t[name]} must be >= 1.")
+      raise ConfigError(f"--config.train.{name}={t[name]} must be >= 1.")
   if t.bptt not in BPTT_MODES:
-    raise ValueError(f"--config.train.bptt={t.bptt!r} is not one of {BPTT_MODES}.")
+    raise ConfigError(f"--config.train.bptt={t.bptt!r} is not one of {BPTT_MODES}.")
   if not isinstance(t.chunk_len, int) or not 0 <= t.chunk_len <= config.model.ctx_len:
-    raise ValueError(f"--config.train.chunk_len={t.chunk_len!r} must be an integer from 0 (the "
-                     f"whole window) to --config.model.ctx_len={config.model.ctx_len}.")
+    raise ConfigError(f"--config.train.chunk_len={t.chunk_len!r} must be an integer from 0 (the "
+                      f"whole window) to --config.model.ctx_len={config.model.ctx_len}.")
   if t.accumulate_steps < 1 or t.batch_size % t.accumulate_steps:
-    raise ValueError(f"--config.train.batch_size={t.batch_size} must be a multiple of "
-                     f"--config.train.accumulate_steps={t.accumulate_steps} (>= 1).")
+    raise ConfigError(f"--config.train.batch_size={t.batch_size} must be a multiple of "
+                      f"--config.train.accumulate_steps={t.accumulate_steps} (>= 1).")
 
 
 def _check_keys(got: Any, want: ml_collections.ConfigDict, where: str) -> None:
   if not hasattr(got, "keys"):
-    raise ValueError(f"{where} is {got!r}; it must be a section with keys {sorted(want)}.")
+    raise ConfigError(f"{where} is {got!r}; it must be a section with keys {sorted(want)}.")
   unknown = sorted(set(got.keys()) - set(want.keys()))
   missing = sorted(set(want.keys()) - set(got.keys()))
   if unknown:
-    raise ValueError(f"Unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
-                     f"{where} has {sorted(want.keys())} (see rwkv_jax/train/config.py).")
+    raise ConfigError(f"Unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                      f"{where} has {sorted(want.keys())} (see rwkv_jax/train/config.py).")
   if missing:
-    raise ValueError(f"The config lacks {', '.join(f'{where}.{k}' for k in missing)}; build "
-                     f"experiment configs from rwkv_jax.train.config.default_config() and "
-                     f"override what differs.")
+    raise ConfigError(f"The config lacks {', '.join(f'{where}.{k}' for k in missing)}; build "
+                      f"experiment configs from rwkv_jax.train.config.default_config() and "
+                      f"override what differs.")
   for key, value in want.items():
     if isinstance(value, ml_collections.ConfigDict):
       _check_keys(got[key], value, f"{where}.{key}")
