@@ -1,7 +1,8 @@
 """rwkv_jax against the reference implementations on the same random official weights.
 
-The measurements (and how the weights and reference models are made) are in `experiments/parity.py`;
-`python -m experiments.accuracy` records the same numbers in experiments/results/accuracy_cpu.json.
+The measurements are in `experiments/accuracy.py`, which records the same numbers in
+experiments/results/accuracy_cpu.json; how the weights and reference models are made is in
+`experiments/reference_models.py`.
 """
 
 import jax.numpy as jnp
@@ -10,8 +11,9 @@ import pytest
 import transformers
 from flax import nnx
 
-from experiments import parity
-from experiments.parity import A, C, F, L, V
+from experiments import accuracy
+from experiments import reference_models
+from experiments.reference_models import A, C, F, L, V
 from rwkv_jax.io import state_convert, weights
 
 TOL = 1e-4
@@ -19,7 +21,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  return parity.write_checkpoint(tmp_path_factory.mktemp("parity"))
+  return reference_models.write_checkpoint(tmp_path_factory.mktemp("parity"))
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +34,17 @@ def loaded(checkpoint):
 
 @pytest.fixture(scope="module")
 def ours(loaded):
-  return parity.Jitted(loaded)
+  return reference_models.Jitted(loaded)
 
 
 @pytest.fixture(scope="module")
 def ref(checkpoint):
-  return parity.rwkv_package_model(checkpoint[0])
+  return reference_models.rwkv_package(checkpoint[0])
 
 
 @pytest.fixture(scope="module")
 def tokens():
-  return parity.random_tokens()
+  return reference_models.random_tokens()
 
 
 def assert_state_within_tol(errs, label):
@@ -51,13 +53,14 @@ def assert_state_within_tol(errs, label):
 
 
 def test_sequence_mode_matches_rwkv_package(ours, ref, tokens):
-  errs = parity.sequence_mode(ours, ref, tokens)  # raises unless our logits are [T, V] as theirs
+  # Raises unless our logits are [T, V] as theirs.
+  errs = accuracy.sequence_mode(ours, ref, tokens)
   assert errs["logits"] < TOL
   assert_state_within_tol(errs["state"], "sequence")
 
 
 def test_rnn_mode_matches_rwkv_package(ours, ref, tokens):
-  errs = parity.rnn_mode(ours, ref, tokens)
+  errs = accuracy.rnn_mode(ours, ref, tokens)
   assert errs["logits"] < TOL
   # Both are the same sequential recurrence, so here the scaled state agrees directly too.
   for name, err in errs["raw_state"].items():
@@ -66,13 +69,13 @@ def test_rnn_mode_matches_rwkv_package(ours, ref, tokens):
 
 
 def test_chunked_mode_matches_rwkv_package(ours, ref, tokens):
-  errs = parity.chunked_mode(ours, ref, tokens)
+  errs = accuracy.chunked_mode(ours, ref, tokens)
   assert errs["logits"] < TOL
   assert_state_within_tol(errs["state"], "chunked")
 
 
 def test_state_from_rwkv_package_continues_generation_identically(ours, ref, tokens):
-  errs = parity.state_exchange(ours, ref, tokens)
+  errs = accuracy.state_exchange(ours, ref, tokens)
   assert errs["state_from_package"]["logits"] < TOL
   # And the other way: our prefill state drives the package.
   assert errs["state_to_package"]["logits"] < TOL
@@ -91,7 +94,7 @@ def test_state_round_trip_through_package_layout_is_exact(ours, tokens):
 
 @pytest.fixture(scope="module")
 def hf_model(checkpoint):
-  return parity.hf_model(checkpoint[1])
+  return reference_models.hf_model(checkpoint[1])
 
 
 def test_hf_directory_loads_and_matches_transformers_logits(hf_model, loaded, ours, tokens,
@@ -105,11 +108,11 @@ def test_hf_directory_loads_and_matches_transformers_logits(hf_model, loaded, ou
     np.testing.assert_array_equal(np.asarray(from_hf[path].get_value()),
                                   np.asarray(var.get_value()), err_msg=str(path))
   # ... and those give transformers' logits.
-  assert parity.hf_sequence(ours, hf_model, tokens)["logits"] < TOL
+  assert accuracy.hf_sequence(ours, hf_model, tokens)["logits"] < TOL
 
 
 def test_hf_chunked_with_state_matches_transformers(hf_model, ours, tokens):
-  errs = parity.hf_chunked(ours, hf_model, tokens)
+  errs = accuracy.hf_chunked(ours, hf_model, tokens)
   assert errs["logits"] < TOL
   for name, err in errs["state"].items():
     assert err < TOL, name
@@ -118,5 +121,5 @@ def test_hf_chunked_with_state_matches_transformers(hf_model, ours, tokens):
 
 
 def test_export_to_hf_loads_in_transformers_with_same_logits(loaded, ours, tokens, tmp_path):
-  assert parity.hf_export(loaded, ours, tokens, tmp_path / "exported")["logits"] < TOL
+  assert accuracy.hf_export(loaded, ours, tokens, tmp_path / "exported")["logits"] < TOL
   assert transformers.RwkvConfig.from_pretrained(tmp_path / "exported").rescale_every == 0

@@ -9,32 +9,33 @@ import pytest
 import torch
 from flax import nnx
 
-from experiments import parity
+from experiments import reference_models
 from rwkv_jax import model as model_lib
 from rwkv_jax import quant, sharding
 from rwkv_jax.io import checkpoint, formats, tensor_names, weights
 from rwkv_jax_kernels import int8_cpu
 
-# The deep model (experiments/parity.py): batch B of the tokens every logit is compared on.
-B = parity.DEEP_TOKENS_SHAPE[0]
+# The deep model (experiments/reference_models.py): batch B of the tokens every logit is
+# compared on.
+B = reference_models.DEEP_TOKENS_SHAPE[0]
 FLOAT16_MAX = 65504.0
 
 
 @pytest.fixture(scope="module")
 def deep_pth(tmp_path_factory):
   path = tmp_path_factory.mktemp("deep") / "deep.pth"
-  torch.save(parity.deep_state_dict(), path)
+  torch.save(reference_models.deep_state_dict(), path)
   return path
 
 
 @pytest.fixture(scope="module")
 def float32_logits(deep_pth):
-  return parity.logits_of(weights.load(deep_pth, dtype="float32")[0])
+  return reference_models.logits_of(weights.load(deep_pth, dtype="float32")[0])
 
 
 def residual_peak(model) -> float:
   """The largest |x| of the residual stream over all blocks (float32, no rescale)."""
-  x = model.ln0(model.emb(jnp.asarray(parity.deep_tokens())))
+  x = model.ln0(model.emb(jnp.asarray(reference_models.deep_tokens())))
   state, peak = model_lib.empty_state(model.config, B), 0.0
   for i, block in enumerate(model.blocks):
     x, _ = block(x, model_lib.RWKVState(*(s[i] for s in state)), "scan")
@@ -47,18 +48,18 @@ def test_float16_rescale_keeps_a_deep_model_finite_and_close_to_float32(deep_pth
   assert residual_peak(model32) > 2 * FLOAT16_MAX  # the test model needs the rescale
   model16, config = weights.load(deep_pth, dtype="float16")
   assert (config.dtype, config.param_dtype, config.rescale_every) == ("float16", "float16", 6)
-  logits16 = parity.logits_of(model16)
+  logits16 = reference_models.logits_of(model16)
   assert np.all(np.isfinite(logits16))
   assert np.abs(logits16 - float32_logits).max() < 0.05
   # The same float16 model without the rescale overflows: the rescale is what keeps it finite.
   unscaled = nnx.merge(nnx.graphdef(model_lib.abstract_model(config.replace(rescale_every=0))),
                        nnx.state(model16))
-  assert not np.all(np.isfinite(parity.logits_of(unscaled)))
+  assert not np.all(np.isfinite(reference_models.logits_of(unscaled)))
 
 
 def test_int8_is_at_least_as_close_to_float32_as_the_rwkv_package_int8(deep_pth, float32_logits):
-  ours = parity.logits_of(weights.load(deep_pth, dtype="int8")[0])
-  package = parity.rwkv_package_logits(deep_pth, "cpu fp32i8")
+  ours = reference_models.logits_of(weights.load(deep_pth, dtype="int8")[0])
+  package = reference_models.rwkv_package_logits(deep_pth, "cpu fp32i8")
   # (Its "cpu fp32" equals our float32 on such weights: tests/test_parity.py.)
   top1 = lambda x: np.mean(x.argmax(-1) == float32_logits.argmax(-1))
   err = lambda x: np.abs(x - float32_logits).max()
@@ -83,8 +84,8 @@ def test_int8_matches_float32_with_dequantised_weights(deep_pth):
   float_config = config.with_precision("float32")
   model = nnx.merge(nnx.graphdef(model_lib.abstract_model(float_config)),
                     nnx.from_flat_state(floats))
-  np.testing.assert_allclose(parity.logits_of(model8), parity.logits_of(model), atol=2e-3,
-                             rtol=1e-4)
+  np.testing.assert_allclose(reference_models.logits_of(model8),
+                             reference_models.logits_of(model), atol=2e-3, rtol=1e-4)
 
 
 def dot_operand_dtypes(model) -> set[str]:
@@ -143,7 +144,7 @@ def test_every_format_loads_the_same_model_in_each_precision(small_pth, tmp_path
   model, _ = weights.load(small_pth, dtype="float32")
   formats.save_hf(model, tmp_path / "hf")
   checkpoint.export(model, tmp_path / "orbax")
-  toks = jnp.asarray(parity.deep_tokens()[:2, :9] % SMALL["vocab_size"])
+  toks = jnp.asarray(reference_models.deep_tokens()[:2, :9] % SMALL["vocab_size"])
   run = lambda m: np.asarray(m(toks)[0])
   ref, config = weights.load(small_pth, dtype=dtype)
   assert config.precision == dtype
