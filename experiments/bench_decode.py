@@ -23,7 +23,7 @@ dtype)`, so every dtype weights.load accepts is measured the way a user would ru
     batch, against the same prompts one at a time (`sampling.prefill_one_by_one`).
   * memory: peak memory while generating 1k..64k tokens, each length in its own process (so one
     length's peak cannot hide another's): the device's peak_bytes_in_use where it reports one
-    (GPUs), else the process's peak resident set (ru_maxrss), next to its value right after
+    (GPUs), else the process's peak resident set (VmHWM), next to its value right after
     loading the model. It must stay flat: the state is fixed-size and only the [batch, length]
     int32 token array grows.
 Targets (reported, not asserted): see TARGETS.
@@ -33,16 +33,15 @@ Writes <out>/bench_decode_<tag>.json (rewritten after every entry) and bench_dec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
-import resource
-import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
-from absl import app, flags
+from absl import flags
 
 from experiments import _cli, benchlib
 
@@ -100,7 +99,27 @@ def define_flags() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Weights.
+# Settings and weights.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What `run` measures (the flags of the same names; `main` fills in the device's defaults)."""
+
+  models: Sequence[str]  # from MODELS
+  dtypes: Sequence[str]  # the first is also timed for prefill, and beside the rwkv package
+  batches: Sequence[int]
+  decode_tokens: int  # per timed decode call
+  repeats: int  # timed rounds; the median is reported
+  baseline: bool  # also time the rwkv package, where installed
+  prefill_prompts: int  # prompts in the prefill comparison (1: none)
+  prefill_max_lens: Sequence[int]
+  prefill_chunk: int
+  memory_lengths: Sequence[int]  # generated lengths of the memory curve (empty: none)
+  memory_model: str
+  memory_dtype: str
+  weights_dir: str | None = None  # where the random .pth files are kept; None: the cache
+
 
 def weights_path(name: str, directory: str | os.PathLike | None = None) -> pathlib.Path:
   """A random official-format .pth of model `name`, written once and reused.
@@ -144,34 +163,12 @@ def supported_dtypes() -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------------
 # Measurements.
 
-def _median(xs: list[float]) -> float:
-  xs = sorted(xs)
-  return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
-
-def _timed(fns: dict[str, Any], repeats: int) -> dict[str, dict[str, float]]:
-  """Runs each function once (compiling, warming up), then `repeats` rounds of all of them in
-  turn: interleaved, so that the load of a shared machine falls on every one alike."""
-  first = {}
-  for name, fn in fns.items():
-    t0 = time.perf_counter()
-    fn()
-    first[name] = time.perf_counter() - t0
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-  return {name: {"median_s": _median(ts), "min_s": min(ts), "first_call_s": first[name]}
-          for name, ts in times.items()}
-
-
-def _rates(timing: dict[str, float], batch: int, tokens: int) -> dict[str, Any]:
-  return {"batch": batch, "tokens": tokens, **timing,
-          "tokens_per_s": batch * tokens / timing["median_s"],
-          "tokens_per_s_best": batch * tokens / timing["min_s"],
-          "ms_per_step": 1e3 * timing["median_s"] / tokens}
+def _rates(timing: benchlib.Timing, batch: int, tokens: int) -> dict[str, Any]:
+  return {"batch": batch, "tokens": tokens, "median_s": timing.median_s, "min_s": timing.min_s,
+          "first_call_s": timing.first_call_s,
+          "tokens_per_s": batch * tokens / timing.median_s,
+          "tokens_per_s_best": batch * tokens / timing.min_s,
+          "ms_per_step": 1e3 * timing.median_s / tokens}
 
 
 def decode_entry(model, config, batch: int, tokens: int, repeats: int, baseline=None
@@ -199,8 +196,9 @@ def decode_entry(model, config, batch: int, tokens: int, repeats: int, baseline=
                             state=start.state, next_logits=start.next_logits)
     jax.block_until_ready(out.state)
 
+  # Timed in the same rounds as the baseline, so that the load of a shared machine falls on both.
   fns = {"rwkv_jax": run, **({"baseline": baseline} if baseline else {})}
-  timing = _timed(fns, repeats)
+  timing = benchlib.time_rounds(fns, repeats)
   return (_rates(timing["rwkv_jax"], batch, tokens),
           _rates(timing["baseline"], 1, tokens) if baseline else None)
 
@@ -208,17 +206,13 @@ def decode_entry(model, config, batch: int, tokens: int, repeats: int, baseline=
 def rwkv_package_runner(path: pathlib.Path, tokens: int):
   """(a function decoding `tokens` greedy tokens with the rwkv package in RNN mode, batch 1,
   strategy 'cpu fp32', from the same .pth; facts about it), or (None, why not)."""
-  os.environ["RWKV_JIT_ON"] = "1"  # read when rwkv.model is imported
-  os.environ["RWKV_CUDA_ON"] = "0"
+  from experiments import reference_models
+
   try:
-    import torch
-    from rwkv.model import RWKV as PackageRWKV  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    model = reference_models.rwkv_package(path, "cpu fp32", jit=True)
   except ImportError as e:
     return None, {"status": "skipped", "error": f"rwkv package not installed ({e})"}
-  import contextlib
-  import io
-  with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it loads
-    model = PackageRWKV(model=str(path), strategy="cpu fp32")
   with torch.no_grad():
     _, start = model.forward([1], None)
 
@@ -236,7 +230,6 @@ def rwkv_package_runner(path: pathlib.Path, tokens: int):
 def prefill_entry(model, config, prompts: int, max_len: int, chunk: int, repeats: int
                   ) -> dict[str, Any]:
   """Ragged prompts prefilled in one batch against one at a time, compilation excluded."""
-  import jax
   import numpy as np
 
   from rwkv_jax.infer import sampling
@@ -252,14 +245,8 @@ def prefill_entry(model, config, prompts: int, max_len: int, chunk: int, repeats
   }
   entry: dict[str, Any] = {"prompts": prompts, "lengths": lengths.tolist(), "chunk": chunk,
                            "total_tokens": int(lengths.sum())}
-  for name, fn in ways.items():
-    jax.block_until_ready(fn())  # compiles
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times.append(time.perf_counter() - t0)
-    entry[name] = {"median_s": _median(times), "tokens_per_s": lengths.sum() / _median(times)}
+  for name, timing in benchlib.time_rounds(ways, repeats).items():
+    entry[name] = {"median_s": timing.median_s, "tokens_per_s": lengths.sum() / timing.median_s}
   entry["speedup"] = entry["one_by_one"]["median_s"] / entry["batched"]["median_s"]
   return entry
 
@@ -267,18 +254,19 @@ def prefill_entry(model, config, prompts: int, max_len: int, chunk: int, repeats
 def memory_worker(path: str, dtype: str, length: int) -> dict[str, Any]:
   """In this (fresh) process: load, generate `length` tokens, report peak memory."""
   import jax
+  from flax import nnx
 
   from rwkv_jax.infer import sampling
   from rwkv_jax.io import weights
 
   def peaks():
     stats = jax.local_devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use"), _rss("VmHWM")
+    return stats.get("peak_bytes_in_use"), benchlib.peak_rss_bytes()
 
   model, _ = weights.load(path, dtype=dtype)
-  jax.block_until_ready(nnx_params(model))
-  device_loaded, rss_loaded = peaks()[0], _rss("VmRSS")
-  reset = _reset_peak_rss()  # so that the peak below is the generation's, not the loading's
+  jax.block_until_ready(nnx.state(model))
+  device_loaded, rss_loaded = peaks()[0], benchlib.rss_bytes()
+  reset = benchlib.reset_peak_rss()  # the peak below is then the generation's, not the loading's
   t0 = time.perf_counter()
   result = sampling.generate(model, [1, 2, 3, 4], length, jax.random.key(0),
                              sampling=sampling.SamplingConfig(temperature=0.0), prefill_chunk=4)
@@ -290,41 +278,15 @@ def memory_worker(path: str, dtype: str, length: int) -> dict[str, Any]:
           "rss_peak_is": "during generation" if reset else "of the whole process"}
 
 
-def nnx_params(model):
-  from flax import nnx
-  return nnx.state(model)
-
-
-def _rss(field: str) -> int:
-  """The process's resident set (VmRSS) or its peak (VmHWM) in bytes."""
-  try:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-      if line.startswith(f"{field}:"):
-        return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _reset_peak_rss() -> bool:
-  """Resets VmHWM to the current resident set (Linux >= 4.0); False where it cannot."""
-  try:
-    pathlib.Path("/proc/self/clear_refs").write_text("5")
-    return True
-  except OSError:
-    return False
-
-
 def memory_entry(name: str, dtype: str, length: int, weights_dir: str | None
                  ) -> dict[str, Any]:
-  cmd = [sys.executable, "-m", "experiments.bench_decode", f"--memory_worker={length}",
-         f"--memory_model={name}", f"--memory_dtype={dtype}",
-         *([f"--weights_dir={weights_dir}"] if weights_dir else [])]
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=benchlib._REPO)  # pylint: disable=protected-access
-  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-  if proc.returncode or not lines:
-    return {"length": length, "status": "error", "error": proc.stderr[-2000:]}
-  return {"status": "ok", **json.loads(lines[-1])}
+  """`memory_worker` in a fresh process, so that one length's peak cannot hide another's."""
+  run = benchlib.run_fresh("experiments.bench_decode", f"--memory_worker={length}",
+                           f"--memory_model={name}", f"--memory_dtype={dtype}",
+                           *([f"--weights_dir={weights_dir}"] if weights_dir else []))
+  if run.record is None:
+    return {"length": length, "status": "error", "error": run.stderr[-2000:]}
+  return {"status": "ok", **run.record}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,12 +379,11 @@ def _int8_cpu_kernel() -> bool | None:
   return int8_cpu.available()
 
 
-def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_prompts,
-        prefill_max_lens, prefill_chunk, memory_lengths, memory_model, memory_dtype,
-        weights_dir, out_dir, tag) -> dict[str, Any]:
-  """Runs every measurement, writing the JSON after each; returns the record."""
+def run(settings: Settings, out_dir: str | os.PathLike[str], tag: str) -> dict[str, Any]:
+  """Runs every measurement, writing OUT_DIR/bench_decode_TAG.json after each; returns it."""
   from rwkv_jax.io import weights
 
+  s = settings
   out_dir = pathlib.Path(out_dir)
   json_path, png_path = out_dir / f"bench_decode_{tag}.json", out_dir / f"bench_decode_{tag}.png"
   supported = supported_dtypes()
@@ -431,12 +392,12 @@ def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_promp
       "environment": benchlib.environment(
           ["python", "-m", "experiments.bench_decode", *sys.argv[1:]]),
       "config": {"models": {m: dict(zip(("n_layer", "n_embd"), MODELS[m]), vocab=PILE_VOCAB)
-                            for m in models},
-                 "dtypes": dtypes, "batches": batches, "decode_tokens": decode_tokens,
-                 "repeats": repeats, "prefill_prompts": prefill_prompts,
-                 "prefill_max_lens": prefill_max_lens, "prefill_chunk": prefill_chunk,
-                 "memory_lengths": memory_lengths, "memory_model": memory_model,
-                 "memory_dtype": memory_dtype, "sampling": "greedy",
+                            for m in s.models},
+                 "dtypes": s.dtypes, "batches": s.batches, "decode_tokens": s.decode_tokens,
+                 "repeats": s.repeats, "prefill_prompts": s.prefill_prompts,
+                 "prefill_max_lens": s.prefill_max_lens, "prefill_chunk": s.prefill_chunk,
+                 "memory_lengths": s.memory_lengths, "memory_model": s.memory_model,
+                 "memory_dtype": s.memory_dtype, "sampling": "greedy",
                  "weights": "random, official .pth format",
                  "int8_cpu_kernel": _int8_cpu_kernel()},
       "decode": [], "baseline": {}, "prefill": [], "memory": [], "targets": []}
@@ -445,12 +406,12 @@ def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_promp
     record["targets"] = targets(record)
     benchlib.write_json(json_path, record)
 
-  for name in models:
-    path = weights_path(name, weights_dir)
-    package, facts = rwkv_package_runner(path, decode_tokens) if baseline else (None, None)
+  for name in s.models:
+    path = weights_path(name, s.weights_dir)
+    package, facts = rwkv_package_runner(path, s.decode_tokens) if s.baseline else (None, None)
     if facts is not None:
       record["baseline"][name] = facts
-    for dtype in dtypes:
+    for dtype in s.dtypes:
       if dtype not in supported:
         record["decode"].append({"model": name, "dtype": dtype, "status": "skipped",
                                  "error": f"weights.load does not accept {dtype!r} here "
@@ -458,11 +419,11 @@ def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_promp
         save()
         continue
       model, config = weights.load(path, dtype=dtype)
-      for batch in batches:
+      for batch in s.batches:
         # The rwkv package is timed in the same rounds as the first dtype at batch 1.
-        paired = package if (dtype, batch) == (dtypes[0], batches[0]) and batch == 1 else None
+        paired = package if (dtype, batch) == (s.dtypes[0], s.batches[0]) and batch == 1 else None
         try:
-          entry, other = decode_entry(model, config, batch, decode_tokens, repeats, paired)
+          entry, other = decode_entry(model, config, batch, s.decode_tokens, s.repeats, paired)
           entry = {"model": name, "dtype": dtype, "status": "ok", **entry}
           if other is not None:
             record["baseline"][name].update(other, paired_with=f"{name} {dtype} batch 1")
@@ -473,18 +434,18 @@ def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_promp
         record["decode"].append(entry)
         print(json.dumps(entry), flush=True)
         save()
-      for max_len in prefill_max_lens if dtype == dtypes[0] and prefill_prompts > 1 else ():
+      for max_len in s.prefill_max_lens if dtype == s.dtypes[0] and s.prefill_prompts > 1 else ():
         entry = {"model": name, "dtype": dtype, **prefill_entry(
-            model, config, prefill_prompts, max_len, min(prefill_chunk, max_len), repeats)}
+            model, config, s.prefill_prompts, max_len, min(s.prefill_chunk, max_len), s.repeats)}
         record["prefill"].append(entry)
         print(json.dumps(entry), flush=True)
         save()
       del model
     del package
-  if memory_lengths:
-    weights_path(memory_model, weights_dir)  # written once, before the workers read it
-    for length in memory_lengths:
-      entry = memory_entry(memory_model, memory_dtype, length, weights_dir)
+  if s.memory_lengths:
+    weights_path(s.memory_model, s.weights_dir)  # written once, before the workers read it
+    for length in s.memory_lengths:
+      entry = memory_entry(s.memory_model, s.memory_dtype, length, s.weights_dir)
       record["memory"].append(entry)
       print(json.dumps(entry), flush=True)
       save()
@@ -498,7 +459,7 @@ def run(models, dtypes, batches, decode_tokens, repeats, baseline, prefill_promp
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise _cli.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax
 
   f = flags.FLAGS
@@ -509,10 +470,10 @@ def main(argv: list[str]) -> None:
     return
   unknown = [m for m in f.models if m not in MODELS]
   if unknown:
-    raise app.UsageError(f"--models: unknown {unknown}; choose from {sorted(MODELS)}.")
+    raise _cli.UsageError(f"--models: unknown {unknown}; choose from {sorted(MODELS)}.")
   known = {*supported_dtypes(), "int8"}
   if set(f.dtypes) - known:
-    raise app.UsageError(f"--dtypes: unknown {sorted(set(f.dtypes) - known)}; choose from "
+    raise _cli.UsageError(f"--dtypes: unknown {sorted(set(f.dtypes) - known)}; choose from "
                          f"{sorted(known)}.")
   batches = _cli.integers("batches", f.batches, minimum=1)
   lengths = _cli.integers("memory_lengths", f.memory_lengths if f.memory_lengths is not None else
@@ -522,12 +483,17 @@ def main(argv: list[str]) -> None:
       ["32", "256"] if on_cpu else ["256", "2048"]), minimum=1)
   memory_model = f.memory_model or ("l6d256" if on_cpu else "169m")
   if memory_model not in MODELS:
-    raise app.UsageError(f"--memory_model={memory_model}: choose from {sorted(MODELS)}.")
-  run(f.models, f.dtypes, batches, f.decode_tokens or (128 if on_cpu else 256), f.repeats,
-      f.baseline, f.prefill_prompts, prefill_lens,
-      f.prefill_chunk or (128 if on_cpu else 1024), lengths, memory_model,
-      f.memory_dtype or ("float32" if on_cpu else "bfloat16"), f.weights_dir, f.out,
-      f.tag or benchlib.default_tag())
+    raise _cli.UsageError(f"--memory_model={memory_model}: choose from {sorted(MODELS)}.")
+  out = _cli.output_path("out", f.out, directory=True)
+  run(Settings(models=f.models, dtypes=f.dtypes, batches=batches,
+               decode_tokens=f.decode_tokens or (128 if on_cpu else 256), repeats=f.repeats,
+               baseline=f.baseline, prefill_prompts=f.prefill_prompts,
+               prefill_max_lens=prefill_lens,
+               prefill_chunk=f.prefill_chunk or (128 if on_cpu else 1024),
+               memory_lengths=lengths, memory_model=memory_model,
+               memory_dtype=f.memory_dtype or ("float32" if on_cpu else "bfloat16"),
+               weights_dir=f.weights_dir),
+      out, f.tag or benchlib.default_tag())
 
 
 if __name__ == "__main__":

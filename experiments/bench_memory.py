@@ -1,10 +1,10 @@
 r"""Peak memory of one training step against the window length, one-call and in chunks.
 
 Each setting runs in its own process (a fresh peak), which builds the model and optimizer,
-compiles the train step (rwkv_jax/train/loop.py, chunks from rwkv_jax/train/bptt.py) and runs it once.
-Per setting it records the process's peak resident memory (ru_maxrss) after set-up, after
-compilation and after the step, and XLA's buffer plan of the step (its temporary bytes are the
-activations). On an accelerator the device's peak bytes in use are recorded too.
+compiles the train step (rwkv_jax/train/step.py, chunks from rwkv_jax/train/bptt.py) and runs it
+once. Per setting it records the process's peak resident memory (VmHWM, as ru_maxrss) after
+set-up, after compilation and after the step, and XLA's buffer plan of the step (its temporary
+bytes are the activations). On an accelerator the device's peak bytes in use are recorded too.
 
   python -m experiments.bench_memory            # L4 D256 batch 1, windows 1k..64k, chunks of 512
   python -m experiments.bench_memory --windows=1024,16384 --one_call_windows=1024
@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import json
 import pathlib
-import resource
-import subprocess
-import sys
 from typing import Any, Sequence
 
-from absl import app, flags
+from absl import flags
 
-from experiments import _cli
+from experiments import _cli, benchlib
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,10 +41,6 @@ flags.DEFINE_string("child", None, "Internal: run one setting given as JSON and 
 FLAGS = flags.FLAGS
 
 _MIB = 2 ** 20
-
-
-def _max_rss_bytes() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def experiment_config(setting: dict[str, Any]):
@@ -78,7 +71,7 @@ def measure(setting: dict[str, Any]) -> dict[str, Any]:
   tx, _ = step_lib.build_optimizer(config)
   state = step_lib.init_state(config, mesh, tx)
   jax.block_until_ready(state.params)
-  after_setup = _max_rss_bytes()
+  after_setup = benchlib.peak_rss_bytes()
   step = step_lib.make_train_step(state, tx, mesh, accumulate_steps=1, l2wrap=config.optim.l2wrap,
                                impl=t.impl, chunk_len=t.chunk_len, bptt=t.bptt)
   b, w, v = t.batch_size, setting["window"], setting["vocab_size"]
@@ -86,10 +79,10 @@ def measure(setting: dict[str, Any]) -> dict[str, Any]:
   batch = sharding.shard_batch(mesh, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
   with jax.set_mesh(mesh):
     compiled = step.lower(state.params, state.opt_state, batch).compile()
-  after_compile = _max_rss_bytes()
+  after_compile = benchlib.peak_rss_bytes()
   params, opt_state, metrics = compiled(state.params, state.opt_state, batch)
   jax.block_until_ready((params, opt_state, metrics))
-  after_step = _max_rss_bytes()
+  after_step = benchlib.peak_rss_bytes()
   device_stats = jax.local_devices()[0].memory_stats() or {}
   return {**setting, "impl_resolved": wkv.resolve(t.impl),
           "peak_rss_after_setup_bytes": after_setup,
@@ -101,13 +94,11 @@ def measure(setting: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_child(setting: dict[str, Any]) -> dict[str, Any]:
-  out = subprocess.run([sys.executable, "-m", "experiments.bench_memory",
-                        f"--child={json.dumps(setting)}"], cwd=_REPO, capture_output=True,
-                       text=True)
-  if out.returncode:
-    return {**setting, "error": out.stderr.strip().splitlines()[-1][:500] if out.stderr else
-            f"exit status {out.returncode}"}
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  run = benchlib.run_fresh("experiments.bench_memory", f"--child={json.dumps(setting)}")
+  if run.record is None:
+    return {**setting, "error": run.stderr.strip().splitlines()[-1][:500] if run.stderr.strip()
+            else f"exit status {run.returncode}"}
+  return run.record
 
 
 def run(windows: Sequence[int], one_call_windows: Sequence[int], chunk_len: int, bptt: str,
@@ -171,30 +162,28 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
 def _lengths(name: str) -> list[int]:
   values = FLAGS[name].value
   if not all(v.isdigit() and int(v) > 0 for v in values):
-    raise ValueError(f"--{name}={','.join(values)}: give positive integers (tokens), e.g. "
-                     f"--{name}=1024,4096.")
+    raise _cli.UsageError(f"--{name}={','.join(values)}: give positive integers (tokens), "
+                          f"e.g. --{name}=1024,4096.")
   return [int(v) for v in values]
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise _cli.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.child:
     print(json.dumps(measure(json.loads(FLAGS.child))))
     return
-  from experiments import benchlib
-
+  out = _cli.output_path("out", FLAGS.out)
   model = dict(n_layer=FLAGS.n_layer, n_embd=FLAGS.n_embd, vocab_size=FLAGS.vocab_size,
                batch_size=FLAGS.batch_size)
   record = run(_lengths("windows"), _lengths("one_call_windows"), FLAGS.chunk_len, FLAGS.bptt,
                model, FLAGS.impl)
   record = {"environment": benchlib.environment(), **record}
-  path = pathlib.Path(FLAGS.out or _REPO / "experiments" / "results" /
-                      f"bench_memory_{benchlib.default_tag()}.json")
+  path = out or _REPO / "experiments" / "results" / f"bench_memory_{benchlib.default_tag()}.json"
   benchlib.write_json(path, record)
   plot(record, path.with_suffix(".png"))
   print(f"{json.dumps(record['ratios'])}\nWrote {path} and {path.with_suffix('.png').name}")
 
 
 if __name__ == "__main__":
-  _cli.run(main, usage_errors=(ValueError,))
+  _cli.run(main)

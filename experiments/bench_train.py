@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 from experiments import _cli
 
@@ -145,31 +145,27 @@ def time_train_step(config, impl: str, steps: int, repeats: int) -> dict[str, An
   b, t, v = config.train.batch_size, config.model.ctx_len, config.model.vocab_size
   tokens = np.random.default_rng(0).integers(0, v, (b, t + 1), dtype=np.int32)
   batch = sharding.shard_batch(mesh, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
-  params, opt_state = state.params, state.opt_state
+  params, opt_state, metrics = state.params, state.opt_state, None
 
-  # The step donates its state, so the timing loop carries it (time_fn would reuse freed args).
-  start = time.perf_counter()
-  params, opt_state, metrics = step_fn(params, opt_state, batch)
-  jax.block_until_ready(metrics)
-  first_call_s = time.perf_counter() - start
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(steps):
-      params, opt_state, metrics = step_fn(params, opt_state, batch)
-    jax.block_until_ready((params, metrics))
-    samples.append((time.perf_counter() - start) / steps)
-  step_s = float(np.median(samples))
+  def train_step():
+    # The step donates its state, so each call carries it to the next (time_fn would call the
+    # step again on the freed arguments).
+    nonlocal params, opt_state, metrics
+    params, opt_state, metrics = step_fn(params, opt_state, batch)
+    return params, metrics
+
+  timing = benchlib.time_rounds({"step": train_step}, repeats, calls_per_repeat=steps)["step"]
+  step_s = timing.median_s
   cfg = step_lib.model_config(config)
   tokens_per_s = b * t / step_s
   peak = benchlib.peak_flops()
   return {
       "impl": impl,
       "impl_resolved": wkv.resolve(impl),
-      "step_ms_median": step_s * 1e3,
-      "step_ms_min": min(samples) * 1e3,
+      "step_ms_median": timing.median_ms,
+      "step_ms_min": timing.min_ms,
       "compile_s": compile_s,
-      "first_call_s": first_call_s,
+      "first_call_s": timing.first_call_s,
       "tokens_per_s": tokens_per_s,
       "model_flops_per_s": tokens_per_s * cfg.flops_per_token(),
       "mfu": (tokens_per_s * cfg.flops_per_token() / (peak * jax.device_count())
@@ -222,8 +218,9 @@ def run(model: str, batch_size: int, ctx_len: int | None, dtype: str | None, imp
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise _cli.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  _cli.output_path("out", f.out)
   path = run(f.model, f.batch_size, f.ctx_len, f.dtype, f.impls, f.steps, f.repeats, f.remat,
              f.out, command=sys.argv, plan_only=f.plan_only)
   print(f"Wrote {path}")
@@ -231,4 +228,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  _cli.run(main, usage_errors=(ValueError,))
+  _cli.run(main)

@@ -1,10 +1,12 @@
-"""Timing, environment and results helpers shared by the `bench_*` scripts.
+"""Timing, memory, environment and results helpers shared by the `bench_*` scripts.
 
 A benchmark here is a script that writes a JSON record (and usually a plot), never an assertion:
-`time_fn` times a jitted callable, `environment` says where and from what code the numbers came,
-`copy_bandwidth` measures the memory roofline on the same device in the same run, `peak_flops`
-gives the device's dense bf16 peak for model FLOPs utilization, and `write_json` stores the
-record atomically so a run killed midway keeps what it had written.
+`time_fn` times a jitted callable and `time_rounds` several calls in alternating rounds (both
+report a `Timing`: median, minimum, compile time), `run_fresh` measures in a new process and
+`peak_rss_bytes` reads its peak resident memory, `environment` says where and from what code the
+numbers came, `copy_bandwidth` measures the memory roofline on the same device in the same run,
+`peak_flops` gives the device's dense bf16 peak for model FLOPs utilization, and `write_json`
+stores the record atomically so a run killed midway keeps what it had written.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import os
 import pathlib
 import platform as platform_lib
 import re
+import resource
 import shlex
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +58,49 @@ class Timing:
   calls_per_repeat: int
   first_call_s: float  # Compilation plus one run: what a user waits for once.
 
+  @classmethod
+  def of(cls, samples_s: Sequence[float], calls_per_repeat: int, first_call_s: float
+         ) -> Timing:
+    """The Timing of per-call times in seconds, one per timed group."""
+    return cls(median_ms=median(samples_s) * 1e3, min_ms=min(samples_s) * 1e3,
+               repeats=len(samples_s), calls_per_repeat=calls_per_repeat,
+               first_call_s=first_call_s)
+
+  @property
+  def median_s(self) -> float:
+    return self.median_ms * 1e-3
+
+  @property
+  def min_s(self) -> float:
+    return self.min_ms * 1e-3
+
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def median(xs: Sequence[float]) -> float:
+  """The median (the mean of the middle two for an even count)."""
+  xs = sorted(xs)
+  mid = len(xs) // 2
+  return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def _first_call_s(call: Callable[[], Any]) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(call())
+  return time.perf_counter() - start
+
+
+def _group_s(call: Callable[[], Any], calls: int) -> float:
+  """Seconds per call of `calls` calls run back to back, blocking once at the end."""
+  start = time.perf_counter()
+  out = None
+  for _ in range(calls):
+    # Rebinding drops the previous outputs, so memory stays at one call's worth while the
+    # device works through the queue in order; blocking on the last output waits for all.
+    out = call()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / calls
 
 
 def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 0,
@@ -83,32 +127,91 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
   """
   if repeats < 1:
     raise ValueError(f"{repeats=} must be at least 1.")
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first_call_s = time.perf_counter() - start
+  call = lambda: fn(*args)
+  first_call_s = _first_call_s(call)
   for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  one = max(time.perf_counter() - start, 1e-9)
+    jax.block_until_ready(call())
+  one = max(_group_s(call, 1), 1e-9)
   calls = int(min(max_calls_per_repeat, max(1, math.ceil(min_repeat_s / one))))
+  return Timing.of([_group_s(call, calls) for _ in range(repeats)], calls, first_call_s)
 
-  samples = []
+
+def time_rounds(calls: Mapping[str, Callable[[], Any]], repeats: int,
+                calls_per_repeat: int = 1) -> dict[str, Timing]:
+  """Times several calls in the same rounds, so that the load of a shared machine falls on all.
+
+  Each call runs once first (compiling; timed apart), then `repeats` rounds time
+  `calls_per_repeat` back-to-back calls of each in turn, blocking once at the end of each group
+  as `time_fn` does. A call may carry state from one call to the next (a training step's
+  parameters), as long as it returns what to block on.
+
+  Args:
+    calls: name -> a function of no arguments running one call and returning its outputs.
+    repeats: timed rounds (>= 1).
+    calls_per_repeat: calls of each function per round.
+
+  Returns:
+    name -> its Timing.
+  """
+  if repeats < 1:
+    raise ValueError(f"{repeats=} must be at least 1.")
+  first = {name: _first_call_s(call) for name, call in calls.items()}
+  samples = {name: [] for name in calls}
   for _ in range(repeats):
-    start = time.perf_counter()
-    out = None
-    for _ in range(calls):
-      # Rebinding drops the previous outputs, so memory stays at one call's worth while the
-      # device works through the queue in order; blocking on the last output waits for all.
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) / calls)
-  samples.sort()
-  median = samples[len(samples) // 2] if len(samples) % 2 else (
-      samples[len(samples) // 2 - 1] + samples[len(samples) // 2]) / 2
-  return Timing(median_ms=median * 1e3, min_ms=samples[0] * 1e3, repeats=repeats,
-                calls_per_repeat=calls, first_call_s=first_call_s)
+    for name, call in calls.items():
+      samples[name].append(_group_s(call, calls_per_repeat))
+  return {name: Timing.of(samples[name], calls_per_repeat, first[name]) for name in calls}
+
+
+def rss_bytes() -> int:
+  """This process's resident set (VmRSS) in bytes."""
+  return _proc_status("VmRSS")
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident set (VmHWM; ru_maxrss where /proc is missing) in bytes."""
+  return _proc_status("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+  """Resets the peak resident set to the current one (Linux >= 4.0); False where it cannot."""
+  try:
+    pathlib.Path("/proc/self/clear_refs").write_text("5")
+    return True
+  except OSError:
+    return False
+
+
+def _proc_status(field: str) -> int:
+  try:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+      if line.startswith(f"{field}:"):
+        return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+@dataclasses.dataclass(frozen=True)
+class FreshRun:
+  """What a measurement in its own process printed: its record (None if none) and stderr."""
+
+  record: dict[str, Any] | None
+  returncode: int
+  stderr: str
+
+
+def run_fresh(module: str, *flags: str) -> FreshRun:
+  """Runs `python -m module *flags` from the repository root in a new process.
+
+  For measurements one process must not see another's (peak memory, a first compilation). The
+  module prints its record as one line of JSON, its last line that starts with "{".
+  """
+  proc = subprocess.run([sys.executable, "-m", module, *flags], cwd=_REPO, capture_output=True,
+                        text=True)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  record = json.loads(lines[-1]) if lines and not proc.returncode else None
+  return FreshRun(record, proc.returncode, proc.stderr)
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 5) -> dict[str, Any]:

@@ -112,6 +112,37 @@ def test_time_fn_reports_ordered_positive_times():
     benchlib.time_fn(jax.jit(lambda x: x), jnp.ones(1), repeats=0)
 
 
+def test_time_rounds_interleaves_the_calls_and_carries_state():
+  order, carried = [], [0]
+
+  def counter(name):
+    def call():
+      order.append(name)
+      carried[0] += name == "a"
+      return jnp.asarray(carried[0])
+    return call
+
+  timings = benchlib.time_rounds({"a": counter("a"), "b": counter("b")}, repeats=2,
+                                 calls_per_repeat=3)
+  # One untimed first call each, then rounds of three calls of a, then three of b.
+  assert order == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 2
+  assert carried[0] == 7
+  for timing in timings.values():
+    assert (timing.repeats, timing.calls_per_repeat) == (2, 3)
+    assert 0 < timing.min_ms <= timing.median_ms and timing.first_call_s > 0
+    assert timing.median_s == timing.median_ms * 1e-3
+
+
+def test_median_of_odd_and_even_counts():
+  assert benchlib.median([3.0, 1.0, 2.0]) == 2.0
+  assert benchlib.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+
+
+def test_peak_rss_is_at_least_the_resident_set_read_before_it():
+  rss = benchlib.rss_bytes()
+  assert benchlib.peak_rss_bytes() >= rss > 0
+
+
 def test_write_json_rejects_nan(tmp_path):
   benchlib.write_json(tmp_path / "a" / "r.json", {"x": 1.5})
   assert json.loads((tmp_path / "a" / "r.json").read_text()) == {"x": 1.5}
@@ -122,11 +153,11 @@ def test_write_json_rejects_nan(tmp_path):
 
 def test_bench_decode_writes_a_complete_record_on_a_tiny_model(tmp_path):
   from experiments import bench_decode
-  record = bench_decode.run(
+  record = bench_decode.run(bench_decode.Settings(
       models=["tiny"], dtypes=["float32", "no_such_dtype"], batches=[1, 2], decode_tokens=2,
       repeats=1, baseline=False, prefill_prompts=3, prefill_max_lens=[4], prefill_chunk=4,
       memory_lengths=[], memory_model="tiny", memory_dtype="float32",
-      weights_dir=str(tmp_path / "w"), out_dir=str(tmp_path), tag="test")
+      weights_dir=str(tmp_path / "w")), out_dir=str(tmp_path), tag="test")
   saved = json.loads((tmp_path / "bench_decode_test.json").read_text())
   assert saved == json.loads(json.dumps(record))
   assert (tmp_path / "bench_decode_test.png").stat().st_size > 0

@@ -2,11 +2,15 @@
 
 Each case is a real subprocess that stops before any training: status 2 for a mistake in the
 flags or the files they name (status 1, a failed run, is pinned in tests/test_workdir_safety.py).
+Every program that writes a file refuses a bad output path by one rule, in the same words; and a
+ValueError that is not the user's mistake (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import textwrap
 
 import pytest
 from absl import app
@@ -72,7 +76,8 @@ def _make_binidx(*flags: str):
     ("not UTF-8", "--input=TMP/latin1.txt is not UTF-8 text"),
     ("empty input", "TMP/empty.txt holds no text"),
     ("unknown tokenizer", "--tokenizer=nope: unknown tokenizer 'nope'"),
-    ("output under a file", "--output_prefix=TMP/text.txt/out: cannot create the directory"),
+    ("output under a file", "--output_prefix=TMP/text.txt/out cannot be written: TMP/text.txt is "
+                            "a file, not a directory"),
     ("output is a directory", "--output_prefix=TMP is a directory"),
     ("no output flag", "--output_prefix must have a value"),
     ("extra argument", "Unexpected arguments: ['extra']"),
@@ -161,3 +166,131 @@ def test_integers_names_the_flag_in_its_error(value, kwargs, expected):
 def test_list_flags_of_the_benchmarks_are_checked_in_one_line(module, flags, expected):
   result = run_module([sys.executable, "-m", f"experiments.{module}", *flags], subprocess_env())
   assert expected in one_line_error(result, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# One rule for output paths, one message in every program.
+
+# (program, its flags before the output flag, the output flag, whether it writes a directory)
+_WRITERS = [
+    ("score", ["--checkpoint=MISSING.pth", "--tokens=1,2"], "output", False),
+    ("score", ["--checkpoint=MISSING.pth", "--text=hi"], "position_loss", False),
+    ("generate", ["--checkpoint=MISSING.pth", "--prompt=Hi"], "output", False),
+    ("generate", ["--checkpoint=MISSING.pth", "--prompt=Hi"], "save_state", False),
+    ("convert", ["--input=INPUT", "--format=pth"], "output", False),
+    ("convert", ["--input=INPUT", "--format=hf"], "output", True),
+    ("make_binidx", ["--input=INPUT", "--tokenizer=bytes"], "output_prefix", False),
+    ("bench_wkv", ["--impls=scan", "--shapes=1x4x2"], "out", True),
+    ("bench_train", [], "out", False),
+    ("bench_decode", [], "out", True),
+    ("bench_memory", [], "out", False),
+    ("figure7", [], "out", True),
+    ("accuracy", [], "out", False),
+    ("char_level", ["--size=tiny"], "out", True),
+    ("scaling", ["--size=tiny"], "out", True),
+    ("long_context", ["--size=tiny"], "out", True),
+]
+
+
+def _writer_args(tmp_path, flags, name, value):
+  text = tmp_path / "input.txt"
+  text.write_text("some text\n")
+  flags = [f.replace("MISSING", str(tmp_path / "missing")).replace("INPUT", str(text))
+           for f in flags]
+  return [sys.executable, "-m", f"experiments.{name}", *flags, value]
+
+
+@pytest.mark.parametrize("name, flags, flag, directory", _WRITERS,
+                         ids=[f"{w[0]}-{w[2]}-{'dir' if w[3] else 'file'}" for w in _WRITERS])
+def test_an_output_under_a_file_is_refused_in_the_same_words_by_every_program(
+    tmp_path, name, flags, flag, directory):
+  a_file = tmp_path / "afile"
+  a_file.write_text("not a directory")
+  bad = a_file / "sub" / ("out" if directory else "out.json")
+  result = run_module(_writer_args(tmp_path, flags, name, f"--{flag}={bad}"), subprocess_env())
+  assert one_line_error(result, 2) == (
+      f"error: --{flag}={bad} cannot be written: {a_file} is a file, not a directory; choose "
+      f"another --{flag}.")
+  assert a_file.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("name, flags, flag", [
+    (name, flags, flag) for name, flags, flag, directory in _WRITERS
+    if name in ("score", "generate", "convert", "make_binidx") and not directory])
+def test_a_directory_where_a_file_is_written_is_refused_in_the_same_words(tmp_path, name, flags,
+                                                                         flag):
+  result = run_module(_writer_args(tmp_path, flags, name, f"--{flag}={tmp_path}"),
+                      subprocess_env())
+  assert one_line_error(result, 2) == (
+      f"error: --{flag}={tmp_path} is a directory; name a file inside it.")
+
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_output_path_creates_nothing_and_refuses_what_cannot_be_written(tmp_path, directory):
+  missing = tmp_path / "new" / "deeper" / "out"
+  assert _cli.output_path("out", str(missing), directory=directory) == missing
+  assert _cli.output_path("out", None) is None
+  assert not (tmp_path / "new").exists()  # created when the output is written, not before
+  with pytest.raises(_cli.UsageError, match=r"^--out is empty; name a "):
+    _cli.output_path("out", "", directory=directory)
+  (tmp_path / "f").write_text("")
+  if directory:
+    with pytest.raises(_cli.UsageError, match=r"is a file; name a directory\.$"):
+      _cli.output_path("out", str(tmp_path / "f"), directory=True)
+  else:
+    with pytest.raises(_cli.UsageError, match=r"is a directory; name a file inside it\.$"):
+      _cli.output_path("out", f"{tmp_path / 'new'}/")
+
+
+# ----------------------------------------------------------------------------------------------
+# A bug is not a usage error.
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+  return run_module([sys.executable, "-c", textwrap.dedent(code), *args], subprocess_env())
+
+
+def test_a_value_error_that_main_does_not_raise_as_usage_error_keeps_its_traceback():
+  result = _python("""
+      from experiments import _cli
+
+      def main(argv):
+        raise ValueError("a bug, not the user's mistake")
+
+      _cli.run(main)
+  """)
+  assert result.returncode == 1
+  assert "Traceback" in result.stderr and "ValueError: a bug" in result.stderr
+  assert not [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_a_usage_error_raised_by_main_is_one_line_and_status_2():
+  result = _python("""
+      from experiments import _cli
+
+      def main(argv):
+        with _cli.user_input(ValueError, flag="--x=1"):
+          raise ValueError("must be 2")
+
+      _cli.run(main)
+  """)
+  assert one_line_error(result, 2) == "error: --x=1: must be 2"
+
+
+def test_a_bug_inside_training_shows_its_traceback(corpus, tmp_path):
+  # The real entry point on a valid command, with the library's training raising a ValueError:
+  # every check of the user's input passes, so the error is a bug and must not look like theirs.
+  config_file = write_config_file(tmp_path / "config.py", tiny_config(corpus, steps=1))
+  result = _python("""
+      import runpy
+      from rwkv_jax.train import loop
+
+      def broken(*args, **kwargs):
+        raise ValueError("a bug inside training")
+
+      loop.train_and_evaluate = broken
+      runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
+  """, f"--config={config_file}", f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" in result.stderr and "ValueError: a bug inside training" in result.stderr
+  assert not [line for line in result.stderr.splitlines() if line.startswith("error: ")]
