@@ -6,6 +6,11 @@ needs two full host copies. Turning them into a model is `weights.load`'s job. W
 name -> array in the official layout and hand it to torch.save or the safetensors package, each
 file replacing its destination atomically.
 
+Checkpoints come from strangers, so every reader refuses a malformed file with one
+`CheckpointError` line naming it: torch.load runs with weights_only=True (a pickled callable is
+refused, never called), a safetensors header is checked against the file's size before the
+safetensors package maps it, and an index file must name shards that are in its directory.
+
 torch is imported lazily: only .pth and pytorch_model.bin files need it.
 """
 
@@ -16,6 +21,7 @@ import json
 import os
 import pathlib
 import warnings
+import zipfile
 from typing import Any, Callable, Iterable
 
 import ml_dtypes
@@ -35,6 +41,7 @@ FLOAT_NAMES = (*NP_DTYPES, "float64")  # dtypes a checkpoint tensor may have
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HF_BIN = "pytorch_model.bin"
+HF_BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 def check_dtype_flag(dtype: str | None) -> None:
@@ -93,14 +100,9 @@ def _torch_load(path: pathlib.Path) -> dict[str, Any]:
       # Files written with the legacy (pre-zip) serializer cannot be memory-mapped.
       sd = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a file that is not a checkpoint
-    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if "Weights only load failed" in reason:
-      # torch's advice (weights_only=False) would run arbitrary code; an official .pth is a
-      # plain dict of tensors and never needs it.
-      reason = "not a pickle of plain tensors"
     raise CheckpointError(
         f"{path} is not an RWKV-4 checkpoint: torch.load could not read it as a PyTorch "
-        f"file ({reason[:200]}). Expected an official .pth file.") from None
+        f"file ({_torch_failure(path, e)}). Expected an official .pth file.") from None
   if isinstance(sd, dict) and "_strategy" in sd:
     raise CheckpointError(
         f"{path} was converted by the rwkv package for strategy {sd['_strategy']!r} (weights "
@@ -112,6 +114,25 @@ def _torch_load(path: pathlib.Path) -> dict[str, Any]:
         f"{path} is a PyTorch file but not a state dict of tensors (got {type(sd).__name__}). "
         f"Expected an official RWKV-4 .pth file.")
   return sd
+
+
+def _torch_failure(path: pathlib.Path, e: Exception) -> str:
+  """What torch.load's error `e` means for `path`, in a few words on one line."""
+  text = str(e).strip()
+  if "Weights only load failed" in text:
+    # torch's advice (weights_only=False) would run arbitrary code; an official .pth is a
+    # plain dict of tensors and never needs it.
+    return "it pickles objects other than tensors, such as code to run, which are never loaded"
+  # A .pth is a ZIP archive whose directory is at its end: a file cut short loses it.
+  try:
+    with open(path, "rb") as f:
+      cut_short = f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(f)
+  except OSError:
+    cut_short = False
+  if cut_short:
+    return "a ZIP archive without its central directory: the file is cut short"
+  first_line = text.splitlines()[0] if text else ""
+  return f"{type(e).__name__}: {first_line}"[:200]
 
 
 @dataclasses.dataclass
@@ -174,33 +195,98 @@ def _config_from_hf(hf: dict[str, Any], directory: pathlib.Path) -> RWKVConfig:
 
 
 def hf_tensors(directory: pathlib.Path) -> Tensors:
-  """The tensors of an HF RwkvForCausalLM directory, with the shape its config.json gives."""
+  """The tensors of an HF RwkvForCausalLM directory, with the shape its config.json gives.
+
+  The tensors are those of model.safetensors or pytorch_model.bin, or of the shards that
+  model.safetensors.index.json or pytorch_model.bin.index.json lists.
+  """
   if not (directory / "config.json").is_file():
     raise CheckpointError(f"{directory} is not a HuggingFace RWKV directory: no config.json.")
   config = _config_from_hf(_read_hf_config(directory), directory)
-  if (directory / HF_WEIGHTS).is_file() or (directory / HF_INDEX).is_file():
-    return _safetensors_tensors(directory, config)
+  if (directory / HF_INDEX).is_file():
+    return _safetensors_tensors(directory, config, _read_index(directory / HF_INDEX))
+  if (directory / HF_WEIGHTS).is_file():
+    return _safetensors_tensors(directory, config, None)
+  if (directory / HF_BIN_INDEX).is_file():
+    weight_map = _read_index(directory / HF_BIN_INDEX)
+    sd = {}
+    for shard, keys in _shards(weight_map).items():
+      part = _torch_load(directory / shard)
+      _check_shard(directory / HF_BIN_INDEX, shard, keys, part, sd)
+      sd.update(part)
+    return _torch_tensors(str(directory), sd, config, rename=tensor_names.hf_to_official_name)
   if (directory / HF_BIN).is_file():
     return _torch_tensors(str(directory), _torch_load(directory / HF_BIN), config,
                           rename=tensor_names.hf_to_official_name)
-  raise CheckpointError(f"{directory} has config.json but no {HF_WEIGHTS}, {HF_INDEX} or "
-                        f"{HF_BIN}.")
+  raise CheckpointError(f"{directory} has config.json but no {HF_WEIGHTS}, {HF_INDEX}, "
+                        f"{HF_BIN} or {HF_BIN_INDEX}.")
 
 
-def _safetensors_tensors(directory: pathlib.Path, config: RWKVConfig) -> Tensors:
+# An index file lists tensor names and shard file names; 64 MiB is far above any real one.
+_MAX_INDEX_BYTES = 1 << 26
+
+
+def _read_index(index: pathlib.Path) -> dict[str, str]:
+  """The weight_map (tensor name -> shard file) of an HF index, its shards present beside it."""
+  if index.stat().st_size > _MAX_INDEX_BYTES:
+    raise CheckpointError(f"{index} has {index.stat().st_size} bytes, more than an index of "
+                          f"shard names ever needs; it is not a HuggingFace index file.")
+  try:
+    weight_map = json.loads(index.read_bytes())["weight_map"]
+  except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{index} is not a HuggingFace index file: it must be JSON with a "
+                          f"'weight_map' of tensor name -> shard file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names.")
+  for shard in sorted(set(weight_map.values())):
+    if pathlib.PurePath(shard).name != shard or shard in (".", ".."):
+      raise CheckpointError(f"{index} names the shard {shard!r}, which is not a file name in its "
+                            f"directory; shards must lie beside the index.")
+    if not (index.parent / shard).is_file():
+      raise CheckpointError(f"{index} names the shard {shard}, which is missing from "
+                            f"{index.parent}; download every shard the index lists.")
+  return weight_map
+
+
+def _shards(weight_map: dict[str, str]) -> dict[str, set[str]]:
+  """shard file -> the tensor names the index places in it, shards in name order."""
+  shards: dict[str, set[str]] = {}
+  for key, shard in sorted(weight_map.items(), key=lambda kv: kv[1]):
+    shards.setdefault(shard, set()).add(key)
+  return shards
+
+
+def _check_shard(index: pathlib.Path, shard: str, keys: set[str], held: Iterable[str],
+                 seen: Iterable[str]) -> None:
+  """Raises unless `shard` holds every tensor the index places in it, none held before."""
+  held = set(held)
+  if not keys <= held:
+    raise CheckpointError(f"{index} places {sorted(keys - held)[:3]} in {shard}, which does not "
+                          f"hold them; the shard belongs to another checkpoint or is damaged.")
+  twice = sorted(held & set(seen))
+  if twice:
+    raise CheckpointError(f"{index.parent}: {twice[:3]} are held by {shard} and by another "
+                          f"shard too; the directory mixes two checkpoints.")
+
+
+def _safetensors_tensors(directory: pathlib.Path, config: RWKVConfig,
+                         weight_map: dict[str, str] | None) -> Tensors:
+  """The tensors of model.safetensors, or of the shards `weight_map` (from the index) names."""
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  if (directory / HF_INDEX).is_file():
-    with open(directory / HF_INDEX) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-  else:
-    shards = [HF_WEIGHTS]
+  shards = _shards(weight_map) if weight_map is not None else {HF_WEIGHTS: set()}
   where, shapes, dtypes, names = {}, {}, {}, {}
-  for file in shards:
+  for file, keys in shards.items():
+    path = directory / file
+    check_safetensors_header(path)
     try:
-      h = safe_open(str(directory / file), framework="numpy")
+      h = safe_open(str(path), framework="numpy")
     except Exception as e:  # safetensors raises its own error types for a corrupt header
-      raise CheckpointError(f"{directory / file} is not a readable safetensors file: "
+      raise CheckpointError(f"{path} is not a readable safetensors file: "
                             f"{type(e).__name__}: {e}") from None
+    if weight_map is not None:
+      _check_shard(directory / HF_INDEX, file, keys, h.keys(), names.values())
     for key in h.keys():
       name = tensor_names.hf_to_official_name(key)
       sl = h.get_slice(key)
@@ -216,6 +302,73 @@ def _safetensors_tensors(directory: pathlib.Path, config: RWKVConfig) -> Tensors
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+# Bytes per element of the safetensors dtypes; others are bounds-checked but not size-checked.
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                         "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+                         "F8_E4M3": 1, "F8_E5M2": 1}
+# The safetensors package's own limit on the JSON header.
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def check_safetensors_header(path: pathlib.Path) -> None:
+  """Checks a safetensors file's header against the file before anything maps it.
+
+  The format is an 8-byte little-endian header length N, N bytes of JSON giving each tensor's
+  dtype, shape and [begin, end) byte range in the data that follows, then the data. Nothing is
+  allocated from what the header claims: its length is compared with the file's size before it
+  is read, and every range must lie inside the data, match its shape and overlap no other.
+
+  Raises:
+    CheckpointError: naming the file and the first thing that does not fit.
+  """
+  bad = f"{path} is not a readable safetensors file"
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    if size < 8:
+      raise CheckpointError(f"{bad}: it has {size} bytes, fewer than the 8 of the header length.")
+    n = int.from_bytes(f.read(8), "little")
+    if n > size - 8 or n > _MAX_SAFETENSORS_HEADER:
+      raise CheckpointError(f"{bad}: its header length field says {n} bytes, but the file has "
+                            f"{size - 8} after it; the file is cut short or is not safetensors.")
+    raw = f.read(n)
+  try:
+    header = json.loads(raw)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{bad}: its header is not JSON ({e}).") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{bad}: its header is a JSON {type(header).__name__}, not an object.")
+  data_size = size - 8 - n
+  ranges = []
+  for key, entry in header.items():
+    if key == "__metadata__":
+      continue
+    name = repr(key[:100])  # the header is the stranger's: keep the message one short line
+    try:
+      dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+      ok = (isinstance(dtype, str) and isinstance(shape, list)
+            and all(type(d) is int and d >= 0 for d in shape)
+            and type(begin) is int and type(end) is int and 0 <= begin <= end)
+    except (TypeError, KeyError, ValueError):
+      ok = False
+    if not ok:
+      raise CheckpointError(f"{bad}: the header's entry for {name} is not {{'dtype': str, "
+                            f"'shape': [int >= 0, ...], 'data_offsets': [begin, end]}}.")
+    if end > data_size:
+      raise CheckpointError(f"{bad}: tensor {name} takes bytes [{begin}, {end}) of the data, "
+                            f"which has only {data_size}; the file is cut short or damaged.")
+    if dtype in _SAFETENSORS_ITEMSIZE:
+      want = _SAFETENSORS_ITEMSIZE[dtype] * int(np.prod(shape, dtype=object))
+      if end - begin != want:
+        raise CheckpointError(f"{bad}: tensor {name} of dtype {dtype} and shape "
+                              f"{str(shape)[:80]} needs {want} bytes, but its data_offsets give "
+                              f"{end - begin}.")
+    if end > begin:
+      ranges.append((begin, end, name))
+  ranges.sort()
+  for (_, end_a, a), (begin_b, _, b) in zip(ranges, ranges[1:]):
+    if begin_b < end_a:
+      raise CheckpointError(f"{bad}: tensors {a} and {b} overlap (bytes [{begin_b}, "
+                            f"{end_a}) belong to both).")
 
 
 # ----------------------------------------------------------------------------------------------
