@@ -40,14 +40,20 @@ import numpy as np
 from rwkv_jax import files
 from rwkv_jax import model as model_lib
 from rwkv_jax.config import RWKVConfig
+from rwkv_jax.io.tensor_names import CheckpointError
 
 FORMAT, VERSION = "rwkv_jax.state", 1
 _HEADER = "header.json"
 _SHAPE_KEYS = ("n_layer", "n_embd", "dim_att", "vocab_size")
+# header.json holds a few numbers and one count per sequence; 16 MiB is far above a real one.
+_MAX_HEADER_BYTES = 1 << 24
 
 
-class StateFileError(ValueError):
-  """A state file that cannot be read, is damaged, or does not fit the model; names the file."""
+class StateFileError(CheckpointError):
+  """A state file that cannot be read, is damaged, or does not fit the model; names the file.
+
+  A CheckpointError (so a ValueError) like every other reader's refusal of a file.
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,30 +147,22 @@ def load(path: str | os.PathLike, config: RWKVConfig | None = None) -> SavedStat
                          f"with --save_state (rwkv_jax.io.state_file.save).")
   try:
     with zipfile.ZipFile(path) as z:
-      header = json.loads(z.read(_HEADER))
-      if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise StateFileError(f"{path} is not an rwkv_jax state file (its header names no "
-                             f"format {FORMAT!r}).")
-      if header.get("version") != VERSION:
-        raise StateFileError(f"{path} has state file version {header.get('version')!r}; this "
-                             f"rwkv_jax reads version {VERSION}.")
+      header = _read_header(z, path)
       want = _expected_shapes(header)
-      arrays = {}
-      for name, shape in want.items():
-        x = np.lib.format.read_array(io.BytesIO(z.read(f"{name}.npy")), allow_pickle=False)
-        if x.dtype != np.float32 or x.shape != shape:
-          raise StateFileError(f"{path}: {name} is {x.dtype} {x.shape}, expected float32 "
-                               f"{shape} by its header.")
-        arrays[name] = x
-      counts = header["tokens_consumed"]
-      if len(counts) != header["batch"] or any(int(n) < 0 for n in counts):
-        raise StateFileError(f"{path}: tokens_consumed {counts} does not give a count >= 0 "
-                             f"for each of its {header['batch']} sequences.")
+      # Nothing the header claims is allocated before it is checked against the file's size.
+      claimed = sum(4 * int(np.prod(shape, dtype=object)) for shape in want.values())
+      if claimed > path.stat().st_size:
+        raise StateFileError(
+            f"{path}: its header describes {claimed} bytes of arrays ("
+            f"{', '.join(f'{k}={header[k]}' for k in (*_SHAPE_KEYS, 'batch'))}) but the file "
+            f"has {path.stat().st_size}; the header is wrong or the file is not a state file.")
+      arrays = {name: _read_member_array(z, path, name, shape) for name, shape in want.items()}
   except StateFileError:
     raise
   except (zipfile.BadZipFile, KeyError, ValueError, TypeError, EOFError, OSError) as e:
-    # Truncation, a failed CRC, a missing member or header key, a malformed .npy or JSON.
-    raise StateFileError(f"{path} is damaged or not a state file ({type(e).__name__}: {e}); "
+    # Truncation, a failed CRC, a missing member, a malformed .npy.
+    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise StateFileError(f"{path} is damaged, cut short or not a state file ({reason}); "
                          f"write it again with --save_state.") from None
   if not all(np.isfinite(x).all() for x in arrays.values()):
     raise StateFileError(f"{path} holds non-finite numbers; write it again with --save_state.")
@@ -175,6 +173,64 @@ def load(path: str | os.PathLike, config: RWKVConfig | None = None) -> SavedStat
   if config is not None:
     check_fits(saved, config, path)
   return saved
+
+
+def _read_header(z: zipfile.ZipFile, path: pathlib.Path) -> dict:
+  """header.json, every field `load` uses checked for its type and range."""
+  info = z.getinfo(_HEADER)
+  if info.file_size > _MAX_HEADER_BYTES:
+    raise StateFileError(f"{path}: its {_HEADER} claims {info.file_size} bytes, more than a state "
+                         f"header ever holds; the file is not a state file.")
+  try:
+    header = json.loads(z.read(_HEADER))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise StateFileError(f"{path}: its {_HEADER} is not JSON ({e}); write it again with "
+                         f"--save_state.") from None
+  if not isinstance(header, dict) or header.get("format") != FORMAT:
+    raise StateFileError(f"{path} is not an rwkv_jax state file (its header names no "
+                         f"format {FORMAT!r}).")
+  if header.get("version") != VERSION:
+    raise StateFileError(f"{path} has state file version {header.get('version')!r}; this "
+                         f"rwkv_jax reads version {VERSION}.")
+  for key in (*_SHAPE_KEYS, "batch"):
+    value = header.get(key)
+    if type(value) is not int or value < 1:
+      raise StateFileError(f"{path}: its header's {key} is {value!r}, not a whole number >= 1; "
+                           f"the file is damaged. Write it again with --save_state.")
+  counts = header.get("tokens_consumed")
+  if (not isinstance(counts, list) or len(counts) != header["batch"]
+      or not all(type(n) is int and n >= 0 for n in counts)):
+    raise StateFileError(f"{path}: its header's tokens_consumed {str(counts)[:80]} does not give a "
+                         f"count >= 0 for each of its {header['batch']} sequences.")
+  return header
+
+
+def _read_member_array(z: zipfile.ZipFile, path: pathlib.Path, name: str,
+                       shape: tuple[int, ...]) -> np.ndarray:
+  """The float32 array `name`.npy, its .npy header checked against `shape` before reading data."""
+  member = f"{name}.npy"
+  want = 4 * int(np.prod(shape))
+  # A .npy header is at most 64 KiB (format 2.0); numpy's writer uses 128 bytes here.
+  if z.getinfo(member).file_size > want + (1 << 16):
+    raise StateFileError(f"{path}: {member} claims {z.getinfo(member).file_size} bytes, more "
+                         f"than float32 {shape} needs; the file is damaged.")
+  data = z.read(member)
+  f = io.BytesIO(data)
+  version = np.lib.format.read_magic(f)
+  if version == (1, 0):
+    got, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+  elif version == (2, 0):
+    got, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+  else:
+    raise StateFileError(f"{path}: {member} is .npy format {version}; expected 1.0 or 2.0.")
+  if dtype != np.dtype("<f4") or fortran or tuple(got) != shape:
+    raise StateFileError(f"{path}: {name} is {dtype} {tuple(got)}"
+                         f"{' (Fortran order)' if fortran else ''}, expected float32 {shape} by "
+                         f"its header.")
+  if len(data) - f.tell() != want:
+    raise StateFileError(f"{path}: {member} holds {len(data) - f.tell()} bytes of data, but "
+                         f"float32 {shape} is {want}; the file is damaged.")
+  return np.frombuffer(data, np.float32, offset=f.tell()).reshape(shape)
 
 
 def check_fits(saved: SavedState, config: RWKVConfig, source: str | os.PathLike = "state"
