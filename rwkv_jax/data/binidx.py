@@ -94,11 +94,18 @@ def _read_index(idx_path: pathlib.Path, bin_path: pathlib.Path) -> _Index:
   doc_idx = np.frombuffer(raw, np.int64, num_docs, offset)
 
   bin_bytes = bin_path.stat().st_size
+  if np.any(sizes < 0):
+    i = int(np.argmax(sizes < 0))
+    raise ValueError(f"Index {idx_path}: sequence {i} has size {int(sizes[i])} < 0; the pair "
+                     f"{pair} is corrupt. Rewrite it.")
   ends = np.cumsum(sizes.astype(np.int64)) * dtype.itemsize
   starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-  if np.any(sizes < 0) or not np.array_equal(pointers, starts):
-    raise ValueError(f"Index {idx_path}: sequence pointers do not match sequence sizes; the "
-                     f"pair {pair} is corrupt. Rewrite it.")
+  if not np.array_equal(pointers, starts):
+    i = int(np.argmax(pointers != starts))
+    raise ValueError(f"Index {idx_path}: sequence pointers do not match sequence sizes: "
+                     f"sequence {i} points to byte {int(pointers[i])} of {bin_path} ({bin_bytes} "
+                     f"bytes), where the sizes before it put it at byte {int(starts[i])}; the "
+                     f"pair is corrupt. Rewrite it.")
   total = int(ends[-1]) if num_seq else 0
   if total != bin_bytes:
     raise ValueError(
