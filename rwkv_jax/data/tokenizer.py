@@ -107,7 +107,12 @@ class NeoXTokenizer(Tokenizer):
     if not path.is_file():
       raise FileNotFoundError(f"tokenizer file {path} does not exist")
     self.path = path
-    self._tok = tokenizers.Tokenizer.from_file(str(path))
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception for a file it cannot parse
+      reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise ValueError(f"{path} is not a `tokenizers` JSON file ({reason[:200]}); pass a "
+                       f"tokenizer.json such as 20B_tokenizer.json, or 'neox'") from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.end_of_text_id = self._tok.token_to_id("<|endoftext|>")
     # Per-token bytes exist for the byte-level decoder of GPT-2 style BPEs (NeoX's among them).
@@ -144,6 +149,11 @@ class NeoXTokenizer(Tokenizer):
     return found
 
 
+# Ids of a World vocabulary lie below this (65536 in the real one); a larger id is damage, and
+# would size the id table from the file's say-so.
+_MAX_WORLD_ID = 1 << 24
+
+
 class WorldTokenizer(Tokenizer):
   """The RWKV World tokenizer: greedy longest match over UTF-8 bytes.
 
@@ -172,24 +182,34 @@ class WorldTokenizer(Tokenizer):
     # Split on b"\n" only: token literals are escaped, and str.splitlines would also break on
     # characters such as U+2028 or U+0085.
     for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-      line = raw.rstrip(b"\r").decode("utf-8")
+      try:
+        line = raw.rstrip(b"\r").decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: byte {e.start} of the line is not UTF-8; a World "
+                         f"vocabulary is UTF-8 text (e.g. rwkv_vocab_v20230424.txt)") from None
       if not line:
         continue
       try:
         first, last = line.index(" "), line.rindex(" ")
         idx = int(line[:first])
-        token = ast.literal_eval(line[first + 1:last])
+        literal = line[first + 1:last]
+        # Only a quoted str or bytes literal: literal_eval runs no code, but deeply nested
+        # expressions exhaust its parser.
+        if not literal.startswith(("'", '"', "b'", 'b"')):
+          raise ValueError(literal)
+        token = ast.literal_eval(literal)
         length = int(line[last + 1:])
-      except (ValueError, SyntaxError) as e:
-        raise ValueError(
-            f"{path}:{lineno}: expected `id repr(token) byte_length`, got {line[:80]!r}") from e
+      except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise ValueError(f"{path}:{lineno}: expected `id repr(token) byte_length`, got "
+                         f"{line[:80]!r}") from None
       if isinstance(token, str):
         token = token.encode("utf-8")
       if not isinstance(token, bytes) or len(token) != length or not token:
-        raise ValueError(f"{path}:{lineno}: token {token!r} does not have {length} bytes")
-      if idx in id_to_bytes or idx <= 0:
-        raise ValueError(f"{path}:{lineno}: id {idx} is repeated or not positive (0 is "
-                         "reserved for end-of-text)")
+        raise ValueError(f"{path}:{lineno}: token {str(token)[:80]} does not have {length} "
+                         "bytes")
+      if idx in id_to_bytes or not 0 < idx < _MAX_WORLD_ID:
+        raise ValueError(f"{path}:{lineno}: id {idx} is repeated or not in [1, {_MAX_WORLD_ID}) "
+                         "(0 is reserved for end-of-text)")
       id_to_bytes[idx] = token
 
     max_id = max(id_to_bytes, default=0)
@@ -336,7 +356,8 @@ def load_tokenizer(spec: str | os.PathLike[str],
 
   Raises:
     FileNotFoundError: `spec` is a .json/.txt path that does not exist.
-    ValueError: `spec` is neither a known name nor a .json/.txt path.
+    ValueError: `spec` is neither a known name nor a .json/.txt path, or the file is not a
+      tokenizer of its kind (one line naming the file, and for a vocabulary the line).
   """
   name = os.fspath(spec)
   if name == "bytes":
