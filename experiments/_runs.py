@@ -11,8 +11,8 @@ same config finds that file and returns it without training, so re-running a run
 finished runs and resumes the unfinished one.
 
 A runner adds its own flags, `run` and `plot` to the program's shared parts here: `define_flags`
-(--workdir, --out, --tag), `start_logging`, `out_dir`, `default_tag`, `save_record`
-(OUT/NAME_TAG.json and its .png) and `run_cli`.
+(--workdir, --out, --tag), `start`, `default_tag`, `save_record` (OUT/NAME_TAG.json and its
+.png) and `run_cli`.
 """
 
 from __future__ import annotations
@@ -150,14 +150,11 @@ def define_flags(name: str, tag_example: str) -> None:
                       f"unless the size names it (e.g. cpu, tiny_cpu, {tag_example}).")
 
 
-def start_logging() -> None:
-  """The runner's and the trainer's progress at INFO, without third-party chatter."""
+def start() -> pathlib.Path:
+  """Starts a runner's main: logs the runner's and the trainer's progress at INFO, without
+  third-party chatter, and returns --out, checked (`_cli.output_path`) before the first run."""
   logging.getLogger().setLevel(logging.INFO)
   _logs.quiet_third_party()
-
-
-def out_dir() -> pathlib.Path:
-  """--out, checked before the first run trains (`_cli.output_path`)."""
   return _cli.output_path("out", flags.FLAGS.out, directory=True)
 
 

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 from absl import flags
 
-from experiments import _cli, benchlib
+from experiments import _cli, benchlib, plots
 
 PILE_VOCAB = 50277
 MODELS = {"169m": (12, 768), "l6d256": (6, 256), "430m": (24, 1024), "1b5": (24, 2048),
@@ -365,9 +365,7 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
                f"{record['config']['memory_dtype']})")
   fig.suptitle(f"generation on {env['device_kind']} ({env['platform']}), {env['date_utc']}",
                fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plots.save_figure(fig, path, dpi=100)
 
 
 def _int8_cpu_kernel() -> bool | None:

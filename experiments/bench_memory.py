@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from absl import flags
 
-from experiments import _cli, benchlib
+from experiments import _cli, benchlib, plots
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -154,9 +154,7 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
   fig.suptitle(f"one training step, L{m['n_layer']} D{m['n_embd']} vocab {m['vocab_size']} "
                f"batch {m['batch_size']}, bptt={record['bptt']}, {env['device_kind']}, "
                f"jax {env['jax']}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plots.save_figure(fig, path)
 
 
 def _lengths(name: str) -> list[int]:

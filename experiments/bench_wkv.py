@@ -35,7 +35,7 @@ import matplotlib
 matplotlib.use("Agg")  # Headless machines; must precede pyplot.
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from experiments import _cli, benchlib
+from experiments import _cli, benchlib, plots
 from rwkv_jax import wkv as wkv_lib
 
 Shape = tuple[int, int, int]
@@ -242,9 +242,7 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
                f"copy bandwidth {record['memory']['gbps']:.1f} GB/s"
                + (f"; failed or skipped entries of: {', '.join(missing)}" if missing else ""),
                fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plots.save_figure(fig, path)
 
 
 def _print_entry(e: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ import pathlib
 
 from absl import flags
 
-from experiments import _runs, benchlib
+from experiments import _runs, benchlib, plots
 from experiments.baselines import transformer as tf_lib
 from experiments.configs import char_tiny, enwik8
 from rwkv_jax.train import step as step_lib
@@ -139,9 +139,7 @@ def plot(record: dict, path: pathlib.Path) -> None:
   ax.title.set_fontsize(9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plots.save_figure(fig, path)
 
 
 def save(record: dict, out: str | pathlib.Path, tag: str) -> pathlib.Path:
@@ -155,9 +153,8 @@ def _lr_suffix(lr_init: float) -> str:
 
 def main(argv):
   del argv
-  _runs.start_logging()
+  out = _runs.start()
   f = flags.FLAGS
-  out = _runs.out_dir()
   record = run(f.size, f.workdir, f.steps, f.lr_init)
   path = save(record, out, f.tag or _runs.default_tag(f.size, _lr_suffix(f.lr_init)))
   bpc = record["val_bits_per_char"]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from absl import flags
 from flax import nnx
 
-from experiments import _cli, benchlib
+from experiments import _cli, benchlib, plots
 from experiments.baselines import transformer as tf_lib
 from rwkv_jax import model as model_lib
 from rwkv_jax.config import RWKVConfig
@@ -166,9 +166,7 @@ def plot(record: dict, path: pathlib.Path) -> None:
   env = record["environment"]
   fig.suptitle(f"L{record['models']['rwkv']['n_layer']} D{record['models']['rwkv']['n_embd']}, "
                f"batch {record['batch']}, {env.get('device_kind', '')}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plots.save_figure(fig, path)
 
 
 def main(argv):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from experiments import _runs, benchlib
+from experiments import _runs, benchlib, plots
 from experiments.configs import char_tiny, enwik8
 from rwkv_jax.data import pipeline as data_pipeline
 from rwkv_jax.data import sources as data_sources
@@ -228,9 +228,7 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
   ax.title.set_fontsize(9)
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plots.save_figure(fig, path)
 
 
 def save(record: dict[str, Any], out: str | pathlib.Path, tag: str) -> pathlib.Path:
@@ -240,9 +238,8 @@ def save(record: dict[str, Any], out: str | pathlib.Path, tag: str) -> pathlib.P
 
 def main(argv):
   del argv
-  _runs.start_logging()
+  out = _runs.start()
   f = flags.FLAGS
-  out = _runs.out_dir()
   record = run(f.size, f.workdir, f.steps)
   path = save(record, out, f.tag or _runs.default_tag(f.size))
   span = record["spans"][-1]

@@ -1,4 +1,5 @@
-"""Plots of training runs (matplotlib stays out of the library)."""
+"""Plots of training runs, and how every figure of the experiments is written (matplotlib stays out
+of the library)."""
 
 from __future__ import annotations
 
@@ -38,12 +39,18 @@ def plot_loss(workdir: str | pathlib.Path, title: str = "", path: str | pathlib.
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
+  return save_figure(fig, pathlib.Path(path) if path else pathlib.Path(workdir) / "loss.png")
+
+
+def save_figure(fig, path: str | pathlib.Path, dpi: int = 110) -> pathlib.Path:
+  """Lays `fig` out, writes it to `path` as PNG atomically and closes it; returns the path."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig.tight_layout()
-  path = pathlib.Path(path) if path else pathlib.Path(workdir) / "loss.png"
   with files.atomic_write(path) as f:
-    fig.savefig(f, dpi=110, format="png")
+    fig.savefig(f, dpi=dpi, format="png")
   plt.close(fig)
-  return path
+  return pathlib.Path(path)
 
 
 def model_title(config) -> str:

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from absl import flags
 
-from experiments import _runs, benchlib
+from experiments import _runs, benchlib, plots
 from experiments.configs import char_tiny, enwik8
 from rwkv_jax.train import step as step_lib
 
@@ -171,9 +171,7 @@ def plot(record: dict, path: pathlib.Path) -> None:
   ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plots.save_figure(fig, path)
 
 
 def save(record: dict, out: str | pathlib.Path, tag: str) -> pathlib.Path:
@@ -183,9 +181,8 @@ def save(record: dict, out: str | pathlib.Path, tag: str) -> pathlib.Path:
 
 def main(argv):
   del argv
-  _runs.start_logging()
+  out = _runs.start()
   f = flags.FLAGS
-  out = _runs.out_dir()
   record = run(f.size, f.workdir, f.tokens_per_param)
   path = save(record, out, f.tag or _runs.default_tag(f.size))
   fit = record["fit"]
