@@ -120,11 +120,15 @@ def sample_logits(logits_bv: Array, key: Array, *, temperature: float = 1.0, top
 
 def _sample_rows(logits_bv: Array, key: Array, temperature_b: Array, top_p_b: Array,
                  top_k_b: Array) -> Array:
-  """`sample_logits` with settings per row (traced): one program serves every setting."""
+  """`sample_logits` with settings per row (traced): one program serves every setting. `key` is
+  one key, or one per row ([b])."""
   greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
   kept_bv = _filter_rows(logits_bv, top_p_b, top_k_b)
   scale_b = jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
-  sampled_b = jax.random.categorical(key, kept_bv / scale_b, axis=-1).astype(jnp.int32)
+  if key.ndim == 1:  # a key per row (the serving engine's slots): each row samples as if alone
+    sampled_b = jax.vmap(jax.random.categorical)(key, kept_bv / scale_b).astype(jnp.int32)
+  else:
+    sampled_b = jax.random.categorical(key, kept_bv / scale_b, axis=-1).astype(jnp.int32)
   return jnp.where(temperature_b > 0, sampled_b, greedy_b)
 
 
@@ -238,7 +242,9 @@ class RowSampling(NamedTuple):
                jnp.asarray(stop_bs))
 
 
-class _Carry(NamedTuple):
+class DecodeCarry(NamedTuple):
+  """What one decode step passes to the next; rows are sequences (or the engine's slots)."""
+
   logits_bv: Array  # the model's scores for the next token
   state: model_lib.RWKVState
   counts_bv: Array  # float32 penalty counts (they stay 0 in rows without penalties)
@@ -254,9 +260,12 @@ def _keep_rows(active_b: Array, new: Any, old: Any, batch_axis: int) -> Any:
   return jax.tree.map(pick, new, old)
 
 
-def _decode_step(graphdef: nnx.GraphDef, params: Any, carry: _Carry, step: Array, key: Array,
-                 rows: RowSampling) -> tuple[_Carry, Array, Array]:
+def decode_step(graphdef: nnx.GraphDef, params: Any, carry: DecodeCarry, step: Array, key: Array,
+                rows: RowSampling) -> tuple[DecodeCarry, Array, Array]:
   """Samples one token per row and feeds it to the model.
+
+  The token is drawn with fold_in(key, step): `key` and `step` are one for all rows (generate),
+  or one per row, [b] (the serving engine, whose slots each run their own request).
 
   Returns:
     (next carry, token_b with PAD_ID for rows stopped before this step, the raw logits used).
@@ -270,7 +279,9 @@ def _decode_step(graphdef: nnx.GraphDef, params: Any, carry: _Carry, step: Array
                                 alpha_frequency=rows.alpha_frequency[:, None]),
       lambda x: x.astype(jnp.float32), logits_bv)
   scores_bv = jnp.where(jnp.arange(v) < rows.vocab_limit[:, None], scores_bv, -jnp.inf)
-  token_b = _sample_rows(scores_bv, jax.random.fold_in(key, step), rows.temperature,
+  step_key = (jax.vmap(jax.random.fold_in)(key, jnp.broadcast_to(step, key.shape)) if key.ndim
+              else jax.random.fold_in(key, step))
+  token_b = _sample_rows(scores_bv, step_key, rows.temperature,
                          rows.top_p, rows.top_k)
   active_b = ~carry.done_b
   counts_bv = jax.lax.cond(
@@ -283,7 +294,7 @@ def _decode_step(graphdef: nnx.GraphDef, params: Any, carry: _Carry, step: Array
   next_logits_bv, next_state = model.step(token_b, carry.state)
   # Stopped rows keep their state and logits, so the returned state is the one after their
   # stop token whatever happens to the other rows.
-  next_carry = _Carry(_keep_rows(active_b, next_logits_bv, logits_bv, batch_axis=0),
+  next_carry = DecodeCarry(_keep_rows(active_b, next_logits_bv, logits_bv, batch_axis=0),
                       _keep_rows(active_b, next_state, carry.state, batch_axis=1), counts_bv,
                       carry.done_b | stopped_b)
   return next_carry, jnp.where(active_b, token_b, PAD_ID), logits_bv
@@ -295,11 +306,17 @@ DECODE_BLOCK = 16
 
 
 @functools.partial(jax.jit, static_argnames=("return_logits",))
-def _decode(graphdef, params, carry: _Carry, key: Array, rows: RowSampling, start: Array,
-            count: Array, return_logits: bool):
+def decode_block(graphdef, params, carry: DecodeCarry, key: Array, rows: RowSampling,
+                 start: Array, count: Array, return_logits: bool):
   """Steps start .. start + count - 1 (count <= DECODE_BLOCK) in one while_loop, ending early
   once every row has stopped. Every argument but return_logits is traced, so one program per
-  (batch, model) serves every sampling setting, length and step."""
+  (batch, model) serves every sampling setting, length and step. `key` and `start` may be one
+  per row ([b]; see `decode_step`).
+
+  Returns:
+    (carry, tokens [b, DECODE_BLOCK] with PAD_ID past `count` and after a row stopped, the
+    logits each token was sampled from [b, DECODE_BLOCK, v] or [b, 0, v]).
+  """
   b, v = carry.logits_bv.shape
   tokens_bn = jnp.full((b, DECODE_BLOCK), PAD_ID, jnp.int32)
   logits_bnv = jnp.zeros((b, DECODE_BLOCK if return_logits else 0, v), jnp.float32)
@@ -310,7 +327,7 @@ def _decode(graphdef, params, carry: _Carry, key: Array, rows: RowSampling, star
 
   def body(loop):
     i, c, toks, logs = loop
-    c, token_b, used_bv = _decode_step(graphdef, params, c, start + i, key, rows)
+    c, token_b, used_bv = decode_step(graphdef, params, c, start + i, key, rows)
     toks = toks.at[:, i].set(token_b)
     if return_logits:
       logs = logs.at[:, i].set(used_bv)
@@ -444,16 +461,16 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
     if lengths_b.min() == 0:
       logits_bv = jnp.where(jnp.asarray(lengths_b > 0)[:, None], logits_bv, next_logits)
 
-  carry = _Carry(logits_bv, state, jnp.zeros((b, v), jnp.float32), jnp.zeros((b,), bool))
+  carry = DecodeCarry(logits_bv, state, jnp.zeros((b, v), jnp.float32), jnp.zeros((b,), bool))
   rows = RowSampling.of([cfg] * b, v)
   graphdef, params = nnx.split(model)
   block = DECODE_BLOCK if callback is None else 1  # streaming: every token as it is sampled
   tokens, logits = [], []
   for start in range(0, max_new_tokens, block):
     count = min(block, max_new_tokens - start)
-    carry, tokens_bn, logits_bnv = _decode(graphdef, params, carry, key, rows,
-                                           jnp.asarray(start, jnp.int32),
-                                           jnp.asarray(count, jnp.int32), return_logits)
+    carry, tokens_bn, logits_bnv = decode_block(graphdef, params, carry, key, rows,
+                                                jnp.asarray(start, jnp.int32),
+                                                jnp.asarray(count, jnp.int32), return_logits)
     tokens.append(np.asarray(tokens_bn[:, :count]))
     if return_logits:
       logits.append(np.asarray(logits_bnv[:, :count]))
