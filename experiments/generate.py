@@ -158,7 +158,7 @@ def main(argv: list[str]) -> None:
   if not checkpoint.exists():
     raise UsageError(f"--checkpoint={checkpoint} does not exist; pass an official RWKV-4 "
                      f".pth file, a HuggingFace directory or an rwkv_jax export.")
-  with _cli.user_input(ValueError, FileNotFoundError, flag="--tokenizer"):
+  with _cli.user_input(ValueError, OSError, flag="--tokenizer"):
     tokenizer = tokenizer_lib.load_tokenizer(_TOKENIZER.value)
   # A CheckpointError, or a --dtype the checkpoint cannot hold.
   with _cli.user_input(ValueError, FileNotFoundError,
