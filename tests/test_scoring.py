@@ -243,13 +243,14 @@ def test_the_byte_tokenizer_scores_raw_bytes_exactly(model, pth, tmp_path):
   assert f"bytes: {len(raw) - 1}" in result.stdout
 
 
-@pytest.mark.parametrize("case", ["output dir missing", "truncated pth", "damaged export",
+@pytest.mark.parametrize("case", ["output under a file", "truncated pth", "damaged export",
                                   "bad dtype", "position loss with tokens", "zero chunk"])
 def test_cli_mistakes_are_one_line(model, pth, tmp_path, case):
   ckpt, args = pth, ["--tokens=1,2,3"]
-  if case == "output dir missing":
-    args.append(f"--output={tmp_path / 'nowhere' / 'logits.npy'}")
-    expected = "the directory"
+  if case == "output under a file":
+    (tmp_path / "afile").write_text("")
+    args.append(f"--output={tmp_path / 'afile' / 'logits.npy'}")
+    expected = "is a file, not a directory"
   elif case == "truncated pth":
     ckpt = tmp_path / "cut.pth"
     ckpt.write_bytes(pth.read_bytes()[:1000])
