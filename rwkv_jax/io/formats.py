@@ -1,25 +1,39 @@
 """The official .pth and HuggingFace RwkvForCausalLM files: read tensor by tensor, and written.
 
 Readers return `Tensors`: a checkpoint's tensors by official name with their shapes and dtypes,
-each read (memory-mapped where the format allows) only when asked for, so a large checkpoint never
-needs two full host copies. Turning them into a model is `weights.load`'s job. Writers take
-name -> array in the official layout and hand it to torch.save or the safetensors package, each
-file replacing its destination atomically.
+each read only when asked for, so a large checkpoint never needs two full host copies. Turning
+them into a model is `weights.load`'s job. Writers take name -> array in the official layout and
+hand it to torch.save or the safetensors package, each file replacing its destination atomically.
+
+A .pth or pytorch_model.bin file written by torch.save (a ZIP archive: ARCHIVE/data.pkl pickles
+the state dict, each tensor's bytes are a stored member ARCHIVE/data/KEY) is read without torch:
+an unpickler that knows only the names a state dict of tensors uses (`_StateDictUnpickler`)
+finds each tensor's member, offset, shape and dtype, and each tensor is read from the file
+straight into a buffer of its own, which `weights.load` hands to jax without a further copy. No
+torch import (about 0.25 GB and seconds) and no memory map, whose pages would stay resident
+beside the model. Anything else (the legacy pre-ZIP format, other pickled objects, big-endian
+data) goes to torch.load.
 
 Checkpoints come from strangers, so every reader refuses a malformed file with one
-`CheckpointError` line naming it: torch.load runs with weights_only=True (a pickled callable is
-refused, never called), a safetensors header is checked against the file's size before the
-safetensors package maps it, and an index file must name shards that are in its directory.
+`CheckpointError` line naming it: the unpickler above calls nothing it does not define, and
+torch.load runs with weights_only=True (a pickled callable is refused, never called), a
+safetensors header is checked against the file's size before the safetensors package maps it,
+and an index file must name shards that are in its directory.
 
-torch is imported lazily: only .pth and pytorch_model.bin files need it.
+torch is imported lazily: only writing .pth files and reading what the unpickler above does not
+know needs it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import pathlib
+import pickle
+import struct
+import sys
 import warnings
 import zipfile
 from typing import Any, Callable, Iterable
@@ -90,30 +104,204 @@ def numpy_to_torch(x: np.ndarray):
 # Reading.
 
 def _torch_load(path: pathlib.Path) -> dict[str, Any]:
-  torch = import_torch()
-  try:
-    try:
-      sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as e:
-      if "mmap" not in str(e):
-        raise
-      # Files written with the legacy (pre-zip) serializer cannot be memory-mapped.
-      sd = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises many types for a file that is not a checkpoint
-    raise CheckpointError(
-        f"{path} is not an RWKV-4 checkpoint: torch.load could not read it as a PyTorch "
-        f"file ({_torch_failure(path, e)}). Expected an official .pth file.") from None
+  """The state dict of a torch.save file: `TensorRef`s where the file is a plain state dict in
+  the ZIP format (`read_state_dict_zip`), else torch tensors from torch.load."""
+  sd = read_state_dict_zip(path)
+  if sd is None:
+    sd = _torch_load_with_torch(path)
   if isinstance(sd, dict) and "_strategy" in sd:
     raise CheckpointError(
         f"{path} was converted by the rwkv package for strategy {sd['_strategy']!r} (weights "
         f"transposed, rescaled or quantized); load the original official .pth instead.")
   if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
     sd = sd["state_dict"]  # Lightning-style wrapper
-  if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+  if not isinstance(sd, dict) or not all(_is_tensor(v) for v in sd.values()):
     raise CheckpointError(
         f"{path} is a PyTorch file but not a state dict of tensors (got {type(sd).__name__}). "
         f"Expected an official RWKV-4 .pth file.")
   return sd
+
+
+def _is_tensor(x: Any) -> bool:
+  torch = sys.modules.get("torch")  # a torch tensor means torch is imported
+  return isinstance(x, TensorRef) or (torch is not None and isinstance(x, torch.Tensor))
+
+
+def _torch_load_with_torch(path: pathlib.Path) -> Any:
+  torch = import_torch()
+  try:
+    try:
+      return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+      if "mmap" not in str(e):
+        raise
+      # Files written with the legacy (pre-zip) serializer cannot be memory-mapped.
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for a file that is not a checkpoint
+    raise CheckpointError(
+        f"{path} is not an RWKV-4 checkpoint: torch.load could not read it as a PyTorch "
+        f"file ({_torch_failure(path, e)}). Expected an official .pth file.") from None
+
+
+# torch's storage classes, as data.pkl names them, and the dtype of their elements.
+_STORAGE_DTYPES = {"FloatStorage": np.float32, "HalfStorage": np.float16,
+                   "BFloat16Storage": ml_dtypes.bfloat16, "DoubleStorage": np.float64,
+                   "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+                   "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+# A state dict's data.pkl names each tensor in a few dozen bytes; far above any real one.
+_MAX_PICKLE_BYTES = 1 << 26
+# jax uses a host buffer in place (no copy) when it is aligned to this many bytes.
+ALIGN = 64
+
+
+class _NotPlain(Exception):
+  """The file holds more than a state dict of plain tensors: torch.load must read it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+  """A tensor of a torch.save ZIP file, not yet read: where its bytes are and what they hold."""
+
+  path: pathlib.Path
+  offset: int  # of its first byte in the file
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  def read(self) -> np.ndarray:
+    """The tensor, read from the file into a new buffer that nothing else references."""
+    out = aligned_empty(self.shape, self.dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(self.path, "rb", buffering=0) as f:
+      f.seek(self.offset)
+      done = 0
+      while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+          raise CheckpointError(f"{self.path} ends inside a tensor's data; the file is cut "
+                                f"short.")
+        done += n
+    return out
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  """An uninitialized C-contiguous array whose data is aligned as jax needs to use it in place."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(nbytes + ALIGN, np.uint8)
+  start = -raw.ctypes.data % ALIGN
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+  name: str  # ARCHIVE/data/KEY
+  dtype: np.dtype
+  numel: int
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused) -> tuple[_Storage, int, tuple]:
+  """torch._utils._rebuild_tensor(_v2) for a C-contiguous tensor: (storage, offset, shape)."""
+  del unused  # requires_grad, backward hooks, metadata: nothing a state dict's values need
+  ints = lambda xs: isinstance(xs, tuple) and all(type(x) is int and x >= 0 for x in xs)
+  if not (isinstance(storage, _Storage) and type(storage_offset) is int and ints(size)
+          and ints(stride) and len(size) == len(stride)):
+    raise _NotPlain("not a tensor of a storage")
+  contiguous = [int(np.prod(size[i + 1:], dtype=np.int64)) for i in range(len(size))]
+  if any(n > 1 and s != c for n, s, c in zip(size, stride, contiguous)):
+    raise _NotPlain("a strided view")
+  if storage_offset < 0 or storage_offset + int(np.prod(size, dtype=np.int64)) > storage.numel:
+    raise _NotPlain("a tensor outside its storage")
+  return storage, storage_offset, tuple(size)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, *unused):
+  del requires_grad, backward_hooks, unused
+  return data
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+  """Unpickles data.pkl knowing only dicts and tensors: any other global is refused, so nothing
+  it does not define here is ever called."""
+
+  _GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict,
+              ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+              ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+              ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+              **{("torch", name): name for name in _STORAGE_DTYPES}}
+
+  def __init__(self, file, archive: str):
+    super().__init__(file)
+    self._archive = archive
+    self.storages: dict[str, _Storage] = {}
+
+  def find_class(self, module, name):
+    try:
+      return self._GLOBALS[(module, name)]
+    except KeyError:
+      raise _NotPlain(f"{module}.{name}") from None
+
+  def persistent_load(self, pid):
+    # ("storage", storage class, key, device, number of elements)
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+            and isinstance(pid[1], str) and pid[1] in _STORAGE_DTYPES
+            and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):
+      raise _NotPlain("an unknown persistent id")
+    name = f"{self._archive}/data/{pid[2]}"
+    return self.storages.setdefault(
+        name, _Storage(name, np.dtype(_STORAGE_DTYPES[pid[1]]), pid[4]))
+
+
+def read_state_dict_zip(path: pathlib.Path) -> dict[str, Any] | None:
+  """The state dict of a torch.save ZIP file, each tensor a `TensorRef`; None for a file this
+  reader does not handle (torch.load then reads it, or says what is wrong with it).
+
+  A value that is not a tensor (a Lightning wrapper's step count, a converted file's strategy
+  string) is returned as it is, so the caller can tell such files apart.
+  """
+  try:
+    with zipfile.ZipFile(path) as z:
+      members = {info.filename: info for info in z.infolist()}
+      pickles = [n for n in members if n.count("/") == 1 and n.endswith("/data.pkl")]
+      if len(pickles) != 1 or members[pickles[0]].file_size > _MAX_PICKLE_BYTES:
+        return None
+      archive = pickles[0].split("/")[0]
+      if f"{archive}/byteorder" in members and z.read(f"{archive}/byteorder") != b"little":
+        return None
+      with z.open(pickles[0]) as f:
+        unpickler = _StateDictUnpickler(f, archive)
+        sd = unpickler.load()
+      offsets = {}
+      for storage in unpickler.storages.values():
+        info = members.get(storage.name)
+        if (info is None or info.compress_type != zipfile.ZIP_STORED
+            or info.file_size < storage.numel * storage.dtype.itemsize):
+          return None
+        offsets[storage.name] = _data_offset(path, info)
+  except Exception:  # pylint: disable=broad-except  (a damaged or unusual file, or _NotPlain)
+    return None  # torch.load reads what is unusual, or says what is wrong
+
+  def value(x):
+    if isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], _Storage):
+      storage, first, shape = x
+      return TensorRef(pathlib.Path(path), offsets[storage.name] + first * storage.dtype.itemsize,
+                       shape, storage.dtype)
+    if isinstance(x, dict):
+      return {k: value(v) for k, v in x.items()}
+    return x
+
+  return value(sd) if isinstance(sd, dict) else None
+
+
+def _data_offset(path: pathlib.Path, info: zipfile.ZipInfo) -> int:
+  """Where a stored member's bytes start: after its local header, whose name and extra field
+  (torch pads it to align the data) may differ in length from the central directory's."""
+  with open(path, "rb") as f:
+    f.seek(info.header_offset)
+    header = f.read(30)
+  if len(header) != 30 or header[:4] != b"PK\x03\x04":
+    raise zipfile.BadZipFile("no local file header")
+  name_length, extra_length = struct.unpack("<HH", header[26:30])
+  return info.header_offset + 30 + name_length + extra_length
 
 
 def _torch_failure(path: pathlib.Path, e: Exception) -> str:
@@ -145,22 +333,34 @@ class Tensors:
   get: Callable[[str], np.ndarray]
   names: dict[str, str]  # official name -> name as spelled in the source
   config: RWKVConfig | None = None  # from the source's own config, if it has one
+  # `get` returns arrays that nothing else references (not views of a memory map or of another
+  # library's tensors), so the caller may keep them, and jax may use them in place.
+  fresh: bool = False
 
 
 def _torch_tensors(source: str, sd: dict[str, Any], config: RWKVConfig | None = None,
                    rename: Callable[[str], str] = lambda n: n) -> Tensors:
+  """Tensors of a state dict from `_torch_load` (values `TensorRef`s or torch tensors)."""
   names = {rename(k): k for k in sd}
   if len(names) != len(sd):
     raise CheckpointError(f"{source} holds the same tensor under two names.")
   # Moved out of the caller's dict, so that popping below really releases each tensor.
   sd = {rename(k): sd.pop(k) for k in list(sd)}
   shapes = {k: tuple(v.shape) for k, v in sd.items()}
-  dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in sd.items()}
+  dtypes = {k: _dtype_name(v) for k, v in sd.items()}
+  fresh = all(isinstance(v, TensorRef) for v in sd.values())
 
   def get(name):
-    return torch_to_numpy(sd.pop(name))  # drop our reference as soon as it is converted
+    x = sd.pop(name)  # drop our reference as soon as it is converted
+    return x.read() if isinstance(x, TensorRef) else torch_to_numpy(x)
 
-  return Tensors(source, shapes, dtypes, get, names, config)
+  return Tensors(source, shapes, dtypes, get, names, config, fresh=fresh)
+
+
+def _dtype_name(x) -> str:
+  if isinstance(x, TensorRef):
+    return x.dtype.name
+  return str(x.dtype).removeprefix("torch.")
 
 
 def pth_tensors(path: pathlib.Path) -> Tensors:

@@ -22,14 +22,14 @@ import os
 import pathlib
 from typing import Any, Callable
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
 from rwkv_jax import model as model_lib
 from rwkv_jax import quant
 from rwkv_jax.config import PRECISIONS, RWKVConfig
-from rwkv_jax.io import checkpoint, formats, tensor_names
+from rwkv_jax.io import formats, tensor_names
 from rwkv_jax.io.tensor_names import CheckpointError
 
 PathLike = str | os.PathLike
@@ -111,11 +111,16 @@ def _kernel_var(model_vars: dict, path: tuple):
 
 def _build(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any],
            get: Callable[[str], np.ndarray], config: RWKVConfig | None, dtype: str | None,
-           names: dict[str, str] | None = None) -> tuple[model_lib.RWKV, RWKVConfig]:
+           names: dict[str, str] | None = None, fresh: bool = False
+           ) -> tuple[model_lib.RWKV, RWKVConfig]:
   """Validates names and shapes (`_validate`), then fills an abstract model one tensor at a time.
 
   `get` maps an official name to a numpy array; it is called once per tensor, which it may then
-  release.
+  release. With `fresh`, its arrays are the caller's to keep (see `formats.Tensors.fresh`).
+
+  Peak host memory is the model plus one tensor: each tensor is cast and transposed in one pass
+  into a buffer that jax then uses in place (`_to_device`), and its source is dropped before the
+  next is read.
   """
   config, entries, graphdef, model_vars = _validate(source, shapes, dtypes, config, dtype, names)
   filled = []
@@ -123,20 +128,48 @@ def _build(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, An
     x = tensor_names.to_model(get(e.official), e.layout)
     if e.path in model_vars:
       variable = model_vars[e.path]
-      # astype from bf16/fp16 to fp32 is exact; the device copy is made before `get`'s buffer
-      # (possibly a memory-mapped file page) is released.
-      filled.append((e.path, variable.replace(jnp.asarray(x.astype(variable.get_value().dtype)))))
+      # A cast from bf16/fp16 to fp32 is exact.
+      filled.append((e.path, variable.replace(_to_device(x, variable.get_value().dtype, fresh))))
     else:  # an int8 matrix: quantised from the file's own values
       for leaf, value in zip((quant.QKERNEL, quant.QSCALE), quant.quantize(x)):
         path = quant.leaf_path(e.path, leaf)
-        filled.append((path, model_vars[path].replace(jnp.asarray(value))))
+        filled.append((path, model_vars[path].replace(_to_device(value, value.dtype, True))))
     del x
   return nnx.merge(graphdef, nnx.from_flat_state(filled)), config
 
 
+# Source rows per block of a transposing copy.
+_TRANSPOSE_BLOCK = 64
+
+
+def _to_device(x: np.ndarray, dtype, fresh: bool) -> jax.Array:
+  """x as a jax array of `dtype`, made with at most one copy.
+
+  jax.device_put uses an aligned, C-contiguous host array in place on CPU (no copy; unlike
+  jnp.asarray, it compiles nothing either), so an array that is already right and the caller's
+  to give (`fresh`) is handed over as it is; any other is cast and laid out in one pass into a
+  new aligned buffer. Never a view of someone else's memory (a memory-mapped file): jax would
+  keep using it.
+  """
+  dtype = np.dtype(dtype)
+  if not (fresh and x.dtype == dtype and x.flags.c_contiguous
+          and x.ctypes.data % formats.ALIGN == 0):
+    out = formats.aligned_empty(x.shape, dtype)
+    if x.ndim == 2 and not x.flags.c_contiguous:  # a transposed [out, in] matrix
+      # A block of source rows at a time: one pass of the whole transpose strides through all of
+      # memory for every row written, several times slower on a large matrix (the head).
+      for j in range(0, x.shape[1], _TRANSPOSE_BLOCK):
+        np.copyto(out[:, j:j + _TRANSPOSE_BLOCK], x[:, j:j + _TRANSPOSE_BLOCK], casting="unsafe")
+    else:
+      np.copyto(out, x, casting="unsafe")
+    x = out
+  return jax.device_put(x)
+
+
 def _from_tensors(t: formats.Tensors, config: RWKVConfig | None, dtype: str | None
                   ) -> tuple[model_lib.RWKV, RWKVConfig]:
-  return _build(t.source, t.shapes, t.dtypes, t.get, config or t.config, dtype, t.names)
+  return _build(t.source, t.shapes, t.dtypes, t.get, config or t.config, dtype, t.names,
+                t.fresh)
 
 
 def load_pth(path: PathLike, config: RWKVConfig | None = None, dtype: str | None = "float32"
@@ -201,8 +234,10 @@ def load(path: PathLike, dtype: str | None = "float32") -> tuple[model_lib.RWKV,
   """
   check_dtype(dtype)
   path = pathlib.Path(path)
-  if checkpoint.is_rwkv_jax_dir(path):
-    return checkpoint.load_export(path, dtype=dtype)
+  if path.is_dir():
+    checkpoint = _checkpoint()
+    if checkpoint.is_rwkv_jax_dir(path):
+      return checkpoint.load_export(path, dtype=dtype)
   if path.is_dir() and (path / "config.json").is_file():
     return load_hf(path, dtype=dtype)
   if path.is_file():
@@ -211,6 +246,13 @@ def load(path: PathLike, dtype: str | None = "float32") -> tuple[model_lib.RWKV,
   raise CheckpointError(
       f"{path} is not an RWKV-4 checkpoint ({what}): expected an official .pth file or a "
       f"HuggingFace directory with config.json (or an rwkv_jax export or work directory).")
+
+
+def _checkpoint():
+  """rwkv_jax.io.checkpoint, imported when an Orbax directory is involved: Orbax takes about a
+  second to import, which reading a .pth or HF file does not need."""
+  from rwkv_jax.io import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,6 +281,7 @@ def convert_checkpoint(src: PathLike, dst: PathLike, fmt: str, dtype: str | None
     ValueError: an unknown fmt or dtype, or int8 asked of .pth or HF.
     CheckpointError: `src` is not a checkpoint or does not fit an RWKV-4 model.
   """
+  checkpoint = _checkpoint()
   writers = {"pth": formats.save_pth, "hf": formats.save_hf, "orbax": checkpoint.export}
   if fmt not in writers:
     raise ValueError(f"fmt={fmt!r}; use one of {sorted(writers)}.")
