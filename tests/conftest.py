@@ -1,9 +1,17 @@
 """Test set-up: 8 fake CPU devices (for sharding tests) before jax is imported anywhere."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The rwkv package reads these at import time.
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
+# The runners and notebooks keep compiled programs on disk (rwkv_jax.compile_cache): the processes
+# of one test run share a directory of their own, never the user's cache.
+if "RWKV_JAX_COMPILE_CACHE" not in os.environ:
+  os.environ["RWKV_JAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="rwkv_jax_test_xla_")
+  atexit.register(shutil.rmtree, os.environ["RWKV_JAX_COMPILE_CACHE"], ignore_errors=True)

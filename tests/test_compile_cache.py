@@ -42,7 +42,7 @@ def test_a_second_process_loads_the_programs_and_gets_the_same_tokens(tmp_path):
   first = _run(tmp_path, str(directory))
   assert first["dir"] == str(directory) and first["hits"] == 0
   names = " ".join(p.name for p in directory.iterdir())
-  assert "jit__run_chunk" in names and "jit__decode" in names  # prefill and decode, written
+  assert "jit__run_chunk" in names and "jit_decode_block" in names  # prefill and decode, written
   second = _run(tmp_path, str(directory))
   # Loaded; what still compiles is too small to be worth a file (MIN_COMPILE_SECONDS).
   assert second["hits"] >= 2 and second["misses"] <= first["misses"] - 2
