@@ -402,4 +402,6 @@ def wkv_pallas_tpu_reference(w: Array, u: Array, k: Array, v: Array,
   return wkv_lib.wkv_scan(w, u, k, v, state)
 
 
-wkv_lib.register("pallas", wkv_pallas_tpu, ("tpu",), per_shard=True)
+# Compiled (Mosaic) only: this registration serves lowering for TPU, where nothing interprets.
+wkv_lib.register("pallas", functools.partial(wkv_pallas_tpu, interpret=False), ("tpu",),
+                 per_shard=True)
