@@ -7,18 +7,17 @@ import contextlib
 import json
 import pathlib
 import random
-import subprocess
 import sys
 import time
 
 import httpx
 import jax
 import openai
-import portpicker
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import training_util
+from experiments import bench_serve
+from experiments.bench_serve import idle, metrics
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.data.tokenizer import ByteTokenizer
 from rwkv_jax.infer import sampling
@@ -44,34 +43,13 @@ def checkpoint(tmp_path_factory, model):
 
 @contextlib.contextmanager
 def running_server(checkpoint: pathlib.Path, *flags: str):
-  """`python -m experiments.serve` on a free loopback port; yields its base URL."""
-  port = portpicker.pick_unused_port()
-  log = checkpoint.parent / f"server_{port}.log"
+  """`python -m experiments.serve` of the tiny model on a free loopback port; yields its URL."""
   env = training_util.subprocess_env(devices=1)
   env["RWKV_JAX_COMPILE_CACHE"] = str(checkpoint.parent / "xla")
-  with open(log, "w") as out:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",
-         "--tokenizer=bytes", f"--model_name={MODEL}", "--host=127.0.0.1", f"--port={port}",
-         *flags], cwd=training_util.REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-  url = f"http://127.0.0.1:{port}"
-  try:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-      assert proc.poll() is None, log.read_text()[-3000:]
-      assert time.monotonic() < deadline, "the server did not start:\n" + log.read_text()[-3000:]
-      with contextlib.suppress(httpx.HTTPError):
-        if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-          break
-      time.sleep(0.5)
-    yield url
-  finally:
-    proc.terminate()
-    try:
-      proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
+  log = checkpoint.parent / f"server_{len(list(checkpoint.parent.glob('*.log')))}.log"
+  with bench_serve.server(checkpoint, "--tokenizer=bytes", f"--model_name={MODEL}", *flags,
+                          log=log, env=env, start_timeout_s=START_TIMEOUT_S) as srv:
+    yield srv.url
   assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
@@ -96,27 +74,12 @@ def client(url):
   return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 
 
-def metrics(url) -> dict[str, float]:
-  """Every sample of /metrics, by name and labels ('name{a="b"}')."""
-  text = httpx.get(f"{url}/metrics", timeout=10).text
-  out = {}
-  for family in text_string_to_metric_families(text):
-    for s in family.samples:
-      labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-      out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-  return out
-
-
 def wait_for(url, condition, what, timeout=60):
   deadline = time.monotonic() + timeout
   while not condition(m := metrics(url)):
     assert time.monotonic() < deadline, f"timed out waiting for {what}: {m}"
     time.sleep(0.1)
   return m
-
-
-def idle(m) -> bool:
-  return m["rwkv_active_slots"] == m["rwkv_reserved_slots"] == m["rwkv_queue_length"] == 0
 
 
 def prompt_ids(length, seed):
@@ -337,3 +300,15 @@ def test_a_small_soak_ends_with_no_server_error_and_every_slot_free(server):
   m = wait_for(server, idle, "every slot to be freed")
   assert not [k for k, v in m.items() if 'status="5' in k and v], m
   assert m["rwkv_engine_errors_total"] == 0
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--checkpoint=/nonexistent/m.pth"], "--checkpoint=/nonexistent/m.pth does not exist"),
+    (["--chat_format=klingon"], "--chat_format: chat format 'klingon' is neither one of"),
+    (["--prefill_batch=8", "--slots=2"], "--prefill_batch=8 must be <= --slots=2"),
+])
+def test_serve_usage_errors_are_one_line_and_status_2(checkpoint, flags, expected):
+  args = [f"--checkpoint={checkpoint}", *flags]
+  result = training_util.run_module([sys.executable, "-m", "experiments.serve", *args],
+                                    training_util.subprocess_env(devices=1))
+  assert expected in training_util.one_line_error(result)

@@ -37,14 +37,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import functools
 import itertools
 import math
 import random
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -729,7 +727,8 @@ class Engine:
       produced += len(new)
       if reason is not None:
         self._release(choice.slot)
-      choice.request._push(Output(choice.index, tuple(new), "".join(text), reason))  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      choice.request._push(Output(choice.index, tuple(new), "".join(text), reason))
       if reason is not None and choice.request.finished:
         self._counts["finished"] += 1
     self._counts["generated"] += produced

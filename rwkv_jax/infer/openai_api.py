@@ -160,21 +160,23 @@ class ChatCompletionRequest(_SamplingRequest):
 class APIError(Exception):
   """An OpenAI-shaped error response."""
 
-  def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",  # pylint: disable=redefined-builtin
+  def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
                param: str | None = None, code: str | None = None,
                headers: Mapping[str, str] | None = None):
     super().__init__(message)
-    self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+    self.status, self.message, self.kind, self.param, self.code = (status, message, kind, param,
+                                                                   code)
     self.headers = dict(headers or {})
 
   def response(self) -> JSONResponse:
-    return JSONResponse(error_body(self.message, self.type, self.param, self.code),
+    return JSONResponse(error_body(self.message, self.kind, self.param, self.code),
                         status_code=self.status, headers=self.headers)
 
 
-def error_body(message: str, type: str, param: str | None = None,  # pylint: disable=redefined-builtin
-               code: str | None = None) -> dict[str, Any]:
-  return {"error": {"message": message, "type": type, "param": param, "code": code}}
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None
+               ) -> dict[str, Any]:
+  """OpenAI's error body; `kind` is its "type" (invalid_request_error, server_error, ...)."""
+  return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,12 +321,12 @@ def create_app(engine: engine_lib.Engine, tokenizer: tokenizer_lib.Tokenizer, *,
   @app.exception_handler(StarletteHTTPException)
   async def _http_error(_, e: StarletteHTTPException):
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-    return APIError(e.status_code, str(e.detail), type=kind).response()
+    return APIError(e.status_code, str(e.detail), kind=kind).response()
 
   @app.exception_handler(Exception)
   async def _bug(_, e: Exception):
     logging.exception("Unhandled error in a request: %s", e)
-    return APIError(500, "The server failed on this request.", type="server_error").response()
+    return APIError(500, "The server failed on this request.", kind="server_error").response()
 
   @app.get("/health")
   async def health():
@@ -424,10 +426,10 @@ def create_app(engine: engine_lib.Engine, tokenizer: tokenizer_lib.Tokenizer, *,
       raise APIError(400, str(e), param="messages" if job.kind == "chat" and
                      e.param == "prompt" else e.param, code=e.code or "invalid_value") from None
     except engine_lib.QueueFull as e:
-      raise APIError(429, f"The server is busy: {e}", type="rate_limit_error",
+      raise APIError(429, f"The server is busy: {e}", kind="rate_limit_error",
                      code="queue_full", headers={"Retry-After": str(retry_after_s)}) from None
     except engine_lib.EngineStopped:
-      raise APIError(503, "The server is shutting down.", type="server_error") from None
+      raise APIError(503, "The server is shutting down.", kind="server_error") from None
     response_id = f"{'chatcmpl' if job.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     if job.stream:
       return StreamingResponse(_events(job, request, response_id),
@@ -453,7 +455,7 @@ def create_app(engine: engine_lib.Engine, tokenizer: tokenizer_lib.Tokenizer, *,
     consumer.result()
     if any(r in (engine_lib.ERROR, engine_lib.CANCELLED) for r in request.finish_reasons):
       raise APIError(500 if engine_lib.ERROR in request.finish_reasons else 503,
-                     "The server could not finish this request; try again.", type="server_error")
+                     "The server could not finish this request; try again.", kind="server_error")
     choices = []
     for i, (pieces, reason) in enumerate(zip(texts, request.finish_reasons)):
       text = "".join(pieces)
