@@ -11,7 +11,7 @@ import training_util
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.data.tokenizer import ByteTokenizer
 from rwkv_jax.infer import engine as engine_lib
-from rwkv_jax.infer import prefix_cache, sampling
+from rwkv_jax.infer import chunks, prefix_cache, sampling
 from rwkv_jax.infer.engine import SamplingParams
 
 CFG = RWKVConfig(n_layer=2, n_embd=32, vocab_size=256)
@@ -271,3 +271,22 @@ def test_the_thread_streams_to_asyncio_and_to_blocking_readers(model):
   assert not engine.running
   with pytest.raises(engine_lib.EngineStopped):
     engine.submit([1])
+
+
+def test_no_request_compiles_anything_after_start(model):
+  engine = make_engine(model, slots=3, prefill_batch=3)  # shapes no other test compiles
+  engine.compile()
+  # pylint: disable=protected-access
+  programs = {"decode": sampling.decode_block, "prefill": chunks._run_chunk,
+              "place": engine_lib._place, "stack": engine_lib._stack, "row": engine_lib._row}
+  compiled = lambda: {name: fn._cache_size() for name, fn in programs.items()}
+  before = compiled()
+  settings = [SamplingParams(temperature=0.0, max_tokens=3),
+              SamplingParams(temperature=0.8, top_p=0.5, top_k=3, seed=1, max_tokens=9, n=2),
+              SamplingParams(presence_penalty=0.4, frequency_penalty=0.2, penalty_decay=0.5,
+                             stop_token_ids=tuple(range(1, 14)), max_tokens=5),
+              SamplingParams(temperature=1.5, n=3, max_tokens=2, seed=3)]
+  requests = [engine.submit(prompt(1 + 11 * i, i), p) for i, p in enumerate(settings)]
+  requests += [engine.submit(prompt(n, 9), GREEDY) for n in (2, 3, 20)]
+  run_until_done(engine, requests)
+  assert compiled() == before
