@@ -415,7 +415,8 @@ class Engine:
     self._stopping = False
     self._stopped = False
     self._counts = collections.Counter()
-    self._recent: collections.deque[tuple[float, int]] = collections.deque()
+    self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
+    self._recent_lock = threading.Lock()  # stats() reads it from other threads
 
   # --------------------------------------------------------------------------------------------
   # The public API.
@@ -511,7 +512,8 @@ class Engine:
 
   def stats(self) -> EngineStats:
     now = time.perf_counter()
-    recent = [(t, n) for t, n in list(self._recent) if now - t <= _RATE_WINDOW_S]
+    with self._recent_lock:
+      recent = [(t, n) for t, n in self._recent if now - t <= _RATE_WINDOW_S]
     cache = self.cache.stats()
     c = self._counts
     active = int(self._active.sum())
@@ -733,9 +735,10 @@ class Engine:
         self._counts["finished"] += 1
     self._counts["generated"] += produced
     now = time.perf_counter()
-    self._recent.append((now, produced))
-    while self._recent and now - self._recent[0][0] > _RATE_WINDOW_S:
-      self._recent.popleft()
+    with self._recent_lock:
+      self._recent.append((now, produced))
+      while self._recent and now - self._recent[0][0] > _RATE_WINDOW_S:
+        self._recent.popleft()
 
   def _fail_in_flight(self) -> None:
     for request in {id(r): r for r in [p.request for p in self._prefilling] + [
