@@ -23,6 +23,8 @@ from rwkv_jax.data.tokenizer import ByteTokenizer
 from rwkv_jax.infer import sampling
 from rwkv_jax.io import formats
 
+pytestmark = pytest.mark.slow  # every test talks to a server process
+
 CFG = RWKVConfig(n_layer=2, n_embd=32, vocab_size=256)
 MODEL = "tiny-rwkv"
 SLOTS, CHUNK, MAX_PROMPT, MAX_NEW, MAX_BODY = 4, 16, 200, 64, 4096
