@@ -192,7 +192,8 @@ def main(argv: list[str]) -> None:
           temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
           alpha_presence=_ALPHA_PRESENCE.value, alpha_frequency=_ALPHA_FREQUENCY.value,
           stop_tokens=stop, vocab_limit=tokenizer.vocab_size),
-      prefill_chunk=_PREFILL_CHUNK.value, callback=on_token if stream else None,
+      prefill_chunk=_cli.chunk_for(_PREFILL_CHUNK.value, len(prompt)),
+      callback=on_token if stream else None,
       state=saved.state if saved else None, next_logits=saved.next_logits if saved else None)
   seconds = time.perf_counter() - start
   if stream:

@@ -85,6 +85,14 @@ def _check_ids(flag: str, documents: list[np.ndarray], vocab_size: int) -> None:
         model_lib.check_tokens(doc[None], vocab_size)
 
 
+def _chunk(documents: list[np.ndarray]) -> int:
+  """--chunk, or less for documents shorter than it (`_cli.chunk_for`)."""
+  longest = max(len(d) for d in documents)
+  if FLAGS.max_position:
+    longest = min(longest, FLAGS.max_position + 1)
+  return _cli.chunk_for(FLAGS.chunk, longest)
+
+
 def _scorable(documents: list[np.ndarray]) -> list[np.ndarray]:
   """The documents, refused when none has the 2 tokens scoring by position needs."""
   if not any(len(d) >= 2 for d in documents):
@@ -177,7 +185,7 @@ def main(argv):
   if FLAGS.tokens is not None:
     tokens = np.asarray(_cli.integers("tokens", FLAGS.tokens), np.int64)
     _check_ids("--tokens", [tokens], config.vocab_size)
-    logits = scoring.logits_for(model, tokens, chunk=FLAGS.chunk, impl=FLAGS.impl)
+    logits = scoring.logits_for(model, tokens, chunk=_chunk([tokens]), impl=FLAGS.impl)
     if output:
       def save(tmp):
         with open(tmp, "wb") as f:
@@ -194,7 +202,7 @@ def main(argv):
     documents = [np.asarray(source.sequence(i), np.int64) for i in range(source.num_sequences)]
     _check_ids(f"--binidx={FLAGS.binidx}", documents, config.vocab_size)
     result = scoring.loss_by_position(model, _scorable(documents), max_position=FLAGS.max_position,
-                                      batch_size=FLAGS.batch_size, chunk=FLAGS.chunk,
+                                      batch_size=FLAGS.batch_size, chunk=_chunk(documents),
                                       impl=FLAGS.impl)
     _print_position_loss(result)
     _write_position_loss(position_out, result, str(source.bin_path))
@@ -220,7 +228,7 @@ def main(argv):
 
   if position_out:
     result = scoring.loss_by_position(model, _scorable(documents), max_position=FLAGS.max_position,
-                                      batch_size=FLAGS.batch_size, chunk=FLAGS.chunk,
+                                      batch_size=FLAGS.batch_size, chunk=_chunk(documents),
                                       impl=FLAGS.impl)
     _print_position_loss(result)
     _write_position_loss(position_out, result, FLAGS.text_file or "--text")
@@ -231,7 +239,8 @@ def main(argv):
   if not documents:
     raise UsageError("the text encodes to fewer than 2 tokens per document; need at least 2 to "
                      "score.")
-  losses = scoring.batch_token_losses(model, documents, chunk=FLAGS.chunk, impl=FLAGS.impl)
+  losses = scoring.batch_token_losses(model, documents, chunk=_chunk(documents),
+                                      impl=FLAGS.impl)
   num_bytes = sum(len(d) - 1 if raw_bytes else len(tokenizer.decode(d[1:].tolist()).encode("utf-8"))
                   for d in documents)
   result = scoring.TextScore(np.concatenate(losses), num_bytes)
