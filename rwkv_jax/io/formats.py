@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import pickle
@@ -186,7 +187,7 @@ class TensorRef:
 def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
   """An uninitialized C-contiguous array whose data is aligned as jax needs to use it in place."""
   dtype = np.dtype(dtype)
-  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  nbytes = math.prod(shape) * dtype.itemsize
   raw = np.empty(nbytes + ALIGN, np.uint8)
   start = -raw.ctypes.data % ALIGN
   return raw[start:start + nbytes].view(dtype).reshape(shape)
@@ -206,10 +207,10 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused) -> tuple[_St
   if not (isinstance(storage, _Storage) and type(storage_offset) is int and ints(size)
           and ints(stride) and len(size) == len(stride)):
     raise _NotPlain("not a tensor of a storage")
-  contiguous = [int(np.prod(size[i + 1:], dtype=np.int64)) for i in range(len(size))]
+  contiguous = [math.prod(size[i + 1:]) for i in range(len(size))]
   if any(n > 1 and s != c for n, s, c in zip(size, stride, contiguous)):
     raise _NotPlain("a strided view")
-  if storage_offset < 0 or storage_offset + int(np.prod(size, dtype=np.int64)) > storage.numel:
+  if storage_offset < 0 or storage_offset + math.prod(size) > storage.numel:
     raise _NotPlain("a tensor outside its storage")
   return storage, storage_offset, tuple(size)
 
