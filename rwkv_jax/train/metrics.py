@@ -4,7 +4,9 @@ metrics.jsonl holds one JSON record per line, {"step": s, "train/loss": ..., ...
 that a resumed run continues its history; a run resumed from step s first drops the records past
 s (steps the crashed run logged after its last checkpoint), so no step appears twice. It is
 what experiments/plots.py draws and what tests read back. TensorBoard files come from
-tensorboardX, which needs no TensorFlow.
+tensorboardX, which needs no TensorFlow; its events are written here, in the training thread
+(not by tensorboardX's writer thread), so that a disk that fills up stops the run with a
+`files.NoSpaceError` naming the file instead of killing that thread and blocking its queue.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import time
 
 from rwkv_jax import files
 
@@ -33,29 +36,50 @@ class MetricWriter:
     """
     self.enabled = enabled
     if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
 
       workdir = pathlib.Path(workdir)
+      self._jsonl_path, self._tb_dir = workdir / METRICS_FILE, workdir / "tb"
       if start_step is not None:
-        _drop_records_after(workdir / METRICS_FILE, start_step)
-      self._tb = SummaryWriter(str(workdir / "tb"))
-      self._jsonl = open(workdir / METRICS_FILE, "a", encoding="utf-8")
+        _drop_records_after(self._jsonl_path, start_step)
+      with files.reporting_no_room(self._tb_dir):
+        self._tb_dir.mkdir(exist_ok=True)
+        self._tb = EventsWriter(str(self._tb_dir / "events"))
+      self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
-    """Records `metrics` at `step`; non-finite values go to the JSON file only."""
+    """Records `metrics` at `step`; non-finite values go to the JSON file only.
+
+    Raises:
+      files.NoSpaceError: the disk is full; the records written before are whole.
+    """
     if not self.enabled:
       return
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()  # a killed run keeps every record it logged
-    for k, v in record.items():
-      if k != "step" and math.isfinite(v):
-        self._tb.add_scalar(k, v, step)
+    line = json.dumps(record) + "\n"
+    # A record cut short by a full disk is dropped when the run resumes (_drop_records_after).
+    with files.reporting_no_room(self._jsonl_path):
+      self._jsonl.write(line)
+      self._jsonl.flush()  # a killed run keeps every record it logged
+    with files.reporting_no_room(self._tb_dir):
+      now = time.time()
+      for k, v in record.items():
+        if k != "step" and math.isfinite(v):
+          self._tb.write_event(event_pb2.Event(wall_time=now, step=step,
+                                               summary=summary.scalar(k, v)))
+      self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self._tb.close()
-      self._jsonl.close()
+      try:
+        with files.reporting_no_room(self._tb_dir):
+          self._tb.close()
+      finally:
+        with files.reporting_no_room(self._jsonl_path):
+          self._jsonl.close()
 
 
 def _drop_records_after(path: pathlib.Path, step: int) -> None:
