@@ -21,6 +21,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from rwkv_jax import files
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.io import checkpoint as ckpt_lib
 from rwkv_jax.io.tensor_names import CheckpointError
@@ -50,7 +51,8 @@ def workdir_lock(workdir: pathlib.Path):
   file only for the message.
   """
   path = workdir / LOCK_FILE
-  f = open(path, "a+", encoding="utf-8")  # "a+": opening must not erase the holder's name
+  with files.reporting_no_room(path):
+    f = open(path, "a+", encoding="utf-8")  # "a+": opening must not erase the holder's name
   try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
@@ -61,13 +63,14 @@ def workdir_lock(workdir: pathlib.Path):
         f"{workdir} is in use by {holder} (it holds {path}); wait for that run to end or stop "
         f"it, or pass another --workdir.") from None
   try:
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
-    f.flush()
+    os.ftruncate(f.fileno(), 0)
+    try:  # unbuffered: a full disk must leave no buffered bytes behind to fail again at close
+      os.pwrite(f.fileno(), f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+    except OSError:  # the flock holds without the name, which is only for the message
+      os.ftruncate(f.fileno(), 0)
     yield
   finally:
-    f.truncate(0)
+    os.ftruncate(f.fileno(), 0)
     f.close()  # releases the lock
 
 
