@@ -8,7 +8,9 @@ Training checkpoints live in WORKDIR/checkpoints/<step>/ with four items:
 Orbax writes each step into a temporary directory and renames it once complete, so a process
 killed in the middle of a save leaves the previous steps intact and the half-written one is
 ignored on the next start. Restoring takes abstract arrays carrying the target shardings, so a
-checkpoint written on one mesh restores onto any other.
+checkpoint written on one mesh restores onto any other. A save that finds the disk full raises
+`files.NoSpaceError` naming the step and the newest complete checkpoint (at the next call of
+`check`, `save`, `wait` or `close`: the arrays are written in the background).
 
 An export (WORKDIR/export/) is the inference-only form: params plus rwkv_jax.json with the model
 config. `load_export` reads either form, in any precision; `rwkv_jax.io.weights.load` calls it
@@ -18,7 +20,9 @@ kernels and their scales and is read back as they are; it cannot be read in a fl
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pathlib
 from typing import Any
@@ -35,6 +39,22 @@ from rwkv_jax.io.tensor_names import CheckpointError
 
 EXPORT_MARKER = "rwkv_jax.json"
 FORMAT_VERSION = 1
+
+
+class _DropOrbaxLogOfNoRoom(logging.Filter):
+  """Drops Orbax's logged traceback of a write that found the disk full.
+
+  Orbax logs a background save's exception with its traceback and raises the same exception in
+  the caller, which reports it as one `files.NoSpaceError` line; the log would repeat it, twice.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and f"{os.sep}orbax{os.sep}" in record.pathname
+                and files.no_room(error) is not None)
+
+
+logging.getLogger("absl").addFilter(_DropOrbaxLogOfNoRoom())  # Orbax logs through absl
 
 
 def _abstract(tree: Any) -> Any:
@@ -66,7 +86,9 @@ class TrainCheckpointer:
 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    with files.reporting_no_room(self.directory):
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._saving: int | None = None  # the step of the last save, until it is known complete
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -74,15 +96,49 @@ class TrainCheckpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def reached_preemption(self, step: int) -> bool:
+    """Whether every process has agreed to stop and save at `step` (Orbax's preemption check).
+
+    After a preemption notice (SIGTERM) to any process of a multi-process run, jax.distributed
+    picks the step at which all of them stop; call this after every step. Always False in a
+    single-process run, which has no such service.
+    """
+    return self._manager.reached_preemption(step)
+
+  @contextlib.contextmanager
+  def _reporting_no_room(self):
+    """Raises a save that found the disk full as NoSpaceError naming its step and the remedy."""
+    step = self._saving
+    try:
+      with files.reporting_no_room(self.directory / str(step) if step is not None
+                                   else self.directory):
+        yield
+    except files.NoSpaceError as e:
+      complete = [s for s in self.all_steps() if s != step]
+      e.advice = (f"training stops; the newest complete checkpoint is step {max(complete)}. "
+                  f"Free space there and run the same command to resume from it."
+                  if complete else "training stops, with no complete checkpoint yet. Free "
+                  "space there and run the same command to start again.")
+      raise
+
+  def check(self) -> None:
+    """Raises the error of a background save that failed (NoSpaceError for a full disk)."""
+    with self._reporting_no_room():
+      self._manager.check_for_errors()
+
   def save(self, step: int, params, opt_state, data_iterator, meta: dict) -> None:
+    """Starts saving `step` (in the background if async); raises a previous save's error first."""
     import grain
 
-    self._manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(_pure(params)),
-        opt_state=ocp.args.StandardSave(_flat(opt_state)),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave({"step": step, "format_version": FORMAT_VERSION, **meta}),
-    ), force=True)
+    self.wait()  # as Orbax would, but naming the step whose save failed
+    self._saving = step
+    with self._reporting_no_room():
+      self._manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(_pure(params)),
+          opt_state=ocp.args.StandardSave(_flat(opt_state)),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          meta=ocp.args.JsonSave({"step": step, "format_version": FORMAT_VERSION, **meta}),
+      ), force=True)
 
   def read_meta(self, step: int) -> dict:
     try:
@@ -117,11 +173,18 @@ class TrainCheckpointer:
     return params, jax.tree.unflatten(jax.tree.structure(abstract_opt_state), opt_leaves)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for a background save; raises its error (NoSpaceError for a full disk)."""
+    with self._reporting_no_room():
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    self._saving = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for a background save and closes; raises the save's error after closing."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def check_compatible(meta: dict, config: RWKVConfig, where: str) -> None:
@@ -142,11 +205,17 @@ def check_compatible(meta: dict, config: RWKVConfig, where: str) -> None:
 # Inference exports.
 
 def export(model: model_lib.RWKV, directory: str | os.PathLike) -> pathlib.Path:
-  """Writes an inference checkpoint: params (Orbax) + rwkv_jax.json. Atomic per item."""
+  """Writes an inference checkpoint: params (Orbax) + rwkv_jax.json. Atomic per item.
+
+  The marker rwkv_jax.json is written last and an older one removed first, so a directory with
+  a marker is complete. A disk that fills up raises `files.NoSpaceError` naming `directory`.
+  """
   directory = pathlib.Path(directory).absolute()
-  directory.mkdir(parents=True, exist_ok=True)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  with ocp.StandardCheckpointer() as ckptr:
+  if jax.process_index() == 0:
+    (directory / EXPORT_MARKER).unlink(missing_ok=True)  # Orbax replaces params in place
+  with files.reporting_no_room(directory), ocp.StandardCheckpointer() as ckptr:
+    directory.mkdir(parents=True, exist_ok=True)
     ckptr.save(directory / "params", params, force=True)
     ckptr.wait_until_finished()
   meta = {"format": "rwkv_jax", "format_version": FORMAT_VERSION,
