@@ -6,8 +6,11 @@ host never waits for the device except at logging, evaluation and checkpoint bou
 Metrics go to rwkv_jax/train/metrics.py's writer.
 
 A non-finite loss or gradient norm stops the run with an error and writes nothing: the last
-checkpoint on disk is the last good state. The workdir's lock, leftover saves and damaged
-checkpoints are rwkv_jax/train/workdir.py's.
+checkpoint on disk is the last good state. A checkpoint that cannot be saved (a full disk) stops
+the run with `files.NoSpaceError`: training on would leave nothing to resume from. SIGTERM or
+SIGINT stops it at the next step boundary with a checkpoint of that step
+(rwkv_jax/train/preemption.py). The workdir's lock, leftover saves and damaged checkpoints are
+rwkv_jax/train/workdir.py's.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from rwkv_jax.data import sources as data_sources
 from rwkv_jax.io import checkpoint as ckpt_lib
 from rwkv_jax.train import config as train_config
 from rwkv_jax.train import metrics as metrics_lib
+from rwkv_jax.train import preemption
 from rwkv_jax.train import step as step_lib
 from rwkv_jax.train import workdir as workdir_lib
 
@@ -106,12 +110,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     The last logged training and validation metrics, and "step". "perf/tokens_per_s" (and
     "perf/mfu") there cover this invocation's whole run after its first step (which compiles),
     evaluation time excluded (NaN for a run of one step); metrics.jsonl holds each logging
-    window's own.
+    window's own. A run stopped by SIGTERM or SIGINT returns at the step it saved (before
+    train.steps, with no export) and "stopped_by_signal", the signal's number.
 
   Raises:
     WorkdirError: WORKDIR is a file, or cannot be created or written.
     WorkdirBusyError: another live run holds WORKDIR/.lock.
     NonFiniteLossError: the loss or gradient norm became NaN or Inf.
+    files.NoSpaceError: a checkpoint, the metrics, the encoded data or the export could not be
+      written for want of room; what was written before is whole.
   """
   train_config.check(config)
   workdir = workdir_lib.make_workdir(workdir)
@@ -172,44 +179,76 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                                   if peak_flops else None))
 
   pending = None  # (step, metrics) dispatched but not yet fetched
+  stop = preemption.StopSignals(ckpt.reached_preemption)
   try:
-    while step < t.steps:
-      batch = sharding.make_global_batch(mesh, next(train_it))
-      # Traced under the mesh: a Mosaic (TPU) WKV kernel is then run per shard, which XLA
-      # cannot arrange by itself (tests/test_kernels_tpu.py lowers this step for TPU).
-      with jax.set_mesh(mesh):
-        state.params, state.opt_state, step_metrics = train_step(state.params, state.opt_state,
-                                                                 batch)
-      step += 1
+    with stop:
+      while step < t.steps:
+        batch = sharding.make_global_batch(mesh, next(train_it))
+        # Traced under the mesh: a Mosaic (TPU) WKV kernel is then run per shard, which XLA
+        # cannot arrange by itself (tests/test_kernels_tpu.py lowers this step for TPU).
+        with jax.set_mesh(mesh):
+          state.params, state.opt_state, step_metrics = train_step(state.params,
+                                                                   state.opt_state, batch)
+        step += 1
+        if pending is not None:
+          log.fetch(*pending)
+        pending = (step, step_metrics)
+        if progress is not None:
+          progress.update(1)
+        stopping = stop.should_stop(step)  # every step, in every process: they must agree
+        boundary = step == t.steps
+        if t.eval_every and (step % t.eval_every == 0 or boundary):
+          log.fetch(*pending)
+          pending = None
+          with log.paused():
+            val_loss = evaluate(eval_step, state.params, val_ds, mesh, t.eval_batches)
+          log.validation(step, val_loss)
+        if step % t.checkpoint_every == 0 or boundary or stopping:
+          if pending is not None:
+            # Never save a state whose loss we have not seen to be finite; a stopped run
+            # records the metrics of the step it stops at.
+            log.fetch(*pending, always_log=stopping)
+            pending = None
+          ckpt.save(step, state.params, state.opt_state, train_it, meta)
+        else:
+          ckpt.check()  # a background save that failed stops the run here, not at the next
+        if stopping:
+          break
       if pending is not None:
         log.fetch(*pending)
-      pending = (step, step_metrics)
-      if progress is not None:
-        progress.update(1)
-      boundary = step == t.steps
-      if t.eval_every and (step % t.eval_every == 0 or boundary):
-        log.fetch(*pending)
-        pending = None
-        with log.paused():
-          val_loss = evaluate(eval_step, state.params, val_ds, mesh, t.eval_batches)
-        log.validation(step, val_loss)
-      if step % t.checkpoint_every == 0 or boundary:
-        if pending is not None:
-          log.fetch(*pending)  # never save a state whose loss we have not seen to be finite
-          pending = None
-        ckpt.save(step, state.params, state.opt_state, train_it, meta)
-    if pending is not None:
-      log.fetch(*pending)
-    throughput = log.run_throughput()  # before the last save completes and the export
-  finally:
-    if progress is not None:
-      progress.close()
-    ckpt.close()
-    writer.close()
+      throughput = log.run_throughput()  # before the last save completes and the export
+      # Inside `stop`: a second signal while the last save completes ends the process at once.
+      ckpt.close()
+  except BaseException:
+    _close_after_error(progress, ckpt, writer)
+    raise
+  if progress is not None:
+    progress.close()
+  writer.close()
 
+  result = {**log.final, **throughput, "step": step}
+  if stop.reason is not None and step < t.steps:
+    logging.warning("Stopped by %s at step %d, its checkpoint saved in %s; run the same command "
+                    "to resume from it.", stop.reason, step, ckpt.directory)
+    return {**result, "stopped_by_signal": int(stop.signal_number)}
   if t.export and make_model is step_lib.build_model:
     ckpt_lib.export(nnx.merge(state.graphdef, state.params), workdir / "export")
-  return {**log.final, **throughput, "step": step}
+  return result
+
+
+def _close_after_error(progress, ckpt: ckpt_lib.TrainCheckpointer,
+                       writer: metrics_lib.MetricWriter) -> None:
+  """Closes what the loop opened while an error propagates; their own errors would hide it.
+
+  A save that failed for a full disk fails again here, and the metrics may too.
+  """
+  for close in (progress.close if progress is not None else None, ckpt.close, writer.close):
+    if close is None:
+      continue
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.info("While stopping on an error, %s failed too: %s", close.__qualname__, e)
 
 
 class _StepLog:
@@ -234,8 +273,11 @@ class _StepLog:
   def _restart_window(self) -> None:
     self._window_start, self._window_steps = time.perf_counter(), 0
 
-  def fetch(self, step: int, step_metrics) -> None:
-    """Waits for `step`'s metrics; NonFiniteLossError if its loss or gradient norm is not finite."""
+  def fetch(self, step: int, step_metrics, always_log: bool = False) -> None:
+    """Waits for `step`'s metrics; NonFiniteLossError if its loss or gradient norm is not finite.
+
+    They are logged every log_every steps, at the last step, and when `always_log`.
+    """
     m = jax.device_get(step_metrics)
     self._window_steps += 1  # counted once finished: back-to-back fetches never give 0 tokens/s
     if self._run_start is None:
@@ -249,7 +291,7 @@ class _StepLog:
     for what, value in (("loss", loss), ("gradient norm", grad_norm)):
       if not math.isfinite(value):
         raise NonFiniteLossError(_non_finite_message(what, value, step, self.ckpt))
-    if step % self.log_every and step != self.steps:
+    if step % self.log_every and step != self.steps and not always_log:
       return
     elapsed = time.perf_counter() - self._window_start
     tok_s = self._window_steps * self.tokens_per_step / elapsed if elapsed > 0 else float("nan")
