@@ -32,6 +32,8 @@ import logging
 import math
 import os
 import re
+import subprocess
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -222,19 +224,104 @@ def make_global_batch(mesh: Mesh, local_batch: Any) -> Any:
                       local_batch)
 
 
+HEARTBEAT_TIMEOUT_ENV = "RWKV_JAX_HEARTBEAT_TIMEOUT"
+# Seconds without a heartbeat after which a process counts as lost: jax.distributed's default.
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100
+
+# How jax.distributed ends a process when the run loses one: the coordinator stopped hearing from
+# a process for the heartbeat timeout, or the coordinator itself (process 0) is gone. Its client
+# then logs this as FATAL, prints a C++ stack trace and aborts; jax 0.10's Python API cannot
+# replace that callback (a Python one fails to receive its absl::Status).
+_JAX_FATAL = "Terminating process because the JAX distributed service detected fatal errors"
+
+# The stderr of a multi-process run goes through this small process: every line is passed on
+# until jax's fatal message, and the crash report that follows is replaced by one line.
+# Arguments: the fatal message, this process's index, the process count, the heartbeat timeout.
+_STDERR_FILTER = r"""
+import re, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # signals to the run are the run's
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+fatal, index, count, timeout = sys.argv[1:5]
+out, report = sys.stdout.buffer, None
+for line in sys.stdin.buffer:
+  if report is not None:
+    report.append(line)
+  elif fatal.encode() in line:
+    report = [line]
+  else:
+    out.write(line)
+    out.flush()
+if report is not None:
+  text = b"".join(report).decode(errors="replace")
+  lost = re.search(r"unhealthy \(stopped sending heartbeats\):\s*([\d\s,]+)", text)
+  if lost:
+    what = ("process " + ", ".join(lost.group(1).split()) + " of this run sent no heartbeat for "
+            + timeout + " s (it was killed or crashed, or the network failed)")
+  elif "leader task" in text or "coordination service" in text:
+    what = "the coordinator, process 0, is gone (it was killed or crashed, or the network failed)"
+  else:
+    what = "jax.distributed ended the run: " + text.split("absl::Status:")[-1].split(chr(10))[0]
+  out.write(("error: process " + index + " of " + count + " stops: " + what + ". Restart "
+             "every process with the same command to resume from the newest complete "
+             "checkpoint." + chr(10)).encode())
+  out.flush()
+"""
+_stderr_filter: subprocess.Popen | None = None
+
+
+def _report_lost_processes_in_one_line(heartbeat_timeout_s: int) -> None:
+  """Sends this process's stderr through _STDERR_FILTER (see there), for the rest of its life."""
+  global _stderr_filter
+  try:
+    _stderr_filter = subprocess.Popen(
+        [sys.executable, "-c", _STDERR_FILTER, _JAX_FATAL, str(jax.process_index()),
+         str(jax.process_count()), str(heartbeat_timeout_s)],
+        stdin=subprocess.PIPE, stdout=sys.stderr.fileno(), start_new_session=True)
+    sys.stderr.flush()
+    os.dup2(_stderr_filter.stdin.fileno(), sys.stderr.fileno())
+    _stderr_filter.stdin.close()  # fd 2 holds the pipe now; the filter ends when this process does
+  except (OSError, ValueError) as e:  # e.g. no stderr to redirect: jax's own report stays
+    _log.warning("Losing a process will end this one with jax.distributed's crash report: the "
+                 "one-line report could not be set up (%s).", e)
+
+
+def heartbeat_timeout_s(value: int | None = None) -> int:
+  """The heartbeat timeout: `value`, else $RWKV_JAX_HEARTBEAT_TIMEOUT, else 100 s (jax's)."""
+  text = os.environ.get(HEARTBEAT_TIMEOUT_ENV, "") if value is None else str(value)
+  if not text:
+    return DEFAULT_HEARTBEAT_TIMEOUT_S
+  try:
+    seconds = int(text)
+  except ValueError:
+    seconds = 0
+  if seconds < 1:
+    where = (f"heartbeat_timeout_s={value!r}" if value is not None
+             else f"{HEARTBEAT_TIMEOUT_ENV}={text!r}")
+    raise ValueError(f"{where} must be a whole number of seconds >= 1.")
+  return seconds
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+                           process_id: int | None = None,
+                           heartbeat_timeout: int | None = None) -> bool:
   """Starts jax.distributed for multi-process runs; a no-op for a single process.
 
   Call it first, before anything touches a device. Arguments left as None are read from the
   environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; when none
   are set, a SLURM or Open MPI job of more than one task is detected by jax itself.
 
+  A process that dies (or stops answering) ends all the others: within the heartbeat timeout,
+  or at once when it is process 0, the coordinator. Each of them writes one line on stderr
+  saying which process was lost and to restart them all, and exits with SIGABRT's status (jax's
+  crash report is left out).
+
   Args:
     coordinator_address: "host:port" of process 0.
     num_processes: total number of processes.
     process_id: this process's index in [0, num_processes).
+    heartbeat_timeout: seconds without a heartbeat after which a process counts as lost;
+      default $RWKV_JAX_HEARTBEAT_TIMEOUT, else 100 (jax's own default).
 
   Returns:
     True if jax.distributed is initialized (now or before), False for a single-process run.
@@ -242,6 +329,7 @@ def initialize_distributed(coordinator_address: str | None = None,
   if jax.distributed.is_initialized():
     return True
   env = os.environ
+  timeout = heartbeat_timeout_s(heartbeat_timeout)
   coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
   if num_processes is None and env.get("JAX_NUM_PROCESSES"):
     num_processes = int(env["JAX_NUM_PROCESSES"])
@@ -258,10 +346,12 @@ def initialize_distributed(coordinator_address: str | None = None,
   if not (explicit or cluster):
     return False
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
-  _log.info("jax.distributed: process %d of %d, %d local / %d global devices.",
-            jax.process_index(), jax.process_count(), jax.local_device_count(),
-            jax.device_count())
+                             num_processes=num_processes, process_id=process_id,
+                             heartbeat_timeout_seconds=timeout)
+  _report_lost_processes_in_one_line(timeout)
+  _log.info("jax.distributed: process %d of %d, %d local / %d global devices; a process silent "
+            "for %d s counts as lost.", jax.process_index(), jax.process_count(),
+            jax.local_device_count(), jax.device_count(), timeout)
   return True
 
 
