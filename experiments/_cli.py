@@ -2,9 +2,13 @@
 
 `run(main, failures=...)` replaces `app.run(main)`. A bad flag, a missing config file, an override
 naming no config field, or a `UsageError` raised by main prints one line `error: ...` and exits
-with status 2; a `WriteError` or one of `failures` (the run itself failed: a non-finite loss, a
-busy workdir, a full disk) prints one line and exits with status 1. Anything else is a bug and
-keeps its traceback, as does everything with --debug.
+with status 2; a `WriteError`, a disk with no room left (`rwkv_jax.files.NoSpaceError`, or any
+OSError of ENOSPC, EDQUOT or EFBIG) or one of `failures` (the run itself failed: a non-finite
+loss, a busy workdir) prints one line and exits with status 1. SIGTERM and SIGINT end the program
+with one line and status 128 + the signal's number; every output is written under a temporary
+name and renamed when whole, so none is left half-written (training stops more gently: see
+rwkv_jax/train/preemption.py). Anything else is a bug and keeps its traceback, as does
+everything with --debug.
 
 A mistake is raised as a `UsageError` where the input comes in: by the entry point's own checks,
 by `output_path` (the one rule for every path a program writes), or by a library call that
@@ -21,13 +25,14 @@ import contextlib
 import os
 import pathlib
 import re
+import signal
 import sys
 from typing import Callable, Iterator, Sequence
 
 from absl import app, flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from rwkv_jax import compile_cache
+from rwkv_jax import compile_cache, files
 
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of every error.")
 
@@ -40,6 +45,14 @@ class UsageError(app.UsageError):
 
 class WriteError(RuntimeError):
   """An output that could not be written (a full disk, a permission): one line, exit status 1."""
+
+
+class _Stopped(BaseException):
+  """SIGTERM or SIGINT, raised where the program is: its outputs' temporary files are removed."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
 
 
 @contextlib.contextmanager
@@ -163,13 +176,16 @@ def _parse(argv: list[str]) -> list[str]:
     _fail(USAGE, f"{what} failed to load: {last} (--debug shows the traceback).")
 
 
+INT32_MAX = 2**31 - 1  # token ids, lengths and counts are int32 arrays in the end
+
+
 def integers(flag: str, value: str | Sequence[str], *, minimum: int | None = None,
-             allow_empty: bool = False) -> list[int]:
+             maximum: int = INT32_MAX, allow_empty: bool = False) -> list[int]:
   """The integers of --flag: comma-separated text ("1, 2,3") or a flags.DEFINE_list value.
 
   Raises:
-    UsageError: naming the flag, for anything but integers, one below `minimum`, or none (unless
-      allow_empty).
+    UsageError: naming the flag, for anything but integers, one below `minimum` or above
+      `maximum`, or none (unless allow_empty).
   """
   items = value.split(",") if isinstance(value, str) else list(value)
   items = [x.strip() for x in items if x.strip()]
@@ -183,6 +199,9 @@ def integers(flag: str, value: str | Sequence[str], *, minimum: int | None = Non
     raise UsageError(f"--{flag} is empty; give at least one integer.")
   if minimum is not None and any(i < minimum for i in ids):
     raise UsageError(f"--{flag}={shown}: every value must be >= {minimum}.")
+  if any(i > maximum for i in ids):
+    raise UsageError(f"--{flag}={shown}: {max(ids)} is too large; every value must be <= "
+                     f"{maximum}.")
   return ids
 
 
@@ -198,6 +217,24 @@ def chunk_for(requested: int, longest: int) -> int:
   return min(requested, max(16, 1 << max(longest - 1, 0).bit_length()))
 
 
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+  """Raises SIGTERM and SIGINT as _Stopped in the main thread for the block; a second one ends
+  the program at once."""
+
+  def stop(signum: int, unused_frame) -> None:
+    for s in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(s, signal.SIG_DFL)
+    raise _Stopped(signum)
+
+  previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
 def run(main: Callable[[list[str]], None], *,
         failures: tuple[type[BaseException], ...] = ()) -> None:
   """Runs `main` as `app.run` does, turning the user's mistakes and failed runs into one line.
@@ -211,11 +248,22 @@ def run(main: Callable[[list[str]], None], *,
   def checked_main(argv: list[str]) -> None:
     compile_cache.enable()  # imports no jax: a mistake in the flags is still reported at once
     try:
-      main(argv)
-    except (WriteError, *failures) as e:
+      with _stopped_by_signals():
+        main(argv)
+    except _Stopped as e:
+      sys.stdout.flush()
+      sys.stderr.write(f"error: stopped by {signal.Signals(e.signum).name}; outputs not yet "
+                       f"complete were not written.\n")
+      sys.stderr.flush()
+      os._exit(128 + e.signum)  # at once: no background work is worth waiting for
+    except (WriteError, files.NoSpaceError, *failures) as e:
       if _DEBUG.value:
         raise
       _fail(FAILURE, str(e))
+    except OSError as e:
+      if _DEBUG.value or e.errno not in files.NO_ROOM:
+        raise
+      _fail(FAILURE, str(files.NoSpaceError(e.errno, e.filename or "an output")))
     except app.UsageError as e:  # UsageError, and absl's own
       if _DEBUG.value:
         raise
