@@ -3,7 +3,9 @@
 A benchmark here is a script that writes a JSON record (and usually a plot), never an assertion:
 `time_fn` times a jitted callable and `time_rounds` several calls in alternating rounds (both
 report a `Timing`: median, minimum, compile time), `run_fresh` measures in a new process and
-`peak_rss_bytes` reads its peak resident memory, `environment` says where and from what code the
+`peak_rss_bytes` reads its peak resident memory (`run_process` runs any command so, measuring its
+wall time and peak resident memory from outside; `compiled_programs` reads what it compiled from
+JAX's compile log), `environment` says where and from what code the
 numbers came, `copy_bandwidth` measures the memory roofline on the same device in the same run,
 `peak_flops` gives the device's dense bf16 peak for model FLOPs utilization, and `write_json`
 stores the record atomically so a run killed midway keeps what it had written.
@@ -11,6 +13,7 @@ stores the record atomically so a run killed midway keeps what it had written.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import json
@@ -23,6 +26,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -207,11 +211,101 @@ def run_fresh(module: str, *flags: str) -> FreshRun:
   For measurements one process must not see another's (peak memory, a first compilation). The
   module prints its record as one line of JSON, its last line that starts with "{".
   """
-  proc = subprocess.run([sys.executable, "-m", module, *flags], cwd=_REPO, capture_output=True,
-                        text=True)
-  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-  record = json.loads(lines[-1]) if lines and not proc.returncode else None
-  return FreshRun(record, proc.returncode, proc.stderr)
+  run = run_process([sys.executable, "-m", module, *flags])
+  lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+  record = json.loads(lines[-1]) if lines and not run.returncode else None
+  return FreshRun(record, run.returncode, run.stderr)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessRun:
+  """A finished process: its wall time, its own peak resident set, its status and output."""
+
+  wall_s: float
+  peak_rss_bytes: int
+  returncode: int
+  stdout: str
+  stderr: str
+
+
+# Runs argv[2:] as a child of this small process and writes the child's wall time, own peak
+# resident set and status to the file argv[1]. A child of a large process would not do: Linux
+# keeps, across exec, the peak of the memory a child shares with its parent when it forks (the
+# caller's whole resident set), so every child of a process that imported jax would seem to
+# start at its size.
+_LAUNCHER = """
+import json, os, signal, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+  try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+  finally:
+    os._exit(127)
+signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+  json.dump({"wall_s": time.perf_counter() - start, "peak_rss_bytes": usage.ru_maxrss * 1024,
+             "returncode": os.waitstatus_to_exitcode(status)}, f)
+"""
+
+
+def run_process(command: Sequence[str], env: Mapping[str, str] | None = None,
+                timeout_s: float | None = None) -> ProcessRun:
+  """Runs `command` from the repository root in a new process and waits for it.
+
+  The wall time runs from its start to its exit (imports included); the peak resident set is the
+  process's own (`os.wait4` in a small launcher that starts it, see _LAUNCHER). Its output goes
+  to files, so that no pipe can block it; past `timeout_s` it is killed (returncode -9).
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    measured = pathlib.Path(tmp) / "measured.json"
+    with open(measured.with_suffix(".out"), "w+") as out, \
+         open(measured.with_suffix(".err"), "w+") as err:
+      proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(measured), *command],
+                              cwd=_REPO, env=None if env is None else dict(env), stdout=out,
+                              stderr=err, text=True)
+      try:
+        proc.wait(timeout=timeout_s)
+      except subprocess.TimeoutExpired:
+        proc.terminate()  # the launcher kills the command
+        proc.wait()
+      out.seek(0)
+      err.seek(0)
+      stdout, stderr = out.read(), err.read()
+    if not measured.is_file():
+      return ProcessRun(0.0, 0, -9, stdout, stderr)
+    got = json.loads(measured.read_text())
+    return ProcessRun(got["wall_s"], got["peak_rss_bytes"], got["returncode"], stdout, stderr)
+
+
+_COMPILING = re.compile(r"Compiling (\S+) with global shapes and types (.*?)\. Argument mapping")
+_CACHE_HIT = re.compile(r"Persistent compilation cache hit for '([^']+)'")
+
+
+def compiled_programs(stderr: str, model_marker: str | None = None, n_layer: int = 1
+                      ) -> dict[str, Any]:
+  """The programs a run compiled and loaded, from JAX's compile log (JAX_LOG_COMPILES=1).
+
+  A program holds the model when `model_marker`, the shape of a matrix each of the `n_layer`
+  blocks has once (the ffn.key kernel, "float32[C,4C]"), is among its inputs: once per n_layer
+  times the shape occurs there (a train step takes the parameters and Adam's two moments).
+
+  Returns:
+    {"compiled": how many programs were compiled, "loaded": how many were loaded from the
+     persistent cache instead, "loaded_names": their names, "names": {name: how many compiled
+     or loaded}, "model": {name: [copies of the model in the inputs, for each compiled or
+     loaded]} for those holding the model}.
+  """
+  names, model = collections.Counter(), {}
+  for name, shapes in _COMPILING.findall(stderr):
+    name = name.removeprefix("jit(").removesuffix(")")
+    names[name] += 1
+    if model_marker and shapes.count(model_marker) >= n_layer:
+      model.setdefault(name, []).append(shapes.count(model_marker) // n_layer)
+  loaded = _CACHE_HIT.findall(stderr)
+  return {"compiled": sum(names.values()) - len(loaded), "loaded": len(loaded),
+          "loaded_names": loaded, "names": dict(names), "model": model}
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 5) -> dict[str, Any]:
