@@ -42,19 +42,31 @@ FORMAT_VERSION = 1
 
 
 class _DropOrbaxLogOfNoRoom(logging.Filter):
-  """Drops Orbax's logged traceback of a write that found the disk full.
+  """Drops the logged tracebacks of an Orbax write that found the disk full.
 
-  Orbax logs a background save's exception with its traceback and raises the same exception in
-  the caller, which reports it as one `files.NoSpaceError` line; the log would repeat it, twice.
+  Orbax logs a background save's exception with its traceback (and asyncio those of its write
+  tasks), and raises the same exception in the caller, which reports it as one
+  `files.NoSpaceError` line; the logs would repeat it several times over.
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
-    return not (error is not None and f"{os.sep}orbax{os.sep}" in record.pathname
-                and files.no_room(error) is not None)
+    if error is None or files.no_room(error) is None:
+      return True
+    orbax = f"{os.sep}orbax{os.sep}"
+    if orbax in record.pathname:
+      return False
+    # asyncio's "exception was never retrieved" of an Orbax write task.
+    tb = error.__traceback__
+    while tb is not None:
+      if orbax in tb.tb_frame.f_code.co_filename:
+        return False
+      tb = tb.tb_next
+    return "orbax-checkpoint-tmp" not in f"{record.getMessage()} {error}"
 
 
-logging.getLogger("absl").addFilter(_DropOrbaxLogOfNoRoom())  # Orbax logs through absl
+for _logger in ("absl", "asyncio"):  # Orbax logs through absl
+  logging.getLogger(_logger).addFilter(_DropOrbaxLogOfNoRoom())
 
 
 def _abstract(tree: Any) -> Any:
@@ -114,6 +126,7 @@ class TrainCheckpointer:
                                    else self.directory):
         yield
     except files.NoSpaceError as e:
+      self._manager.reload()  # its list already holds `step`, and not the steps it would replace
       complete = [s for s in self.all_steps() if s != step]
       e.advice = (f"training stops; the newest complete checkpoint is step {max(complete)}. "
                   f"Free space there and run the same command to resume from it."
