@@ -22,6 +22,7 @@ run (`rwkv_jax.compile_cache`; RWKV_JAX_COMPILE_CACHE=0 turns that off, =DIR mov
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pathlib
 import re
@@ -250,6 +251,9 @@ def run(main: Callable[[list[str]], None], *,
     try:
       with _stopped_by_signals():
         main(argv)
+      # What is alive now lives until exit: Python's last collections over jax's objects at
+      # exit would take most of a second.
+      gc.freeze()
     except _Stopped as e:
       sys.stdout.flush()
       sys.stderr.write(f"error: stopped by {signal.Signals(e.signum).name}; outputs not yet "
