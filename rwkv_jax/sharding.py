@@ -224,6 +224,33 @@ def make_global_batch(mesh: Mesh, local_batch: Any) -> Any:
                       local_batch)
 
 
+class LostProcessError(RuntimeError):
+  """A multi-process run lost contact with one of its processes (killed, crashed, cut off)."""
+
+
+# How a collective or a barrier fails when a process of the run is gone.
+_LOST_PROCESS = re.compile(r"Gloo|Connection (reset|closed)|heartbeat|UNAVAILABLE|Barrier failed|"
+                           r"DEADLINE_EXCEEDED|Socket closed")
+
+
+def lost_process(error: BaseException) -> LostProcessError | None:
+  """`error` as a LostProcessError if it is a multi-process run's failed collective, else None.
+
+  Its message is one line: what failed, and to restart every process with the same command.
+  """
+  if jax.process_count() == 1 or not isinstance(error, Exception):
+    return None
+  text = str(error)
+  if not _LOST_PROCESS.search(text):
+    return None
+  cause = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+  return LostProcessError(
+      f"process {jax.process_index()} of {jax.process_count()} lost contact with another "
+      f"process of this run ({cause[:300]}): it was killed or crashed, or the network failed. "
+      f"Restart every process with the same command to resume from the newest complete "
+      f"checkpoint.")
+
+
 HEARTBEAT_TIMEOUT_ENV = "RWKV_JAX_HEARTBEAT_TIMEOUT"
 # Seconds without a heartbeat after which a process counts as lost: jax.distributed's default.
 DEFAULT_HEARTBEAT_TIMEOUT_S = 100
@@ -235,25 +262,20 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 100
 _JAX_FATAL = "Terminating process because the JAX distributed service detected fatal errors"
 
 # The stderr of a multi-process run goes through this small process: every line is passed on
-# until jax's fatal message, and the crash report that follows is replaced by one line.
+# until jax's fatal message, and the crash report that follows is replaced by one line (none when
+# the program has written its own `error: ...` line already, e.g. a LostProcessError).
 # Arguments: the fatal message, this process's index, the process count, the heartbeat timeout.
 _STDERR_FILTER = r"""
 import re, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # signals to the run are the run's
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 fatal, index, count, timeout = sys.argv[1:5]
-out, report = sys.stdout.buffer, None
-for line in sys.stdin.buffer:
-  if report is not None:
-    report.append(line)
-  elif fatal.encode() in line:
-    report = [line]
-  else:
-    out.write(line)
-    out.flush()
-if report is not None:
+out, report, said = sys.stdout.buffer, None, False
+
+def one_line():
   text = b"".join(report).decode(errors="replace")
-  lost = re.search(r"unhealthy \(stopped sending heartbeats\):\s*([\d\s,]+)", text)
+  lost = (re.search(r"unhealthy \(stopped sending heartbeats\):\s*([\d\s,]+)", text)
+          or re.search(r"Task (\d+) heartbeat timeout", text))
   if lost:
     what = ("process " + ", ".join(lost.group(1).split()) + " of this run sent no heartbeat for "
             + timeout + " s (it was killed or crashed, or the network failed)")
@@ -261,9 +283,24 @@ if report is not None:
     what = "the coordinator, process 0, is gone (it was killed or crashed, or the network failed)"
   else:
     what = "jax.distributed ended the run: " + text.split("absl::Status:")[-1].split(chr(10))[0]
-  out.write(("error: process " + index + " of " + count + " stops: " + what + ". Restart "
-             "every process with the same command to resume from the newest complete "
-             "checkpoint." + chr(10)).encode())
+  return ("error: process " + index + " of " + count + " stops: " + what + ". Restart every "
+          "process with the same command to resume from the newest complete checkpoint.")
+
+for line in sys.stdin.buffer:
+  if report is None and fatal.encode() in line:
+    report = [line]
+  elif report is None:
+    said = said or line.startswith(b"error: ")
+    out.write(line)
+    out.flush()
+  elif line.startswith(b"*** Check failure") and not said:  # the message is whole: say it now
+    out.write((one_line() + chr(10)).encode())
+    out.flush()
+    said = True
+  else:
+    report.append(line)
+if report is not None and not said:
+  out.write((one_line() + chr(10)).encode())
   out.flush()
 """
 _stderr_filter: subprocess.Popen | None = None

@@ -119,6 +119,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     NonFiniteLossError: the loss or gradient norm became NaN or Inf.
     files.NoSpaceError: a checkpoint, the metrics, the encoded data or the export could not be
       written for want of room; what was written before is whole.
+    sharding.LostProcessError: a multi-process run lost one of its processes (jax.distributed
+      ends this one too, within the heartbeat timeout: sharding.initialize_distributed).
   """
   train_config.check(config)
   workdir = workdir_lib.make_workdir(workdir)
@@ -219,7 +221,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       throughput = log.run_throughput()  # before the last save completes and the export
       # Inside `stop`: a second signal while the last save completes ends the process at once.
       ckpt.close()
-  except BaseException:
+  except BaseException as e:
+    lost = sharding.lost_process(e)
+    if lost is not None:  # a save in flight waits for the lost process: leave it
+      with contextlib.suppress(Exception):
+        writer.close()
+      raise lost from e
     _close_after_error(progress, ckpt, writer)
     raise
   if progress is not None:
