@@ -21,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import _cli, _runs
+from rwkv_jax import sharding
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.")
@@ -40,7 +41,6 @@ def main(argv):
   import jax
 
   from experiments import _logs, benchlib, plots
-  from rwkv_jax import sharding
 
   _logs.quiet_third_party()
 
@@ -61,5 +61,6 @@ def main(argv):
 
 if __name__ == "__main__":
   # A bad config, workdir or data path is the user's to fix (status 2); a run that diverged,
-  # found its workdir busy or a checkpoint unusable failed (status 1). --debug: tracebacks.
-  _cli.run(main, failures=_runs.FAILURES)
+  # found its workdir busy or a checkpoint unusable, or lost a process, failed (status 1).
+  # --debug: tracebacks.
+  _cli.run(main, failures=(*_runs.FAILURES, sharding.LostProcessError))
