@@ -7,27 +7,16 @@ from __future__ import annotations
 import signal
 import time
 
-import numpy as np
-import portpicker
 import pytest
 
-from test_preemption import Held
-from training_util import (TOTAL, N, compile_cache, corpus, full_run,  # noqa: F401
-                           latest_params, losses, subprocess_env, tiny_config, write_config_file)
+from test_preemption import assert_continues_the_full_run, two_processes
+from training_util import (N, compile_cache, corpus, full_run, subprocess_env,  # noqa: F401
+                           tiny_config, write_config_file)
 
 HEARTBEAT_S = 10
+HEARTBEAT = f"--heartbeat_timeout={HEARTBEAT_S}"
 # A survivor that hangs, or waits jax's default heartbeat timeout (100 s), takes longer than this.
 STOPS_WITHIN_S = 60
-
-
-def _two_processes(config_file, workdir, env, tmp_path, tag: str, **hold_first):
-  port = portpicker.pick_unused_port()
-  return [Held("experiments.train",
-               [f"--config={config_file}", f"--workdir={workdir}",
-                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                f"--process_id={i}", f"--heartbeat_timeout={HEARTBEAT_S}"],
-               env, tmp_path, name=f"{tag}{i}", **(hold_first if i == 0 else {}))
-          for i in range(2)]
 
 
 def _wait_for(condition, what: str, timeout_s: float = 120) -> None:
@@ -46,7 +35,8 @@ def test_a_killed_process_stops_the_other_in_one_line_and_both_restarted_resume(
   config_file = write_config_file(tmp_path / "config.py", config)
   workdir = tmp_path / "run"
   env = subprocess_env(compile_cache, devices=2)
-  runs = _two_processes(config_file, workdir, env, tmp_path, "first", hold_at_step=N + 1)
+  runs = two_processes(config_file, workdir, env, tmp_path, "first", HEARTBEAT,
+                       hold_at_step=N + 1)
   runs[0].wait_until_held()
   _wait_for(lambda: (workdir / "checkpoints" / str(N)).is_dir(), f"checkpoint {N}")
   survivor = runs[1 - victim]
@@ -73,14 +63,9 @@ def test_a_killed_process_stops_the_other_in_one_line_and_both_restarted_resume(
                             "newest complete checkpoint.")
   assert "Check failure stack trace" not in stderr and "Fatal Python error" not in stderr
 
-  restarted = _two_processes(config_file, workdir, env, tmp_path, "again")
+  restarted = two_processes(config_file, workdir, env, tmp_path, "again", HEARTBEAT)
   for i, run in enumerate(restarted):
     code, _ = run.finish()
     assert code == 0, f"process {i}:\n{run.stderr[-3000:]}"
   assert f"Resumed from step {N}" in restarted[0].stderr
-  got, want = losses(workdir), losses(full_run)
-  for step in range(N + 1, TOTAL + 1):
-    assert got[step] == pytest.approx(want[step], abs=1e-5), step
-  want_params = latest_params(full_run)
-  for name, value in latest_params(workdir).items():
-    np.testing.assert_allclose(value, want_params[name], rtol=0, atol=1e-5, err_msg=name)
+  assert_continues_the_full_run(workdir, full_run, after=N, atol=1e-5)  # another mesh

@@ -10,19 +10,20 @@ been sent, so that the signal lands there every time.
 
 from __future__ import annotations
 
-import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
 
 import numpy as np
+import portpicker
 import pytest
 
 from rwkv_jax.io import state_file, weights
 from training_util import (REPO, TOTAL, N, compile_cache, corpus, flat_params,  # noqa: F401
                            full_run, latest_params, losses, run_module, subprocess_env,
-                           tiny_config, train_command, write_config_file)
+                           tiny_config, write_config_file)
 
 TMP_MARKER = "orbax-checkpoint-tmp"
 TIMEOUT_S = 240
@@ -97,7 +98,7 @@ class Held:
                                       env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
   def wait_until_held(self) -> None:
-    for line in self.process.stdout:  # other lines are the program's (gloo's, in a multi-process run)
+    for line in self.process.stdout:  # other lines are the program's (gloo's, multi-process)
       if line == "held\n":
         return
     pytest.fail(f"Ended before it was held; stderr:\n{self.stderr[-3000:]}")
@@ -123,19 +124,32 @@ class Held:
     return self.stderr_path.read_text()
 
 
+def two_processes(config_file: pathlib.Path, workdir: pathlib.Path, env: dict[str, str],
+                  tmp_path: pathlib.Path, tag: str, *flags: str, **hold_first) -> list[Held]:
+  """Processes 0 and 1 of one `experiments.train` run on localhost; `hold_first` holds process 0."""
+  port = portpicker.pick_unused_port()
+  return [Held("experiments.train",
+               [f"--config={config_file}", f"--workdir={workdir}",
+                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                f"--process_id={i}", *flags],
+               env, tmp_path, name=f"{tag}{i}", **(hold_first if i == 0 else {}))
+          for i in range(2)]
+
+
 def _complete_steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def _assert_continues_the_full_run(workdir: pathlib.Path, full_run: pathlib.Path,
-                                   after: int) -> None:
+def assert_continues_the_full_run(workdir: pathlib.Path, full_run: pathlib.Path, after: int,
+                                  atol: float = 1e-6) -> None:
+  """Losses after step `after` and the final parameters are those of the uninterrupted run."""
   got, want = losses(workdir), losses(full_run)
   assert sorted(got) == list(range(1, TOTAL + 1))
   for step in range(after + 1, TOTAL + 1):
-    assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    assert got[step] == pytest.approx(want[step], abs=atol), step
   want_params = latest_params(full_run)
   for name, value in latest_params(workdir).items():
-    np.testing.assert_allclose(value, want_params[name], rtol=0, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(value, want_params[name], rtol=0, atol=atol, err_msg=name)
 
 
 @pytest.mark.slow
@@ -165,7 +179,7 @@ def test_a_signal_saves_the_step_in_flight_and_the_same_command_resumes_as_one_r
 
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resumed from step 2" in resumed.stderr
-  _assert_continues_the_full_run(workdir, full_run, after=2)
+  assert_continues_the_full_run(workdir, full_run, after=2)
 
 
 @pytest.mark.slow
@@ -195,7 +209,40 @@ def test_a_second_signal_during_the_save_exits_at_once_and_the_previous_checkpoi
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed from step {N}" in resumed.stderr
   assert not any(TMP_MARKER in p.name for p in (workdir / "checkpoints").iterdir())
-  _assert_continues_the_full_run(workdir, full_run, after=N)
+  assert_continues_the_full_run(workdir, full_run, after=N)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_both_resume_as_one_run(
+    full_run, corpus, compile_cache, tmp_path):
+  config = tiny_config(corpus)
+  config.mesh.update(data=-1, fsdp=1, tensor=1)  # 2 x 2 devices, the global batch of full_run
+  config_file = write_config_file(tmp_path / "config.py", config)
+  workdir = tmp_path / "run"
+  env = subprocess_env(compile_cache, devices=2)
+  runs = two_processes(config_file, workdir, env, tmp_path, "first", hold_at_step=1)
+  runs[0].wait_until_held()  # process 1 runs ahead until a collective waits for process 0
+
+  runs[1].signal(signal.SIGTERM)
+  runs[0].let_go()
+  results = [run.finish() for run in runs]
+
+  for i, (status, _) in enumerate(results):
+    assert status == 0, f"process {i}:\n{runs[i].stderr[-3000:]}"
+  said = [re.fullmatch(r"Stopped by SIGTERM at step (\d+) of 6, with a checkpoint; run the same "
+                       r"command to resume.", out.splitlines()[-1])  # after gloo's lines
+          for _, out in results]
+  assert all(said), results
+  stop = int(said[0].group(1))
+  assert int(said[1].group(1)) == stop < TOTAL  # the step they agreed on
+  assert max(_complete_steps(workdir)) == stop
+
+  again = two_processes(config_file, workdir, env, tmp_path, "again")
+  for i, run in enumerate(again):
+    status, _ = run.finish()
+    assert status == 0, f"process {i}:\n{run.stderr[-3000:]}"
+  assert f"Resumed from step {stop}" in again[0].stderr
+  assert_continues_the_full_run(workdir, full_run, after=stop, atol=1e-5)  # another mesh
 
 
 @pytest.fixture
