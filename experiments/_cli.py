@@ -177,16 +177,16 @@ def _parse(argv: list[str]) -> list[str]:
     _fail(USAGE, f"{what} failed to load: {last} (--debug shows the traceback).")
 
 
-INT32_MAX = 2**31 - 1  # token ids, lengths and counts are int32 arrays in the end
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1  # token ids, lengths, counts: int32 arrays in the end
 
 
-def integers(flag: str, value: str | Sequence[str], *, minimum: int | None = None,
+def integers(flag: str, value: str | Sequence[str], *, minimum: int = INT32_MIN,
              maximum: int = INT32_MAX, allow_empty: bool = False) -> list[int]:
   """The integers of --flag: comma-separated text ("1, 2,3") or a flags.DEFINE_list value.
 
   Raises:
     UsageError: naming the flag, for anything but integers, one below `minimum` or above
-      `maximum`, or none (unless allow_empty).
+      `maximum` (by default, outside int32), or none (unless allow_empty).
   """
   items = value.split(",") if isinstance(value, str) else list(value)
   items = [x.strip() for x in items if x.strip()]
@@ -198,7 +198,7 @@ def integers(flag: str, value: str | Sequence[str], *, minimum: int | None = Non
                      f"--{flag}=1,2,3.") from None
   if not ids and not allow_empty:
     raise UsageError(f"--{flag} is empty; give at least one integer.")
-  if minimum is not None and any(i < minimum for i in ids):
+  if any(i < minimum for i in ids):
     raise UsageError(f"--{flag}={shown}: every value must be >= {minimum}.")
   if any(i > maximum for i in ids):
     raise UsageError(f"--{flag}={shown}: {max(ids)} is too large; every value must be <= "
