@@ -78,7 +78,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("soak_clients", 32, "Soak: concurrent clients.", lower_bound=1)
   flags.DEFINE_integer("soak_warmup", 100, "Soak: requests before the memory baseline.",
                        lower_bound=0)
-  flags.DEFINE_integer("soak_max_prompt", 1024, "Soak: longest random prompt.", lower_bound=1)
+  flags.DEFINE_integer("soak_max_prompt", 512, "Soak: longest random prompt.", lower_bound=1)
   flags.DEFINE_float("soak_cache_mb", 32, "Soak: the server's --cache_mb (filled during the "
                      "warm-up, so that memory growth after it would be a leak).", lower_bound=0)
   flags.DEFINE_string("weights_dir", None, "Where the random .pth files are kept.")
