@@ -210,6 +210,7 @@ def export(full_run) -> pathlib.Path:
   return full_run / "export"
 
 
+@pytest.mark.slow
 def test_convert_on_a_full_disk_is_one_line_and_writes_nothing_until_space_is_freed(export, disk):
   out = disk.root / "model.pth"
   command = [sys.executable, "-m", "experiments.convert", f"--input={export}", f"--output={out}"]
@@ -224,6 +225,7 @@ def test_convert_on_a_full_disk_is_one_line_and_writes_nothing_until_space_is_fr
   _assert_same_params(out, export)
 
 
+@pytest.mark.slow
 def test_a_state_file_on_a_full_disk_is_one_line_and_the_old_one_stays(export, disk):
   path = disk.root / "prompt.state"
   command = [sys.executable, "-m", "experiments.generate", f"--checkpoint={export}",

@@ -250,6 +250,7 @@ def export(full_run) -> pathlib.Path:
   return full_run / "export"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["convert", "generate"])
 def test_a_signal_while_an_output_is_written_leaves_nothing_under_its_name(export, tmp_path,
                                                                           command):
