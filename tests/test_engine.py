@@ -187,6 +187,11 @@ def test_prefix_cache_prefills_only_the_rest_of_a_prompt(model):
   run_until_done(engine, [third])
   assert engine.stats().prompt_tokens_computed == stats.prompt_tokens_computed
   assert third.token_ids == second.token_ids
+  # One token more runs one narrow call (CHUNK // 8 wide), as exact as a full one.
+  fourth = engine.submit(shared + rest + [7], SamplingParams(temperature=0.0, max_tokens=5))
+  run_until_done(engine, [fourth])
+  assert engine.stats().prompt_tokens_computed == stats.prompt_tokens_computed + 1
+  assert fourth.token_ids[0] == alone(model, shared + rest + [7], fourth.params)
 
 
 def test_prefix_cache_is_an_lru_bounded_in_bytes():

@@ -14,16 +14,18 @@ started by `start()`; `step()` runs one iteration):
      free (reserved for them), each starting from the longest prefix of its prompt in the prefix
      cache.
   2. One prefill chunk: up to `prefill_batch` admitted prompts run their next `prefill_chunk`
-     tokens together (`chunks.run_chunks`, the batch padded to a power of two). The state after
-     each chunk goes into the prefix cache; a prompt whose last chunk ran is placed in its slots
-     (forked into its n choices).
+     tokens together (`chunks.run_chunks`, the batch padded to a power of two). When every piece
+     is short (a prompt's last few tokens, e.g. after a cached prefix) the call is
+     prefill_chunk / 8 wide: a padded chunk costs its whole width. The state after each chunk
+     goes into the prefix cache; a prompt whose last chunk ran is placed in its slots (forked
+     into its n choices).
   3. One decode dispatch (`sampling.decode_block`): up to `decode_steps` tokens for every slot in
      one compiled program. Settings, PRNG keys and step counts are per-slot arrays, so no request
      compiles anything. The tokens reach the host; a choice that ends (a stop token, a stop
      string, max_tokens) frees its slot.
 So a running stream waits for at most one prefill chunk between its dispatches, however long the
-prompts that join. The programs (decode for the slots, prefill per power-of-two batch, placing a
-state in a slot) are compiled by `start()`.
+prompts that join. The programs (decode for the slots, prefill per power-of-two batch and width,
+placing a state in a slot) are compiled by `start()`.
 
 Greedy tokens, and seeded sampled ones, are those of `sampling.generate` on the request's prompt
 alone with key jax.random.key(seed) (choice i > 0 of a request: fold_in(key, i)), whatever else
@@ -360,7 +362,7 @@ class Engine:
     model: the model.
     slots: sequences decoded together (the decode program's batch).
     prefill_chunk: prompt tokens per prefill call; a running stream waits at most one such call
-      between dispatches. Prefix cache entries are at its multiples.
+      between dispatches. Prefix cache entries are at its multiples (and at prompts' ends).
     prefill_batch: prompts prefilled together, at most (<= slots).
     decode_steps: tokens per slot per dispatch, at most (<= sampling.DECODE_BLOCK); a dispatch
       right after a request joined runs one, so its first token comes at once.
@@ -550,11 +552,11 @@ class Engine:
                           jax.random.wrap_key_data(self._keys_np), self._row_sampling(),
                           jnp.asarray(self._steps_np), jnp.asarray(1, jnp.int32), False)
     for p in self._prefill_sizes():
-      state = _stack([self._empty_1] * p)
-      logits_pv, state = chunks.run_chunks(self.model, np.zeros((p, self.prefill_chunk),
-                                                                np.int32), state,
-                                           chunk=self.prefill_chunk, last_only=True,
-                                           lengths=np.ones(p, np.int32))
+      for width in self._prefill_widths():
+        state = _stack([self._empty_1] * p)
+        logits_pv, state = chunks.run_chunks(self.model, np.zeros((p, width), np.int32), state,
+                                             chunk=width, last_only=True,
+                                             lengths=np.ones(p, np.int32))
       state_1, logits_1v = _row(state, logits_pv, jnp.asarray(0, jnp.int32))
     jax.block_until_ready(_place(carry, jnp.asarray(0, jnp.int32), state_1, logits_1v))
 
@@ -588,6 +590,9 @@ class Engine:
   def _prefill_sizes(self) -> list[int]:
     sizes = {min(1 << k, self.prefill_batch) for k in range(self.prefill_batch.bit_length() + 1)}
     return sorted(sizes)
+
+  def _prefill_widths(self) -> list[int]:
+    return sorted({max(1, self.prefill_chunk // 8), self.prefill_chunk})
 
   def _row_arrays(self, config: sampling.SamplingConfig) -> dict[str, np.ndarray]:
     rows = sampling.RowSampling.of([config], self.config.vocab_size)
@@ -666,12 +671,12 @@ class Engine:
   def _prefill_chunk(self) -> None:
     """The next chunk of up to prefill_batch prompts, as one batch."""
     batch = self._prefilling[:self.prefill_batch]
-    c = self.prefill_chunk
     p = next(size for size in self._prefill_sizes() if size >= len(batch))
+    pieces = [pf.request.prompt_tokens[pf.pos:pf.pos + self.prefill_chunk] for pf in batch]
+    c = next(w for w in self._prefill_widths() if w >= max(len(x) for x in pieces))
     tokens_pc = np.zeros((p, c), np.int32)
     lengths_p = np.zeros((p,), np.int32)
-    for i, pf in enumerate(batch):
-      piece = pf.request.prompt_tokens[pf.pos:pf.pos + c]
+    for i, piece in enumerate(pieces):
       tokens_pc[i, :len(piece)], lengths_p[i] = piece, len(piece)
     states = [pf.state if pf.state is not None else self._empty_1 for pf in batch]
     state = _stack(states + [self._empty_1] * (p - len(batch)))
