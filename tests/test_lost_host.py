@@ -69,3 +69,16 @@ def test_a_killed_process_stops_the_other_in_one_line_and_both_restarted_resume(
     assert code == 0, f"process {i}:\n{run.stderr[-3000:]}"
   assert f"Resumed from step {N}" in restarted[0].stderr
   assert_continues_the_full_run(workdir, full_run, after=N, atol=1e-5)  # another mesh
+
+
+def test_the_heartbeat_timeout_comes_from_the_flag_then_the_environment_then_jax(monkeypatch):
+  from rwkv_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.delenv(sharding.HEARTBEAT_TIMEOUT_ENV, raising=False)
+  assert sharding.heartbeat_timeout_s() == sharding.DEFAULT_HEARTBEAT_TIMEOUT_S == 100
+  monkeypatch.setenv(sharding.HEARTBEAT_TIMEOUT_ENV, "7")
+  assert sharding.heartbeat_timeout_s() == 7
+  assert sharding.heartbeat_timeout_s(12) == 12
+  monkeypatch.setenv(sharding.HEARTBEAT_TIMEOUT_ENV, "soon")
+  with pytest.raises(ValueError, match="RWKV_JAX_HEARTBEAT_TIMEOUT='soon' must be a whole number"):
+    sharding.heartbeat_timeout_s()
