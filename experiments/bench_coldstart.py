@@ -55,7 +55,7 @@ PILE_VOCAB = 50277
 SHAPES = {"169m": (12, 768), "L6_D256": (6, 256)}
 QUICK_SHAPES = {"L2_D64": (2, 64)}
 PROMPT_TOKENS, NEW_TOKENS = 100, 32
-SCORE_WORDS = 300  # about 350 neox tokens
+SCORE_WORDS = 300  # 361 neox tokens
 TRAIN_CONFIG = "experiments/configs/char_tiny.py"
 TRAIN_QUICK = ("--config.model.n_layer=1", "--config.model.n_embd=32", "--config.model.ctx_len=16",
                "--config.train.batch_size=2")
@@ -284,12 +284,14 @@ def _warm_up(all_jobs: list[dict[str, Any]]) -> None:
 
 def run(names: Sequence[str], quick: bool, repeats: int) -> dict[str, Any]:
   """Measures every job; returns the record (without the environment)."""
+  load = os.getloadavg()[0]  # other work on the machine slows every run
   with tempfile.TemporaryDirectory(prefix="bench_coldstart_") as tmp:
     scratch = pathlib.Path(tmp)
     all_jobs = jobs(names, quick, scratch)
     _warm_up(all_jobs)
     results = [measure(job, repeats, scratch) for job in all_jobs]
   return {"benchmark": "coldstart", "quick": quick, "repeats": repeats,
+          "host_load_average_1m_at_start": load,
           "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "targets": TARGETS,
           "jobs": results}
 
@@ -315,9 +317,11 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
   env = record["environment"]
+  load = record.get("host_load_average_1m_at_start")
   fig.suptitle(f"cold start, fresh processes, median of {record['repeats']}; "
-               f"{env['device_kind']} x{env['host_cpu_count']} cores, jax {env['jax']}",
-               fontsize=9)
+               f"{env['device_kind']} x{env['host_cpu_count']} cores, jax {env['jax']}; host load "
+               f"average {'' if load is None else f'{load:.1f} at the start, '}"
+               f"{env['host_load_average_1m']:.1f} at the end", fontsize=9)
   plots.save_figure(fig, path)
 
 
