@@ -17,7 +17,7 @@ from rwkv_jax.data import assets
 from rwkv_jax.data import tokenizer as tokenizer_lib
 from rwkv_jax.infer import sampling
 from rwkv_jax.io import formats, state_file
-from training_util import one_line_error, random_model
+from training_util import one_line_error, random_model, write_pth
 
 # ----------------------------------------------------------------------------------------------
 # Streaming: incremental decoding.
@@ -88,9 +88,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
-  path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-  formats.save_pth(model, path)
-  return path
+  return write_pth(model, tmp_path_factory)
 
 
 def run_cli(*args):

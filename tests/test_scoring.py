@@ -14,7 +14,7 @@ from rwkv_jax.config import RWKVConfig
 from rwkv_jax.infer import chunks, scoring
 from rwkv_jax.io import formats
 from rwkv_jax.model import RWKV
-from training_util import one_line_error, random_model
+from training_util import one_line_error, random_model, write_pth
 
 CFG = RWKVConfig(n_layer=2, n_embd=32, vocab_size=256)
 
@@ -26,9 +26,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def pth(model, tmp_path_factory):
-  path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-  formats.save_pth(model, path)
-  return path
+  return write_pth(model, tmp_path_factory)
 
 
 def run_cli(*args):

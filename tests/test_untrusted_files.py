@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from training_util import flat_params, one_line_error, random_model, run_module, subprocess_env
+from training_util import (flat_params, one_line_error, random_model, run_module,
+                           subprocess_env, write_pth)
 
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.data import binidx
@@ -61,9 +62,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def pth(model, tmp_path_factory):
-  path = tmp_path_factory.mktemp("pth") / "model.pth"
-  formats.save_pth(model, path)
-  return path
+  return write_pth(model, tmp_path_factory, "model.pth")
 
 
 @pytest.fixture(scope="module")

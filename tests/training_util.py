@@ -24,6 +24,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from rwkv_jax import sharding
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.io import checkpoint as ckpt_lib
+from rwkv_jax.io import formats
 from rwkv_jax.model import RWKV
 from rwkv_jax.train import config as train_config
 from rwkv_jax.train import loop as train_loop
@@ -105,6 +106,13 @@ def random_model(cfg: RWKVConfig, seed: int = 0, scale: float = 0.3, **kwargs) -
       treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype)
                 for x, k in zip(leaves, keys)]))
   return model
+
+
+def write_pth(model: RWKV, tmp_path_factory, name: str = "tiny.pth") -> pathlib.Path:
+  """`model` as an official .pth file in a new temporary directory (for module fixtures)."""
+  path = tmp_path_factory.mktemp("pth") / name
+  formats.save_pth(model, path)
+  return path
 
 
 def _truncate_largest_param_file(step_dir: pathlib.Path) -> None:
