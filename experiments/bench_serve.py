@@ -37,6 +37,7 @@ import pathlib
 import random
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -461,7 +462,8 @@ def main(argv: list[str]) -> None:
             "prefill_chunk": f.prefill_chunk, "decode_steps": f.decode_steps,
             "serve_flags": serve_flags}
   record: dict[str, Any] = {"benchmark": "bench_serve", "config": config}
-  with server(checkpoint, *serve_flags, log=out / f"{name}.log") as srv:
+  log = pathlib.Path(tempfile.gettempdir()) / f"{name}_server.log"  # for a failed start
+  with server(checkpoint, *serve_flags, log=log) as srv:
     record["environment"] = benchlib.environment()
     if f.soak:
       config.update(soak_requests=f.soak_requests, soak_clients=f.soak_clients,
