@@ -17,7 +17,6 @@ from absl import flags, logging
 
 from experiments import _cli
 from experiments._cli import UsageError
-from rwkv_jax import compile_cache
 from rwkv_jax.data import tokenizer as tokenizer_lib
 from rwkv_jax.infer import engine as engine_lib
 from rwkv_jax.infer import openai_api
@@ -68,7 +67,6 @@ def main(argv: list[str]) -> None:
     tokenizer = tokenizer_lib.load_tokenizer(_TOKENIZER.value)
   if _PREFILL_BATCH.value > _SLOTS.value:
     raise UsageError(f"--prefill_batch={_PREFILL_BATCH.value} must be <= --slots={_SLOTS.value}.")
-  compile_cache.enable()
   with _cli.user_input(ValueError, FileNotFoundError,
                        flag=f"--checkpoint={checkpoint} --dtype={_DTYPE.value}"):
     model, config = weights.load(checkpoint, dtype=_DTYPE.value)
