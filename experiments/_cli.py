@@ -206,6 +206,29 @@ def integers(flag: str, value: str | Sequence[str], *, minimum: int = INT32_MIN,
   return ids
 
 
+def load_model_and_tokenizer(checkpoint: str, dtype: str | None, tokenizer_name: str):
+  """(model, config, tokenizer) for a runner's --checkpoint, --dtype and --tokenizer, each mistake
+  one line naming its flag; a tokenizer larger than the model's vocabulary is refused."""
+  from rwkv_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.io import weights  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(checkpoint)
+  if not path.exists():
+    raise UsageError(f"--checkpoint={path} does not exist; pass an official RWKV-4 .pth file, a "
+                     f"HuggingFace directory or an rwkv_jax export.")
+  with user_input(ValueError, OSError, flag="--tokenizer"):
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_name)
+  # A CheckpointError, or a --dtype the checkpoint cannot hold.
+  with user_input(ValueError, FileNotFoundError, flag=f"--checkpoint={path} --dtype={dtype}"):
+    model, config = weights.load(path, dtype=dtype)
+  if tokenizer.vocab_size > config.vocab_size:
+    raise UsageError(
+        f"--tokenizer={tokenizer_name} has {tokenizer.vocab_size} tokens but the model only "
+        f"{config.vocab_size}; use the tokenizer the model was trained with (RWKV-4 Pile models: "
+        f"neox; byte-level models: bytes).")
+  return model, config, tokenizer
+
+
 def chunk_for(requested: int, longest: int) -> int:
   """Tokens per model call for inputs of at most `longest` tokens: `requested`, or the power of
   two (at least 16) at or above `longest` when that is smaller.

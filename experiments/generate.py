@@ -154,21 +154,8 @@ def main(argv: list[str]) -> None:
   output = _cli.output_path(_OUTPUT.name, _OUTPUT.value)
   save_path = _cli.output_path(_SAVE_STATE.name, _SAVE_STATE.value)
   prompt = _read_prompt(optional=_LOAD_STATE.value is not None)
-  checkpoint = pathlib.Path(_CHECKPOINT.value)
-  if not checkpoint.exists():
-    raise UsageError(f"--checkpoint={checkpoint} does not exist; pass an official RWKV-4 "
-                     f".pth file, a HuggingFace directory or an rwkv_jax export.")
-  with _cli.user_input(ValueError, OSError, flag="--tokenizer"):
-    tokenizer = tokenizer_lib.load_tokenizer(_TOKENIZER.value)
-  # A CheckpointError, or a --dtype the checkpoint cannot hold.
-  with _cli.user_input(ValueError, FileNotFoundError,
-                       flag=f"--checkpoint={checkpoint} --dtype={_DTYPE.value}"):
-    model, config = weights.load(checkpoint, dtype=_DTYPE.value)
-  if tokenizer.vocab_size > config.vocab_size:
-    raise UsageError(
-        f"--tokenizer={_TOKENIZER.value} has {tokenizer.vocab_size} tokens but the model only "
-        f"{config.vocab_size}; use the tokenizer the model was trained with (RWKV-4 Pile models: "
-        f"neox; byte-level models: bytes).")
+  model, config, tokenizer = _cli.load_model_and_tokenizer(_CHECKPOINT.value, _DTYPE.value,
+                                                            _TOKENIZER.value)
   n = _NUM_SAMPLES.value
   saved = _load_state(config, n)
   prompt = _prompt_ids(prompt, tokenizer, config.vocab_size, optional=saved is not None)

@@ -10,14 +10,12 @@ first request is as fast as the rest. GET /health answers once it listens; GET /
 Prometheus text. The server binds to --host (loopback by default: it has no authentication).
 """
 
-import pathlib
 
 import uvicorn
 from absl import flags, logging
 
 from experiments import _cli
 from experiments._cli import UsageError
-from rwkv_jax.data import tokenizer as tokenizer_lib
 from rwkv_jax.infer import engine as engine_lib
 from rwkv_jax.infer import openai_api
 from rwkv_jax.io import weights
@@ -57,23 +55,12 @@ _CHAT_FORMAT = flags.DEFINE_string(
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise UsageError(f"Unexpected arguments: {argv[1:]}")
-  checkpoint = pathlib.Path(_CHECKPOINT.value)
-  if not checkpoint.exists():
-    raise UsageError(f"--checkpoint={checkpoint} does not exist; pass an official RWKV-4 "
-                     f".pth file, a HuggingFace directory or an rwkv_jax export.")
   with _cli.user_input(ValueError, flag="--chat_format"):
     chat_format = openai_api.ChatFormat.load(_CHAT_FORMAT.value)
-  with _cli.user_input(ValueError, FileNotFoundError, flag="--tokenizer"):
-    tokenizer = tokenizer_lib.load_tokenizer(_TOKENIZER.value)
   if _PREFILL_BATCH.value > _SLOTS.value:
     raise UsageError(f"--prefill_batch={_PREFILL_BATCH.value} must be <= --slots={_SLOTS.value}.")
-  with _cli.user_input(ValueError, FileNotFoundError,
-                       flag=f"--checkpoint={checkpoint} --dtype={_DTYPE.value}"):
-    model, config = weights.load(checkpoint, dtype=_DTYPE.value)
-  if tokenizer.vocab_size > config.vocab_size:
-    raise UsageError(
-        f"--tokenizer={_TOKENIZER.value} has {tokenizer.vocab_size} tokens but the model only "
-        f"{config.vocab_size}; use the tokenizer the model was trained with.")
+  model, _, tokenizer = _cli.load_model_and_tokenizer(_CHECKPOINT.value, _DTYPE.value,
+                                                       _TOKENIZER.value)
   engine = engine_lib.Engine(
       model, slots=_SLOTS.value, prefill_chunk=_PREFILL_CHUNK.value,
       prefill_batch=_PREFILL_BATCH.value, decode_steps=_DECODE_STEPS.value,
@@ -83,8 +70,8 @@ def main(argv: list[str]) -> None:
   app = openai_api.create_app(engine, tokenizer, model_name=_MODEL_NAME.value,
                               max_new_tokens=_MAX_NEW_TOKENS.value,
                               max_body_bytes=_MAX_BODY_BYTES.value, chat_format=chat_format)
-  logging.info("Serving %s as %r on http://%s:%d", checkpoint, _MODEL_NAME.value, _HOST.value,
-               _PORT.value)
+  logging.info("Serving %s as %r on http://%s:%d", _CHECKPOINT.value, _MODEL_NAME.value,
+               _HOST.value, _PORT.value)
   try:
     uvicorn.run(app, host=_HOST.value, port=_PORT.value, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=5)
