@@ -30,6 +30,7 @@ def _unloadable_backend(monkeypatch):
   wkv_lib.resolve.cache_clear()
 
 
+@pytest.mark.slow
 def test_main_writes_a_complete_record(tmp_path, parsed_flags, unloadable_backend):
   del parsed_flags
   with flagsaver.flagsaver(impls=["scan", "associative", unloadable_backend], shapes=["2x16x8"],
@@ -151,6 +152,7 @@ def test_write_json_rejects_nan(tmp_path):
   assert [p.name for p in (tmp_path / "a").iterdir()] == ["r.json"]  # Old file kept, no debris.
 
 
+@pytest.mark.slow
 def test_bench_decode_writes_a_complete_record_on_a_tiny_model(tmp_path):
   from experiments import bench_decode
   record = bench_decode.run(bench_decode.Settings(

@@ -34,6 +34,7 @@ def saved_steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_as_one_run(full_run, half_run, corpus, tmp_path):
   workdir = copy_run(half_run, tmp_path / "run")
   assert losses(workdir).keys() == set(range(1, N + 1))
@@ -47,6 +48,7 @@ def test_resume_continues_exactly_as_one_run(full_run, half_run, corpus, tmp_pat
   assert_params_close(latest_params(workdir), latest_params(full_run), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_on_another_mesh_matches_the_uninterrupted_run(full_run, half_run, corpus,
                                                               tmp_path):
   workdir = copy_run(half_run, tmp_path / "run")  # written on mesh (8, 1, 1)
@@ -81,6 +83,7 @@ runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
 """.replace("TMP_MARKER", repr(TMP_MARKER))
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_resumes_from_the_last_complete_checkpoint(full_run, corpus,
                                                                        compile_cache, tmp_path):
   config_file = write_config_file(tmp_path / "config.py", tiny_config(corpus, checkpoint_every=1))
@@ -108,6 +111,7 @@ def test_sigkill_during_save_resumes_from_the_last_complete_checkpoint(full_run,
   assert_params_close(latest_params(workdir), latest_params(full_run), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(half_run, corpus, tmp_path):
   workdir = copy_run(half_run, tmp_path / "run")
   config = tiny_config(corpus, checkpoint_every=1)
@@ -153,6 +157,7 @@ def test_damaged_checkpoint_names_the_step_and_the_remedy(half_run, corpus, tmp_
   assert f"delete {workdir / 'checkpoints' / str(N)}" in message
 
 
+@pytest.mark.slow
 def test_other_model_config_is_rejected_naming_the_field(half_run, corpus, tmp_path):
   workdir = copy_run(half_run, tmp_path / "run")
   config = tiny_config(corpus)
@@ -198,6 +203,7 @@ def test_load_gives_the_requested_dtype_for_a_workdir_and_an_export(full_run, wh
     np.testing.assert_array_equal(got[name], want[name].astype(jnp.bfloat16), err_msg=name)
 
 
+@pytest.mark.slow
 def test_score_cli_reads_the_export_on_another_device_count(full_run, tmp_path):
   out = tmp_path / "logits.npy"
   result = run_module([sys.executable, "-m", "experiments.score",
@@ -223,6 +229,7 @@ def test_export_converts_to_an_official_pth(full_run, tmp_path):
   assert_params_close(flat_params(back), flat_params(model), atol=0)
 
 
+@pytest.mark.slow
 def test_convert_cli_reads_the_export(full_run, tmp_path):
   out = tmp_path / "model.pth"
   result = run_module([sys.executable, "-m", "experiments.convert",

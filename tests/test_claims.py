@@ -42,6 +42,7 @@ def test_transformer_rules_place_every_parameter_on_a_sharded_mesh():
   assert specs["blocks/0/ln1/scale"] == jax.sharding.PartitionSpec()
 
 
+@pytest.mark.slow
 def test_char_level_records_bits_per_char_of_both_models_and_skips_finished_runs(tmp_path,
                                                                                  caplog):
   caplog.set_level(logging.INFO)
@@ -62,6 +63,7 @@ def test_char_level_records_bits_per_char_of_both_models_and_skips_finished_runs
   assert again["runs"]["rwkv"]["wall_s"] == record["runs"]["rwkv"]["wall_s"]
 
 
+@pytest.mark.slow
 def test_scaling_records_every_size_and_a_fit(tmp_path):
   record = scaling.run("tiny", tmp_path / "runs")
   path = scaling.save(record, tmp_path / "out", "tiny")

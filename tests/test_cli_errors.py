@@ -20,6 +20,7 @@ from training_util import (REPO, corpus, one_line_error, run_module,  # noqa: F4
                            subprocess_env, tiny_config, train_command, write_config_file)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, expected", [
     ("missing config file", "--config=MISSING: there is no file"),
     ("config file that fails", "--config=BROKEN failed to load: ZeroDivisionError"),
@@ -59,6 +60,7 @@ def test_train_usage_errors_are_one_line_and_status_2(corpus, tmp_path, case, ex
   assert not (tmp_path / "run").exists()  # nothing was written
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(corpus, tmp_path):
   config_file = write_config_file(tmp_path / "config.py", tiny_config(corpus))
   result = run_module(train_command(config_file, tmp_path / "run", "--config.train.stpes=3",
@@ -114,6 +116,7 @@ def test_make_binidx_errors_are_one_line_and_status_2(tmp_path, case, expected):
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, flags, expected", [
     ("bench_wkv", ["--impls=scan,nope"], "--impls=scan,nope: ['nope'] not among"),
     ("bench_wkv", ["--shapes=8x0x4"], "--shapes entry '8x0x4' is not BxTxC"),
@@ -159,6 +162,7 @@ def test_integers_names_the_flag_in_its_error(value, kwargs, expected):
   assert str(e.value).startswith(expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, flags, expected", [
     ("bench_decode", ["--batches=1,x"], "--batches='1,x' must be comma-separated integers"),
     ("bench_decode", ["--memory_lengths=0"], "--memory_lengths=0: every value must be >= 1"),
@@ -200,6 +204,7 @@ def _writer_args(tmp_path, flags, name, value):
   return [sys.executable, "-m", f"experiments.{name}", *flags, value]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, flags, flag, directory", _WRITERS,
                          ids=[f"{w[0]}-{w[2]}-{'dir' if w[3] else 'file'}" for w in _WRITERS])
 def test_an_output_under_a_file_is_refused_in_the_same_words_by_every_program(
@@ -214,6 +219,7 @@ def test_an_output_under_a_file_is_refused_in_the_same_words_by_every_program(
   assert a_file.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, flags, flag", [
     (name, flags, flag) for name, flags, flag, directory in _WRITERS
     if name in ("score", "generate", "convert", "make_binidx") and not directory])
@@ -277,6 +283,7 @@ def test_a_usage_error_raised_by_main_is_one_line_and_status_2():
   assert one_line_error(result, 2) == "error: --x=1: must be 2"
 
 
+@pytest.mark.slow
 def test_a_bug_inside_training_shows_its_traceback(corpus, tmp_path):
   # The real entry point on a valid command, with the library's training raising a ValueError:
   # every check of the user's input passes, so the error is a bug and must not look like theirs.

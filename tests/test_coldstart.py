@@ -177,6 +177,7 @@ print(json.dumps({"torch": "torch" in sys.modules, "base": base,
 """
 
 
+@pytest.mark.slow
 def test_loading_a_pth_file_imports_no_torch_and_holds_the_weights_once(tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
   # Layers of 13 MB, no tensor over 4 MB: one copy of the weights plus one tensor in flight.

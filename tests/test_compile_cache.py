@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 # Generates greedily from a small random model with the cache as the environment says, and prints
 # the tokens and which cache events JAX recorded.
 _GENERATE = """

@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 import torch
 from flax import nnx
 
@@ -13,6 +14,8 @@ import training_util
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.io import checkpoint, formats, weights
 from rwkv_jax.model import RWKV
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 

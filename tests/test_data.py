@@ -333,6 +333,7 @@ def test_host_shards_are_disjoint_and_tile_the_global_batch(tmp_path, split, sha
                                   global_batch["targets"])
 
 
+@pytest.mark.slow
 def test_worker_processes_read_the_same_batches_from_a_memmap(tmp_path):
   # grain's worker processes read absl flags, which absl.app.run parses in real entry points.
   if not flags.FLAGS.is_parsed():

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
+@pytest.mark.slow
 def test_demo_trains_scores_samples_and_records(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "experiments.demo", f"--workdir={tmp_path / 'demo'}", "--steps=3",

@@ -50,6 +50,7 @@ def run_until_done(engine, requests, max_steps=500):
   raise AssertionError(f"requests not finished after {max_steps} steps: {engine.stats()}")
 
 
+@pytest.mark.slow
 def test_greedy_requests_decode_as_if_alone_while_others_join_and_leave(model):
   engine = make_engine(model)
   lengths = [3, 21, 1, 37, 9, 16, 30, 5]  # more requests than slots; a 37-token prompt is 5 chunks
@@ -141,6 +142,7 @@ def test_a_long_prompt_pauses_running_streams_for_one_chunk_at_most(model):
   run_until_done(engine, [running, long])
 
 
+@pytest.mark.slow
 def test_cancel_frees_slots_wherever_the_request_is(model):
   engine = make_engine(model, slots=2, prefill_batch=1)
   decoding = engine.submit(prompt(3, 1), SamplingParams(temperature=0.0, max_tokens=500, n=2))
@@ -278,6 +280,7 @@ def test_the_thread_streams_to_asyncio_and_to_blocking_readers(model):
     engine.submit([1])
 
 
+@pytest.mark.slow
 def test_no_request_compiles_anything_after_start(model):
   engine = make_engine(model, slots=3, prefill_batch=3)  # shapes no other test compiles
   engine.compile()

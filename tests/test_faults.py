@@ -27,6 +27,7 @@ def test_integer_lists_refuse_values_beyond_int32_naming_the_flag(value, expecte
   assert _cli.integers("tokens", "0,2147483647,-2147483648") == [0, 2**31 - 1, -2**31]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, flag", [("score", "tokens"), ("generate", "prompt_tokens")])
 def test_a_huge_token_id_on_the_command_line_is_one_line(full_run, command, flag):
   result = run_module([sys.executable, "-m", f"experiments.{command}",

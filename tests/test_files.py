@@ -34,6 +34,7 @@ def test_atomic_files_follow_the_umask(tmp_path, umask):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npy"]  # no temporaries
 
 
+@pytest.mark.slow
 def test_converted_checkpoints_are_readable_by_others_under_the_usual_umask(tmp_path, umask):
   model = RWKV(RWKVConfig(n_layer=1, n_embd=8, vocab_size=16), rngs=nnx.Rngs(0))
   formats.save_pth(model, tmp_path / "m.pth")

@@ -102,6 +102,7 @@ def _greedy(model, prompt, n):
                            sampling=sampling.SamplingConfig(temperature=0.0))
 
 
+@pytest.mark.slow
 def test_prompt_tokens_output_and_the_prompt_cache_from_the_command_line(model, checkpoint,
                                                                           tmp_path):
   first, second = [72, 101, 108, 108, 111], [32, 119, 111]
@@ -123,6 +124,7 @@ def test_prompt_tokens_output_and_the_prompt_cache_from_the_command_line(model, 
   assert state_file.load(tmp_path / "after.state", CFG).tokens_consumed == (5 + 3 + 9,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, expected", [
     ("top_p", "--top_p must be in (0, 1]"),
     ("output under a file", "--output=BROKEN/out.json cannot be written: BROKEN is a file, not a "

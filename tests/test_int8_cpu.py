@@ -164,6 +164,7 @@ def step_fn(model):
   return step, (params, jnp.asarray([3, 5], jnp.int32), state)
 
 
+@pytest.mark.slow
 def test_a_decoding_step_with_the_kernel_equals_xla_form(int8_model, monkeypatch):
   step, args = step_fn(int8_model)
   assert int8_cpu.TARGET in ffi_targets(step, *args)
@@ -177,6 +178,7 @@ def test_a_decoding_step_with_the_kernel_equals_xla_form(int8_model, monkeypatch
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_programs_lowered_for_accelerators_do_not_hold_the_kernel(int8_model, platform):
   step, args = step_fn(int8_model)
@@ -214,6 +216,7 @@ def test_the_kernel_can_be_turned_off():
   assert proc.stdout.split() == ["False", "0"]
 
 
+@pytest.mark.slow
 def test_a_fresh_cache_builds_the_library_once(tmp_path, monkeypatch):
   proc = run_python(CHECK, RWKV_JAX_CACHE=str(tmp_path))
   assert proc.stdout.split() == ["True", "0"], proc.stdout + proc.stderr
@@ -239,6 +242,7 @@ BATCH_DECODE = ("import jax, numpy as np\n"
                 "print(out.tokens.shape)\n")
 
 
+@pytest.mark.slow
 def test_batched_decoding_does_not_deadlock():
   # XLA runs independent products of a step (key, value, receptance) at once on its thread pool,
   # and each hands shares of its work to that pool: a call that waited for a share no thread had

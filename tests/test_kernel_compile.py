@@ -17,6 +17,7 @@ from rwkv_jax_kernels import wkv_pallas
 _PALLAS_KERNELS = ["wkv_summary", "wkv_output", "wkv_output_bwd", "wkv_summary_bwd"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 37, 48), (8, 1024, 768)], ids=["odd", "train"])

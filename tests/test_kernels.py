@@ -48,6 +48,7 @@ class _WKVKernelChecks:
   def wkv(self, w, u, k, v, state=None, block_sizes=None):
     raise NotImplementedError
 
+  @pytest.mark.slow
   @pytest.mark.parametrize("b,t,c,dtype,time_decay,k_max,blocks", [
       pytest.param(2, 37, 48, jnp.float32, (-3.0, 1.0), 3.0, None, id="t_and_c_not_multiples"),
       pytest.param(1, 1, 5, jnp.float32, (-3.0, 1.0), 3.0, None, id="single_token"),
@@ -83,6 +84,7 @@ class _WKVKernelChecks:
     np.testing.assert_allclose(out.num / out.den, num64 / den64, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out.den, den64, rtol=1e-4)
 
+  @pytest.mark.slow
   def test_chunked_calls_equal_one_call(self):
     w, u, k, v, state = random_inputs(2, 2, 45, 24, jnp.float32)
     y_full, out_full = self.wkv(w, u, k, v, state)

@@ -39,12 +39,14 @@ class TestWKVPallasTPUInterpret(_WKVKernelChecks):
     return wkv_pallas_tpu.wkv_pallas_tpu(w, u, k, v, state, block_sizes=blocks,
                                          interpret=self.INTERPRET)
 
+  @pytest.mark.slow
   def test_many_time_blocks_and_channel_blocks(self):
     # 10 chunks of 8 -> 2 programs in time, the second with 6 wholly padded chunks; 130
     # channels -> 2 lane blocks; extreme decays and keys.
     self.test_forward_and_gradients_match_scan(2, 75, 130, jnp.float32, (-9.0, 4.0), 60.0,
                                                (8, 128))
 
+  @pytest.mark.slow
   def test_sharded_call_matches_the_scan(self):
     n = len(jax.devices())
     tensor = 2 if n > 1 and n % 2 == 0 else 1

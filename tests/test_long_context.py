@@ -92,6 +92,7 @@ def test_full_bptt_in_chunks_gives_the_one_call_loss_and_gradients():
     _assert_trees_close(grads, want_grads)
 
 
+@pytest.mark.slow
 def test_truncated_bptt_equals_chunks_with_the_state_gradient_stopped():
   chunk_len = 10  # chunks of 10, 10 and 4
   graphdef, params = _random_model(1)
@@ -119,6 +120,7 @@ def _gradient_temp_bytes(graphdef, params, window: int, chunk_len: int, mode: st
   return grad.lower(params, tokens, tokens).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_activation_memory_follows_the_chunk_not_the_window():
   graphdef, params = _random_model(2)
   one_chunk = _gradient_temp_bytes(graphdef, params, 32, 0, "full")
@@ -132,6 +134,7 @@ def test_activation_memory_follows_the_chunk_not_the_window():
 
 # "scan" is the implementation of the tests above. Every implementation runs on CPU (the kernels
 # in their interpreters, whose packages requirements-test.txt installs), so none is skipped.
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", sorted(set(wkv.implementations()) - {"scan"}))
 def test_every_wkv_implementation_trains_in_chunks_exactly(impl):
   graphdef, params = _random_model(3)
@@ -157,6 +160,7 @@ def _first_update(config, batch_np):
   return jax.device_get(metrics), jax.device_get(nnx.to_pure_dict(params))
 
 
+@pytest.mark.slow
 def test_chunked_step_on_a_sharded_mesh_with_accumulation_matches_the_one_call_step(
     corpus, compile_cache):
   config = tiny_config(corpus)  # ctx_len 16
@@ -185,6 +189,7 @@ def test_bad_chunking_flags_are_refused_naming_the_field(overrides, match, tmp_p
     train_config.check(config)
 
 
+@pytest.mark.slow
 def test_a_chunked_run_resumes_and_ends_as_the_one_call_run(full_run, corpus, tmp_path):
   # Stopped after N steps and resumed to TOTAL, in chunks of 5 of the 16-token windows.
   train_loop.train_and_evaluate(tiny_config(corpus, steps=N, chunk_len=5), tmp_path)
@@ -199,6 +204,7 @@ def test_a_chunked_run_resumes_and_ends_as_the_one_call_run(full_run, corpus, tm
     np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_context_runner_records_loss_by_position_for_every_window(tmp_path):
   from experiments import long_context  # pylint: disable=g-import-not-at-top
 

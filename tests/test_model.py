@@ -50,6 +50,7 @@ def test_parallel_and_recurrent_logits_are_identical(model):
   assert_states_close(s, state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cuts", [[1], [7, 8], [5, 11, 20], [22]])
 def test_any_split_into_chunks_gives_the_same_logits(model, cuts):
   toks = tokens(3, 23, seed=1)
@@ -63,6 +64,7 @@ def test_any_split_into_chunks_gives_the_same_logits(model, cuts):
   assert_states_close(state, full_state)
 
 
+@pytest.mark.slow
 def test_last_only_gives_the_last_logits_and_the_same_state(model):
   toks = tokens(2, 9, seed=3)
   full, s_full = model(toks)
@@ -73,6 +75,7 @@ def test_last_only_gives_the_last_logits_and_the_same_state(model):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_empty_state_equals_no_state(model):
   toks = tokens(2, 5)
   a, _ = model(toks)
@@ -81,6 +84,7 @@ def test_empty_state_equals_no_state(model):
 
 
 # The kernels run in their interpreters on CPU: the model's training path through each of them.
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["associative", "pallas", "triton"])
 def test_every_wkv_path_gives_the_scans_logits_state_and_gradients(impl):
   model = random_model(seed=3)
@@ -117,6 +121,7 @@ def _ragged_case():
   return model, toks, state, alone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["scan", "associative", "pallas", "triton"])
 def test_ragged_prompts_prefill_as_if_alone(impl):
   model, toks, state, alone = _ragged_case()
@@ -133,6 +138,7 @@ def test_ragged_prompts_prefill_as_if_alone(impl):
       assert_states_close(jax.tree.map(lambda s: s[:, row:row + 1], got), alone_state)
 
 
+@pytest.mark.slow
 def test_padding_never_reaches_the_state(model):
   toks = tokens(2, 9, seed=9)
   junk = toks.at[:, 4:].set(tokens(2, 5, seed=10))
@@ -154,6 +160,7 @@ def test_bad_lengths_are_reported(model, lengths, match):
     model(tokens(2, 4), lengths=lengths)
 
 
+@pytest.mark.slow
 def test_remat_changes_memory_not_results():
   toks = tokens(2, 9, seed=4)
   plain, remat = random_model(seed=5), random_model(seed=5, remat=True)
@@ -163,6 +170,7 @@ def test_remat_changes_memory_not_results():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_logits_and_state():
   cfg = CFG.replace(dtype="bfloat16")
   m16, m32 = random_model(cfg, seed=6), random_model(seed=6)

@@ -32,6 +32,7 @@ def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
                           stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_len", [0, 5], ids=["one_call", "chunks_of_5"])
 def test_two_processes_train_like_one_process_with_the_same_devices(corpus, compile_cache,
                                                                     tmp_path, chunk_len):

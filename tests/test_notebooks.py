@@ -67,6 +67,7 @@ def test_notebook_is_valid_nbformat_with_outputs_cleared_and_a_parameters_cell(p
       assert cell["outputs"] == [] and cell["execution_count"] is None, source(cell)[:60]
 
 
+@pytest.mark.slow
 def test_quickstart_runs_offline_with_random_weights_and_a_state_that_does_not_grow():
   nb = execute("quickstart.ipynb", "OFFLINE = True\nRANDOM_SHAPE = dict(n_layer=2, n_embd=64)\n"
                "MAX_TOKENS = 8")
@@ -78,6 +79,7 @@ def test_quickstart_runs_offline_with_random_weights_and_a_state_that_does_not_g
   assert sizes.group(1) == sizes.group(2)
 
 
+@pytest.mark.slow
 def test_train_notebook_trains_resumes_plots_and_samples(tmp_path):
   overrides = f"""WORKDIR = {str(tmp_path / 'run')!r}
 STEPS = 8
@@ -93,6 +95,7 @@ OVERRIDES = ["--config.model.n_layer=1", "--config.model.n_embd=32", "--config.m
   assert "Anarchism is" in out
 
 
+@pytest.mark.slow
 def test_benchmark_notebook_measures_and_plots(tmp_path):
   nb = execute("benchmark.ipynb", f'SHAPES = "2x33x20"\nDTYPES = "float32"\nBUDGET_S = 120\n'
                f'OUT = {str(tmp_path)!r}')

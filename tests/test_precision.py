@@ -43,6 +43,7 @@ def residual_peak(model) -> float:
   return peak
 
 
+@pytest.mark.slow
 def test_float16_rescale_keeps_a_deep_model_finite_and_close_to_float32(deep_pth, float32_logits):
   model32, _ = weights.load(deep_pth, dtype="float32")
   assert residual_peak(model32) > 2 * FLOAT16_MAX  # the test model needs the rescale
@@ -57,6 +58,7 @@ def test_float16_rescale_keeps_a_deep_model_finite_and_close_to_float32(deep_pth
   assert not np.all(np.isfinite(reference_models.logits_of(unscaled)))
 
 
+@pytest.mark.slow
 def test_int8_is_at_least_as_close_to_float32_as_the_rwkv_package_int8(deep_pth, float32_logits):
   ours = reference_models.logits_of(weights.load(deep_pth, dtype="int8")[0])
   package = reference_models.rwkv_package_logits(deep_pth, "cpu fp32i8")
@@ -68,6 +70,7 @@ def test_int8_is_at_least_as_close_to_float32_as_the_rwkv_package_int8(deep_pth,
   assert top1(ours) > 0.9  # and the comparison is between working models
 
 
+@pytest.mark.slow
 def test_int8_matches_float32_with_dequantised_weights(deep_pth):
   # int8's only error is the weights': the float32 model holding dequantised weights agrees.
   model8, config = weights.load(deep_pth, dtype="int8")
@@ -111,6 +114,7 @@ def dot_operand_dtypes(model) -> set[str]:
 SMALL = dict(n_layer=2, n_embd=32, vocab_size=50)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,compute", [("float32", "float32"), ("bfloat16", "bfloat16"),
                                            ("float16", "float16"), ("int8", "float32")])
 def test_matrix_products_run_in_the_named_type(dtype, compute):
@@ -139,6 +143,7 @@ def small_pth(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_every_format_loads_the_same_model_in_each_precision(small_pth, tmp_path, dtype):
   model, _ = weights.load(small_pth, dtype="float32")

@@ -68,6 +68,7 @@ def greedy(model, prompt, stop_tokens=(), **kw):
                            sampling=cfg, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature, streaming", [(0.0, False), (1.0, True)])
 def test_logits_used_while_generating_equal_the_full_forward_pass(model, temperature, streaming):
   prompt = prompts(B, 7)
@@ -99,6 +100,7 @@ def test_final_state_is_the_state_after_prompt_and_every_new_token(model):
                              full_forward(model, probe, full_state), atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_prefill_chunk_size_does_not_change_the_results(model, chunk):
   prompt = prompts(B, 10, seed=4)
@@ -108,6 +110,7 @@ def test_prefill_chunk_size_does_not_change_the_results(model, chunk):
   np.testing.assert_allclose(got.logits, ref.logits, atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [13, 4, 3])
 def test_prefill_of_an_odd_length_prompt_equals_one_call(model, t):
   prompt = prompts(B, t, seed=6)
@@ -118,6 +121,7 @@ def test_prefill_of_an_odd_length_prompt_equals_one_call(model, t):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_prefill_compiles_one_program_per_chunk_length(model):
   chunks._run_chunk.clear_cache()
   for t in (3, 5, 6, 7, 9, 15, 21):
@@ -127,6 +131,7 @@ def test_prefill_compiles_one_program_per_chunk_length(model):
   assert chunks._run_chunk._cache_size() == 2
 
 
+@pytest.mark.slow
 def test_streaming_and_compiled_loop_give_the_same_tokens(model):
   prompt = prompts(B, 4, seed=5)
   seen = []
@@ -152,6 +157,7 @@ def test_ragged_prompts_generate_as_if_alone(model):
   np.testing.assert_allclose(batched.logits[1], full[0, 7:7 + N], atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lengths", [(13, 1, 6, 8), (3, 8, 8, 0)])
 def test_batched_prefill_of_ragged_prompts_equals_each_prompt_alone(model, lengths):
   rows = [prompts(1, max(n, 1), seed=20 + i)[0][:n] for i, n in enumerate(lengths)]
@@ -242,6 +248,7 @@ def random_logits(b=16, v=50, seed=0):
   return 3.0 * jax.random.normal(jax.random.key(seed), (b, v))
 
 
+@pytest.mark.slow
 def test_tiny_top_p_and_top_k_1_are_greedy():
   logits = random_logits()
   greedy = np.argmax(logits, axis=-1)
@@ -316,6 +323,7 @@ def run_cli(*args):
                         capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_generate_cli_prints_the_greedy_continuation(model, tmp_path):
   path = tmp_path / "tiny.pth"
   formats.save_pth(model, path)
@@ -328,6 +336,7 @@ def test_generate_cli_prints_the_greedy_continuation(model, tmp_path):
   assert proc.stdout == tok.decode(expected.tokens[0]) + "\n"
 
 
+@pytest.mark.slow
 def test_generate_cli_reports_bad_inputs(tmp_path):
   small = random_model(CFG.replace(vocab_size=100))
   path = tmp_path / "small.pth"

@@ -36,6 +36,7 @@ def run_cli(*args):
                         cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 7, 100])
 def test_chunked_logits_equal_one_call(model, chunk):
   tokens = np.random.default_rng(0).integers(0, 256, size=23)
@@ -43,6 +44,7 @@ def test_chunked_logits_equal_one_call(model, chunk):
   np.testing.assert_allclose(scoring.logits_for(model, tokens, chunk=chunk), full[0], atol=2e-5)
 
 
+@pytest.mark.slow
 def test_logits_of_every_length_share_one_compiled_chunk(model):
   chunks._run_chunk.clear_cache()
   rng = np.random.default_rng(1)
@@ -53,6 +55,7 @@ def test_logits_of_every_length_share_one_compiled_chunk(model):
   assert chunks._run_chunk._cache_size() == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [12, 13, 15, 5])
 def test_padding_of_the_last_chunk_does_not_reach_the_state(model, t):
   tokens_bt = np.random.default_rng(t).integers(0, 256, size=(2, t))
@@ -80,6 +83,7 @@ def test_text_score_is_mean_cross_entropy(model):
   assert math.isclose(score.bits_per_byte, expected / math.log(2), rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_writes_logits_for_pth_and_hf(model, pth, tmp_path):
   hf_dir = tmp_path / "hf"
   formats.save_hf(model, hf_dir)
@@ -93,6 +97,7 @@ def test_cli_writes_logits_for_pth_and_hf(model, pth, tmp_path):
     np.testing.assert_allclose(logits, expected, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_cli_dtype_flag_loads_bfloat16_weights(model, pth, tmp_path):
   out = tmp_path / "logits_bf16.npy"
   result = run_cli(f"--checkpoint={pth}", "--tokens=1,2,3,200", f"--output={out}",
@@ -106,12 +111,14 @@ def test_cli_dtype_flag_loads_bfloat16_weights(model, pth, tmp_path):
   assert list(tmp_path.glob("*.tmp")) == []
 
 
+@pytest.mark.slow
 def test_cli_scores_text_with_bits_per_byte(pth):
   result = run_cli(f"--checkpoint={pth}", "--text=The quick brown fox jumps over the lazy dog.")
   assert result.returncode == 0, result.stderr
   assert "bits per byte:" in result.stdout and "perplexity:" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--tokens=1,2,999"], r"token ids must be in \[0, 256\)"),
     (["--text=hello", "--tokenizer=/no/such/file.json"], "/no/such/file.json"),
@@ -123,6 +130,7 @@ def test_cli_errors_are_clear(pth, args, message):
   assert re.search(message, result.stderr), result.stderr
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
   bogus = tmp_path / "notes.txt"
   bogus.write_text("not a checkpoint")
@@ -150,6 +158,7 @@ def _losses_alone(model, doc):
   return -logp[np.arange(len(doc) - 1), doc[1:]]
 
 
+@pytest.mark.slow
 def test_batched_documents_of_different_lengths_equal_each_alone(model):
   rng = np.random.default_rng(3)
   docs = [rng.integers(0, 256, n) for n in (2, 5, 17, 33, 9)]
@@ -159,6 +168,7 @@ def test_batched_documents_of_different_lengths_equal_each_alone(model):
     np.testing.assert_allclose(losses, _losses_alone(model, doc), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_loss_by_position_averages_over_the_documents_that_reach_it(model):
   rng = np.random.default_rng(4)
   docs = [rng.integers(0, 256, n) for n in (12, 4, 1, 9)]  # the 1-token one is skipped
@@ -174,6 +184,7 @@ def test_loss_by_position_averages_over_the_documents_that_reach_it(model):
   assert [row[:2] for row in result.bucketed()] == [(1, 1), (2, 3), (4, 7), (8, 11)]
 
 
+@pytest.mark.slow
 def test_cli_writes_the_loss_by_position_of_separated_documents(model, pth, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   text = tmp_path / "docs.txt"
@@ -190,6 +201,7 @@ def test_cli_writes_the_loss_by_position_of_separated_documents(model, pth, tmp_
   np.testing.assert_allclose(record["mean_loss"], expected.mean_loss, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_scores_a_binidx_dataset_by_position(model, pth, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
 
@@ -217,6 +229,7 @@ def neox_pth(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow
 def test_text_that_is_not_utf8_is_refused_unless_replacement_is_asked(neox_pth, tmp_path):
   bad = tmp_path / "latin1.txt"
   bad.write_bytes("café au lait, crème brûlée".encode("latin-1"))
@@ -228,6 +241,7 @@ def test_text_that_is_not_utf8_is_refused_unless_replacement_is_asked(neox_pth, 
   assert "4 undecodable byte sequence(s) were replaced" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_byte_tokenizer_scores_raw_bytes_exactly(model, pth, tmp_path):
   raw = "naïve façade".encode("latin-1") + b"\x00\xff\xfe"
   path = tmp_path / "binary.dat"
@@ -241,6 +255,7 @@ def test_the_byte_tokenizer_scores_raw_bytes_exactly(model, pth, tmp_path):
   assert f"bytes: {len(raw) - 1}" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["output under a file", "truncated pth", "damaged export",
                                   "bad dtype", "position loss with tokens", "zero chunk"])
 def test_cli_mistakes_are_one_line(model, pth, tmp_path, case):

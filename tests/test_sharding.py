@@ -57,6 +57,7 @@ def _assert_tree_close(got, want, rtol=1e-5):
     assert err <= rtol, f"{sharding.path_name(path)}: relative error {err:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data,fsdp,tensor", [
     (1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])
 def test_sharded_loss_and_grads_match_single_device(data, fsdp, tensor):
@@ -186,6 +187,7 @@ def test_optimizer_state_mirrors_parameter_shardings():
   assert seen == 2 * len(by_path)  # mu and nu
 
 
+@pytest.mark.slow
 def test_sharded_train_step_matches_single_device():
   graphdef, state, inputs, targets = _model_and_batch()
   tx = optim.make_optimizer(

@@ -31,6 +31,7 @@ def saved_after(model, prompt, tmp_path, new_tokens=0, key=0):
   return result, state_file.load(path, config=CFG)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_loaded_prompt_state_continues_as_the_whole_prompt_in_one_go(model, tmp_path,
                                                                      temperature):

@@ -44,6 +44,7 @@ def _one_step(config, batch_np):
   return initial, jax.device_get(nnx.to_pure_dict(params)), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_same_first_update(corpus, compile_cache):
   config = tiny_config(corpus)
   config.mesh.update(data=2, fsdp=2, tensor=2)  # a micro-batch of 4 still splits over data x fsdp
@@ -70,6 +71,7 @@ def test_every_logged_step_reports_throughput(full_run):
   assert all(r["perf/tokens_per_s"] > 0 for r in train_records)
 
 
+@pytest.mark.slow
 def test_mfu_counts_the_flops_per_token_of_the_model_trained(corpus, compile_cache, tmp_path):
   config = tiny_config(corpus, steps=3, checkpoint_every=3)
   peak = 1e9
@@ -133,6 +135,7 @@ def test_enwik8_and_char_tiny_configs_build_valid_models():
   assert (long.model.ctx_len, long.train.chunk_len, long.train.bptt) == (4096, 512, "full")
 
 
+@pytest.mark.slow
 def test_bench_train_writes_a_record_per_implementation(tmp_path, compile_cache):
   out = tmp_path / "bench.json"
   bench_train.run("char_tiny", batch_size=8, ctx_len=16, dtype="float32",
@@ -157,6 +160,7 @@ def test_bench_train_writes_a_record_per_implementation(tmp_path, compile_cache)
   assert missing["impl"] == "no_such_impl" and "Unknown WKV implementation" in missing["error"]
 
 
+@pytest.mark.slow
 def test_bench_train_plan_only_is_the_plan_of_the_step_that_runs(tmp_path, compile_cache):
   args = dict(model="char_tiny", batch_size=8, ctx_len=16, dtype="float32", impls=["scan"],
               steps=1, repeats=1, remat=False, command=["bench_train"])
@@ -202,6 +206,7 @@ def test_the_library_trains_without_importing_matplotlib():
   assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_an_infinite_gradient_norm_stops_the_run_before_it_is_saved(corpus, compile_cache,
                                                                     tmp_path):
   # At this rate step 3's loss is still finite (~1e7) but its gradient norm is not; the run
@@ -219,6 +224,7 @@ def test_an_infinite_gradient_norm_stops_the_run_before_it_is_saved(corpus, comp
   assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_config_json_as_it_was(half_run, corpus, tmp_path):
   workdir = copy_run(half_run, tmp_path / "run")
   before = (workdir / "config.json").read_text()
@@ -241,6 +247,7 @@ def test_a_resumed_run_logs_each_step_once(full_run, corpus, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated_params", "missing_manifest"])
 # Orbax abandons the other reads of a failed restore; their coroutines are reported when collected.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
     full_run, corpus, tmp_path, caplog, damage):

@@ -19,6 +19,7 @@ def _tokens(b, t, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, (b, t)), jnp.int32)
 
 
+@pytest.mark.slow
 def test_token_by_token_with_cache_equals_the_parallel_forward():
   model = _model()
   tokens = _tokens(3, 19)
@@ -33,6 +34,7 @@ def test_token_by_token_with_cache_equals_the_parallel_forward():
   assert int(cache.length) == 19
 
 
+@pytest.mark.slow
 def test_prefill_then_grow_then_decode_equals_one_pass():
   model = _model()
   tokens = _tokens(2, 24, seed=1)
@@ -43,6 +45,7 @@ def test_prefill_then_grow_then_decode_equals_one_pass():
   np.testing.assert_allclose(jnp.concatenate([logits_a, logits_b], 1), full, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_future_tokens_do_not_change_past_logits():
   model = _model()
   a = _tokens(1, 12, seed=2)
@@ -70,6 +73,7 @@ def test_heads_must_split_the_width_evenly():
     tf.TransformerConfig(n_layer=1, n_embd=30, n_head=4, vocab_size=10)
 
 
+@pytest.mark.slow
 def test_figure7_records_cumulative_time_and_memory_for_both_models():
   from experiments import figure7  # pylint: disable=g-import-not-at-top
   rec = figure7.run(n_layer=1, n_embd=32, n_head=4, vocab_size=17, tokens=20, chunk=8, batch=2,

@@ -130,6 +130,7 @@ def test_a_pth_that_pickles_code_is_refused_without_running_it(tmp_path):
   assert marker.exists()
 
 
+@pytest.mark.slow
 def test_a_pth_cut_in_half_is_refused_as_cut_short(pth, tmp_path):
   path = tmp_path / "half.pth"
   raw = pth.read_bytes()
@@ -408,6 +409,7 @@ def _run(module: str, *flags: str):
                     subprocess_env(devices=1))
 
 
+@pytest.mark.slow
 def test_score_refuses_a_cut_short_checkpoint_in_one_line(byte_pth, tmp_path):
   path = tmp_path / "half.pth"
   path.write_bytes(byte_pth.read_bytes()[:byte_pth.stat().st_size // 2])
@@ -415,6 +417,7 @@ def test_score_refuses_a_cut_short_checkpoint_in_one_line(byte_pth, tmp_path):
   assert str(path) in line and "cut short" in line
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_state_file_whose_header_disagrees_with_its_arrays(byte_pth,
                                                                               tmp_path):
   cfg = CFG.replace(vocab_size=256)
@@ -429,6 +432,7 @@ def test_generate_refuses_a_state_file_whose_header_disagrees_with_its_arrays(by
                          f"expected float32 (1, 2, 8)")
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_tokenizer_file_that_is_not_one(byte_pth, tmp_path):
   path = tmp_path / "tokenizer.json"
   path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))

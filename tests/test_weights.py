@@ -333,6 +333,7 @@ def test_convert_cli_pth_to_hf_to_bf16_pth(pth, tmp_path):
   assert_same_tensors(back, {k: v.to(torch.bfloat16) for k, v in sd.items()})
 
 
+@pytest.mark.slow
 def test_convert_cli_rejects_bad_input_with_a_message(tmp_path):
   (tmp_path / "notes.txt").write_text("hello")
   r = run_convert(f"--input={tmp_path / 'notes.txt'}", f"--output={tmp_path / 'o.pth'}")

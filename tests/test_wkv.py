@@ -65,6 +65,7 @@ def _case(b, t, c, k_scale):
   return args, weights, ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("b,t,c", SHAPES)
 @pytest.mark.parametrize("k_scale", [1.0, 60.0])
@@ -90,6 +91,7 @@ def test_forward_and_gradients_match_float64_eq16(impl, b, t, c, k_scale):
     assert rel_err(g, g_ref) < (2e-4 if k_scale <= 1 else 2e-3), (name, rel_err(g, g_ref))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [1, 2, 1000, 4096])
 def test_long_sequences_match_float64_eq16(t):
   b, c = 2, 8
@@ -107,6 +109,7 @@ def test_long_sequences_match_float64_eq16(t):
     np.testing.assert_allclose(np.log(final.den) + final.max_exp, np.log(den) + p, atol=2 * atol)
 
 
+@pytest.mark.slow
 def test_scan_and_associative_gradients_agree_at_length_4096():
   b, t, c = 1, 4096, 4
   inputs = random_inputs(7, b, t, c, k_scale=20.0)
@@ -119,6 +122,7 @@ def test_scan_and_associative_gradients_agree_at_length_4096():
     assert rel_err(g2, g1) < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("splits", [[1], [5, 6], [3, 17, 30], [31]])
 def test_chunked_evaluation_equals_one_shot(splits):
   inputs = random_inputs(3, 2, 32, 6, k_scale=10.0)
@@ -145,6 +149,7 @@ def test_token_by_token_steps_equal_parallel():
     np.testing.assert_allclose(y, y_full[:, i], atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k_scale", [1.0, 60.0])
 def test_state_after_each_rows_length_equals_the_scan_of_that_prefix(k_scale):
   b, t, c = 4, 33, 5
@@ -180,6 +185,7 @@ def test_state_after_each_rows_length_equals_the_scan_of_that_prefix(k_scale):
     np.testing.assert_allclose(grads[0], g_w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_bfloat16_inputs_keep_float32_state_and_accumulation(impl):
   inputs = random_inputs(5, 2, 50, 8, k_scale=5.0)

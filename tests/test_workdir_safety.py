@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from rwkv_jax.train import loop as train_loop
 from rwkv_jax.train import workdir as workdir_lib
 from training_util import (REPO, TOTAL, compile_cache, copy_run, corpus, full_run,  # noqa: F401
@@ -20,6 +22,7 @@ _HOLD = ("import pathlib, sys, time; from rwkv_jax.train import workdir as workd
          "  print('held', flush=True); time.sleep(600)\n")
 
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_and_a_killed_holder_blocks_nothing(corpus, compile_cache,
                                                                         tmp_path):
   workdir = tmp_path / "run"
