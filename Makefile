@@ -1,4 +1,5 @@
-# `make demo` and `make test` set themselves up on a fresh machine: venv, requirements, assets.
+# `make demo`, `make test` and `make test-fast` set themselves up on a fresh machine: venv,
+# requirements, assets.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PYTEST_ARGS ?=
 # One pytest worker per core (pytest-xdist); PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= auto
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +21,10 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 $(PYTEST_ARGS) tests
+
+# Everything but the tests marked slow (whole training runs, subprocesses, long compilations).
+test-fast: setup
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 -m "not slow" $(PYTEST_ARGS) tests
 
 demo: setup
 	$(PY) -m experiments.demo
