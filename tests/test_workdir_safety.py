@@ -3,6 +3,7 @@ leaves no unfinished save behind."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -46,6 +47,31 @@ def test_a_second_trainer_is_refused_and_a_killed_holder_blocks_nothing(corpus, 
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
 
 
+def test_the_lock_refuses_a_second_holder_by_name_until_the_first_lets_go(tmp_path):
+  # flock belongs to an open file, so a second open in this process contends like another process.
+  with workdir_lib.workdir_lock(tmp_path):
+    with pytest.raises(workdir_lib.WorkdirBusyError,
+                       match=f"in use by pid {os.getpid()} on host {socket.gethostname()}"):
+      with workdir_lib.workdir_lock(tmp_path):
+        pass
+  with workdir_lib.workdir_lock(tmp_path):
+    pass
+
+
+def test_unfinished_saves_are_removed_and_complete_checkpoints_kept(tmp_path):
+  checkpoints = tmp_path / "checkpoints"
+  (checkpoints / "3" / "params").mkdir(parents=True)
+  unfinished = checkpoints / "4.orbax-checkpoint-tmp-1764316800000000"
+  (unfinished / "params").mkdir(parents=True)
+  (unfinished / "params" / "half_written").write_bytes(b"\0" * 64)
+  (checkpoints / "5.orbax-checkpoint-tmp").write_bytes(b"")  # a file, not a directory
+
+  workdir_lib.remove_unfinished_saves(tmp_path)
+
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["3"]
+
+
+@pytest.mark.slow
 def test_a_killed_save_leaves_no_temporary_directory_behind(full_run, corpus, tmp_path):
   # What a run killed in the middle of saving step TOTAL + 1 leaves: Orbax's unfinished directory.
   workdir = copy_run(full_run, tmp_path / "run")
