@@ -143,6 +143,7 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(half_run, corp
 @pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
 # When one array of a restore fails, Orbax abandons the reads of the others; their coroutines are
 # reported (never awaited) when garbage-collected. Collect here so that it happens in this test.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_checkpoint_names_the_step_and_the_remedy(half_run, corpus, tmp_path, damage):
   workdir = copy_run(half_run, tmp_path / "run")
@@ -177,6 +178,7 @@ def test_empty_or_too_short_data_file_is_a_clear_error(tmp_path, size):
   assert str(data) in str(error.value)
 
 
+@pytest.mark.slow
 def test_export_loads_with_the_trained_parameters(full_run):
   exported, config = weights.load(full_run / "export")
   trained, _ = ckpt_lib.load_export(full_run)  # the latest training checkpoint
@@ -188,6 +190,7 @@ def test_export_loads_with_the_trained_parameters(full_run):
                                 np.asarray(trained(tokens, impl="scan")[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["workdir", "export"])
 def test_load_gives_the_requested_dtype_for_a_workdir_and_an_export(full_run, where):
   path = full_run if where == "workdir" else full_run / "export"
@@ -219,6 +222,7 @@ def test_score_cli_reads_the_export_on_another_device_count(full_run, tmp_path):
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_converts_to_an_official_pth(full_run, tmp_path):
   model, _ = weights.load(full_run / "export")
   path = tmp_path / "model.pth"

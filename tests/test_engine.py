@@ -69,6 +69,7 @@ def test_greedy_requests_decode_as_if_alone_while_others_join_and_leave(model):
   assert stats.generated_tokens == sum(max_tokens)
 
 
+@pytest.mark.slow
 def test_each_slot_samples_with_its_own_settings_as_if_alone(model):
   engine = make_engine(model)
   settings = [SamplingParams(temperature=0.9, seed=11, max_tokens=10),
@@ -88,6 +89,7 @@ def test_each_slot_samples_with_its_own_settings_as_if_alone(model):
   assert other.token_ids != requests[0].token_ids
 
 
+@pytest.mark.slow
 def test_n_choices_fork_the_prompt_state_each_with_its_own_key(model):
   engine = make_engine(model)
   greedy = engine.submit(prompt(19, 1), SamplingParams(temperature=0.0, max_tokens=8, n=3))
@@ -103,6 +105,7 @@ def test_n_choices_fork_the_prompt_state_each_with_its_own_key(model):
                                        jax.random.fold_in(key, 1))
 
 
+@pytest.mark.slow
 def test_stop_tokens_and_stop_strings_end_a_choice(model):
   tokenizer = ByteTokenizer()
   engine = make_engine(model, tokenizer=tokenizer)
@@ -128,6 +131,7 @@ def test_stop_tokens_and_stop_strings_end_a_choice(model):
   assert engine.stats().busy_slots == 0
 
 
+@pytest.mark.slow
 def test_a_long_prompt_pauses_running_streams_for_one_chunk_at_most(model):
   engine = make_engine(model)
   running = engine.submit(prompt(4, 7), SamplingParams(temperature=0.0, max_tokens=200))
@@ -168,6 +172,7 @@ def test_cancel_frees_slots_wherever_the_request_is(model):
   assert after.token_ids[0] == alone(model, prompt(9, 4), after.params)
 
 
+@pytest.mark.slow
 def test_prefix_cache_prefills_only_the_rest_of_a_prompt(model):
   engine = make_engine(model)
   shared = prompt(5 * CHUNK + 3, 21)
@@ -211,6 +216,7 @@ def test_prefix_cache_is_an_lru_bounded_in_bytes():
   prefix_cache.PrefixCache(0).put(np.arange(2), value())  # off: stores nothing
 
 
+@pytest.mark.slow
 def test_bad_requests_and_a_full_queue_raise_and_change_nothing(model):
   engine = make_engine(model, max_queue=1, max_prompt_tokens=50)
   cases = [(dict(prompt_tokens=prompt(51, 0)), "prompt"),
@@ -232,6 +238,7 @@ def test_bad_requests_and_a_full_queue_raise_and_change_nothing(model):
   assert engine.stats().waiting == 1 and engine.stats().requests_submitted == 1
 
 
+@pytest.mark.slow
 def test_a_failed_dispatch_ends_its_requests_and_the_engine_goes_on(model, monkeypatch):
   engine = make_engine(model).start()
   try:
@@ -254,6 +261,7 @@ def test_a_failed_dispatch_ends_its_requests_and_the_engine_goes_on(model, monke
     engine.stop()
 
 
+@pytest.mark.slow
 def test_the_thread_streams_to_asyncio_and_to_blocking_readers(model):
   engine = make_engine(model, tokenizer=ByteTokenizer()).start()
   try:

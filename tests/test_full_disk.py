@@ -191,6 +191,7 @@ def test_a_full_disk_while_encoding_text_leaves_the_old_tokens_and_encodes_once_
   assert len(binidx.BinidxSource(prefix).tokens) == 800_000 + 1  # and the end of document
 
 
+@pytest.mark.slow
 def test_a_figure_on_a_full_disk_raises_naming_it_and_keeps_the_old_one(full_run, disk):
   from experiments import plots
 

@@ -144,6 +144,7 @@ def _tiny_config():
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["pallas", "associative"])
 def test_sharded_training_step_lowers_for_tpu(impl):
   if len(jax.devices()) != 8:

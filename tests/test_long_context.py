@@ -76,6 +76,7 @@ def _assert_trees_close(got, want, rtol=2e-5):
     np.testing.assert_allclose(g, w, rtol=0, atol=rtol * scale, err_msg=sharding.path_name(path))
 
 
+@pytest.mark.slow
 def test_full_bptt_in_chunks_gives_the_one_call_loss_and_gradients():
   graphdef, params = _random_model(0)
   inputs, targets = _batch(0)
@@ -228,6 +229,7 @@ def test_context_runner_records_loss_by_position_for_every_window(tmp_path):
   assert again["runs"]["ctx8"]["buckets"] == record["runs"]["ctx8"]["buckets"]
 
 
+@pytest.mark.slow
 def test_chunks_are_refused_for_a_model_without_a_recurrent_state():
   from experiments.baselines import transformer as tf  # pylint: disable=g-import-not-at-top
 

@@ -130,6 +130,7 @@ def test_clipping_bounds_the_global_norm():
                              1.0 / float(optax.tree.norm(grads)), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_works_on_an_nnx_state_and_labels_groups():
   model = RWKV(RWKVConfig(n_layer=2, n_embd=8, vocab_size=16), rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)

@@ -61,6 +61,7 @@ def test_the_wheel_holds_the_library_and_its_kernels_and_no_runners(wheel):
   assert "rwkv_jax_kernels/int8_matmul_cpu.cc" in names
 
 
+@pytest.mark.slow
 def test_the_installed_library_serves_the_runners_of_a_checkout(site, tmp_path):
   shutil.copytree(REPO / "experiments", tmp_path / "experiments",
                   ignore=shutil.ignore_patterns("__pycache__", "results"))

@@ -59,6 +59,7 @@ def test_sequence_mode_matches_rwkv_package(ours, ref, tokens):
   assert_state_within_tol(errs["state"], "sequence")
 
 
+@pytest.mark.slow
 def test_rnn_mode_matches_rwkv_package(ours, ref, tokens):
   errs = accuracy.rnn_mode(ours, ref, tokens)
   assert errs["logits"] < TOL
@@ -68,12 +69,14 @@ def test_rnn_mode_matches_rwkv_package(ours, ref, tokens):
   assert_state_within_tol(errs["state"], "rnn")
 
 
+@pytest.mark.slow
 def test_chunked_mode_matches_rwkv_package(ours, ref, tokens):
   errs = accuracy.chunked_mode(ours, ref, tokens)
   assert errs["logits"] < TOL
   assert_state_within_tol(errs["state"], "chunked")
 
 
+@pytest.mark.slow
 def test_state_from_rwkv_package_continues_generation_identically(ours, ref, tokens):
   errs = accuracy.state_exchange(ours, ref, tokens)
   assert errs["state_from_package"]["logits"] < TOL

@@ -91,6 +91,7 @@ def test_greedy_generation_equals_repeated_argmax_of_the_full_forward_pass(model
   np.testing.assert_array_equal(result.tokens, seq[:, 5:])
 
 
+@pytest.mark.slow
 def test_final_state_is_the_state_after_prompt_and_every_new_token(model):
   prompt = prompts(B, 6, seed=2)
   result = greedy(model, prompt)
@@ -146,6 +147,7 @@ def test_streaming_and_compiled_loop_give_the_same_tokens(model):
   np.testing.assert_array_equal(streamed, ref.tokens[:, :streamed.shape[1]])
 
 
+@pytest.mark.slow
 def test_ragged_prompts_generate_as_if_alone(model):
   short, long = prompts(1, 3, seed=6)[0], prompts(1, 8, seed=7)[0]
   batched = greedy(model, [short.tolist(), long.tolist()])
@@ -179,6 +181,7 @@ def test_batched_prefill_of_ragged_prompts_equals_each_prompt_alone(model, lengt
       np.testing.assert_allclose(got[:, i], want[:, 0], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_stop_token_ends_only_its_sequence_and_freezes_its_state(model):
   prompt = prompts(B, 5, seed=8)
   free = greedy(model, prompt)
@@ -198,6 +201,7 @@ def test_stop_token_ends_only_its_sequence_and_freezes_its_state(model):
     np.testing.assert_allclose(got_field[:, 0], expected_field[:, 0], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_zero_new_tokens_returns_the_state_after_the_prompt(model):
   prompt = prompts(B, 6, seed=10)
   result = sampling.generate(model, prompt, 0, jax.random.key(0))
@@ -208,6 +212,7 @@ def test_zero_new_tokens_returns_the_state_after_the_prompt(model):
                              atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_presence_penalty_prevents_repeats(model):
   prompt = prompts(B, 4, seed=9)
   free = sampling.generate(model, prompt, 40, jax.random.key(0),

@@ -221,7 +221,6 @@ def test_the_openai_client_sees_bad_requests_as_its_errors(server):
   assert httpx.get(f"{server}/health").json() == {"status": "ok"}
 
 
-@pytest.mark.slow
 def test_a_full_queue_answers_429_with_retry_after(one_slot_server):
   url = one_slot_server
   body = {"model": MODEL, "prompt": "hold the slot", "max_tokens": 1000000, "stream": True}
@@ -240,7 +239,6 @@ def test_a_full_queue_answers_429_with_retry_after(one_slot_server):
   wait_for(url, idle, "the slot and queue to be freed")
 
 
-@pytest.mark.slow
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(one_slot_server):
   url = one_slot_server
   cancelled = metrics(url)["rwkv_requests_cancelled_total"]
@@ -279,7 +277,6 @@ def test_a_shared_prefix_is_prefilled_once(server, model):
   assert second.choices[0].text == alone(model, shared + rest, 4, temperature=0.0)
 
 
-@pytest.mark.slow
 def test_a_small_soak_ends_with_no_server_error_and_every_slot_free(server):
   """40 requests from 8 threads: random lengths, streamed or not, every fifth cancelled
   mid-stream, every tenth malformed."""
@@ -307,7 +304,6 @@ def test_a_small_soak_ends_with_no_server_error_and_every_slot_free(server):
   assert m["rwkv_engine_errors_total"] == 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("flags,expected", [
     (["--checkpoint=/nonexistent/m.pth"], "--checkpoint=/nonexistent/m.pth does not exist"),
     (["--chat_format=klingon"], "--chat_format: chat format 'klingon' is neither one of"),

@@ -56,6 +56,7 @@ def test_future_tokens_do_not_change_past_logits():
   assert not np.allclose(la[:, 7:], lb[:, 7:])
 
 
+@pytest.mark.slow
 def test_num_params_counts_every_parameter():
   model = _model()
   counted = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

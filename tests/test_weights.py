@@ -321,6 +321,7 @@ def run_convert(*args):
                         capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_convert_cli_pth_to_hf_to_bf16_pth(pth, tmp_path):
   path, sd = pth
   r = run_convert(f"--input={path}", f"--output={tmp_path / 'hf'}")
