@@ -23,8 +23,10 @@ test: setup
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 $(PYTEST_ARGS) tests
 
 # Everything but the tests marked slow (whole training runs, subprocesses, long compilations).
+# --dist loadfile: each file's module fixtures (models, compiled programs) are built once.
 test-fast: setup
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15 -m "not slow" \
+	  $(PYTEST_ARGS) tests
 
 demo: setup
 	$(PY) -m experiments.demo
