@@ -116,6 +116,9 @@ def int8_matmul(x_mi: jax.Array, q_io: jax.Array, scale_go: jax.Array) -> jax.Ar
     q_io: int8 [i, o].
     scale_go: float32 [g, o]; g divides i (rows of q in groups of i // g).
   """
+  if not available():  # registers the FFI target on first use (building the library if needed)
+    raise RuntimeError("The int8 CPU kernel is not available (see the warning above, or "
+                       f"{ENV}=0); use rwkv_jax.quant.matmul, which falls back to XLA's product.")
   m, d_in = x_mi.shape
   d_out = q_io.shape[1]
   if q_io.shape[0] != d_in or scale_go.shape[1] != d_out or d_in % scale_go.shape[0]:
