@@ -282,5 +282,6 @@ def wkv_pallas_reference(w: Array, u: Array, k: Array, v: Array, state: WKVState
 
 # Explicit per platform, so that tracing on any machine never picks the interpreter by accident:
 # compiled on GPUs, interpreted on CPU; TPUs get the Mosaic kernel (wkv_pallas_tpu.py).
-wkv_lib.register("pallas", functools.partial(wkv_pallas, interpret=False), ("cuda", "rocm"))
-wkv_lib.register("pallas", functools.partial(wkv_pallas, interpret=True), ("cpu",))
+wkv_lib.register("pallas_chunked", functools.partial(wkv_pallas, interpret=False),
+                 ("cuda", "rocm"))
+wkv_lib.register("pallas_chunked", functools.partial(wkv_pallas, interpret=True), ("cpu",))

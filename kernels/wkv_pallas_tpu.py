@@ -403,5 +403,5 @@ def wkv_pallas_tpu_reference(w: Array, u: Array, k: Array, v: Array,
 
 
 # Compiled (Mosaic) only: this registration serves lowering for TPU, where nothing interprets.
-wkv_lib.register("pallas", functools.partial(wkv_pallas_tpu, interpret=False), ("tpu",),
+wkv_lib.register("pallas_chunked", functools.partial(wkv_pallas_tpu, interpret=False), ("tpu",),
                  per_shard=True)

@@ -206,4 +206,4 @@ def wkv_triton_reference(w: Array, u: Array, k: Array, v: Array, state: WKVState
   return wkv_lib.wkv_scan(w, u, k, v, state)
 
 
-wkv_lib.register("triton", wkv_triton)
+wkv_lib.register("triton_chunked", wkv_triton)

@@ -202,8 +202,12 @@ _REGISTRY: dict[str, WKVFn] = {"scan": wkv_scan, "associative": wkv_associative}
 _BY_PLATFORM: dict[str, dict[str, WKVFn]] = {}
 # name -> the module that registers it on import, and further ones that register the same name
 # for other platforms.
-_PLUGINS = {"pallas": "rwkv_jax_kernels.wkv_pallas", "triton": "rwkv_jax_kernels.wkv_triton"}
-_MORE_PLUGINS = {"pallas": ("rwkv_jax_kernels.wkv_pallas_tpu",)}
+_PLUGINS = {"pallas": "rwkv_jax_kernels.wkv_pallas_seq",
+            "triton": "rwkv_jax_kernels.wkv_triton_seq",
+            "pallas_chunked": "rwkv_jax_kernels.wkv_pallas",
+            "triton_chunked": "rwkv_jax_kernels.wkv_triton"}
+_MORE_PLUGINS = {"pallas": ("rwkv_jax_kernels.wkv_pallas_tpu_seq",),
+                 "pallas_chunked": ("rwkv_jax_kernels.wkv_pallas_tpu",)}
 # Fastest first; the first one that is registered (or importable) wins.
 # GPU: the fused Pallas kernel passed its compiled tests on an H200 and was the fastest WKV at every
 # shape measured there (experiments/results/gpu/bench/bench_wkv_gpu_h200.json: 8x1024x768 fp32
@@ -216,7 +220,8 @@ _MORE_PLUGINS = {"pallas": ("rwkv_jax_kernels.wkv_pallas_tpu",)}
 # (scripts/tpu_check.sh checks both); a kernel that fails to compile there would break "auto".
 # CPU: the sequential scan wins (no parallel hardware to spend the associative scan's extra work
 # on; experiments/results/bench_wkv_cpu.json measures it about 5x faster at 8x1024x768).
-_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("scan",), "gpu": ("pallas", "associative")}
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("scan",),
+                                           "gpu": ("pallas_chunked", "associative")}
 _DEFAULT_AUTO = ("associative",)
 # jax.default_backend() names -> `lax.platform_dependent` names.
 _PLATFORM_NAMES = {"gpu": {"cuda", "rocm"}}

@@ -106,7 +106,7 @@ class _WKVKernelChecks:
 
 class TestWKVPallasInterpret(_WKVKernelChecks):
   INTERPRET = True
-  IMPL = "pallas"
+  IMPL = "pallas_chunked"
 
   def wkv(self, w, u, k, v, state=None, block_sizes=None):
     blocks = wkv_pallas.BlockSizes(*block_sizes) if block_sizes else wkv_pallas.BlockSizes()
@@ -144,7 +144,7 @@ TestWKVPallasCompiled = compiled(TestWKVPallasInterpret, "gpu", _ON_GPU,
 
 class TestWKVTritonInterpret(TestWKVPallasInterpret):
   """The Triton kernels, launched from JAX through Triton's interpreter (jax-triton on a GPU)."""
-  IMPL = "triton"
+  IMPL = "triton_chunked"
 
   def wkv(self, w, u, k, v, state=None, block_sizes=None):
     from rwkv_jax_kernels import wkv_triton  # pylint: disable=g-import-not-at-top

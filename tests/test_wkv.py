@@ -214,8 +214,9 @@ def test_empty_state_is_a_no_op_prefix():
 def test_dispatcher_auto_picks_by_platform_and_unknown_names_fail():
   assert wkv_lib.resolve("auto", platform="cpu") == "scan"
   assert wkv_lib.resolve("auto", platform="tpu") == "associative"
-  assert wkv_lib.resolve("auto", platform="gpu") == "pallas"
-  assert {"scan", "associative", "pallas", "triton"} <= set(wkv_lib.implementations())
+  assert wkv_lib.resolve("auto", platform="gpu") == "pallas_chunked"
+  assert {"scan", "associative", "pallas", "triton", "pallas_chunked", "triton_chunked"} <= set(
+      wkv_lib.implementations())
   with pytest.raises(ValueError, match="Unknown WKV implementation 'flash'"):
     wkv_lib.wkv(*[jnp.ones(s) for s in [(3,), (3,), (1, 2, 3), (1, 2, 3)]], impl="flash")
 
