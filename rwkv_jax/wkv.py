@@ -297,6 +297,12 @@ def resolve(impl: str = "auto", platform: str | None = None) -> str:
   raise RuntimeError("No WKV implementation is available.")  # unreachable: associative exists
 
 
+def for_platform(impl: str, platform: str) -> WKVFn:
+  """The function wkv(..., impl=impl) runs when lowered for `platform` ("cpu", "cuda", "tpu")."""
+  name = resolve(impl, platform)
+  return _BY_PLATFORM.get(name, {}).get(platform) or _REGISTRY[name]
+
+
 def wkv(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None,
         impl: str = "auto") -> tuple[Array, WKVState]:
   """WKV by the implementation named `impl` (see `implementations()`); contract of wkv_scan."""
