@@ -43,6 +43,7 @@ import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 Array = jax.Array
 
@@ -143,3 +144,70 @@ def _sequential_wkv_bwd(kernels, saved, cotangents):
 
 
 sequential_wkv.defvjp(_sequential_wkv_fwd, _sequential_wkv_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-token arithmetic, in jnp on [c]-shaped values, shared by every backend's kernel body.
+
+
+def merge(a1, b1, p1, a2, b2, p2):
+  """`rwkv_jax.wkv.merge` with one exponential: the factor of the larger exponent is 1."""
+  first = p1 >= p2
+  e = jnp.exp(-jnp.abs(p1 - p2))
+  f1, f2 = jnp.where(first, 1.0, e), jnp.where(first, e, 1.0)
+  return f1 * a1 + f2 * a2, f1 * b1 + f2 * b2, jnp.maximum(p1, p2)
+
+
+def update(n, d, m, w, k, v):
+  """The state after one token (decay by e^{-w}, add e^k (v, 1))."""
+  return merge(n, d, m - w, v, 1.0, k)
+
+
+def forward_step(n, d, m, w, u, k, v):
+  """y_t (eq. 16: the state plus the token with its bonus) and the state after the token."""
+  num, den, _ = merge(n, d, m, v, 1.0, u + k)
+  return num / den, update(n, d, m, w, k, v)
+
+
+def reverse_init(num_t, den_t, max_t, dnum_t, dden_t, dmax_t):
+  """The reverse carry at the end: alpha = dL/dN = dnum e^{-max}, beta likewise, as (a, b, r) with
+  alpha = a e^r, and gm, the cotangent of max_exp that is not a rescaling of num and den."""
+  return dnum_t, dden_t, -max_t, dmax_t - dnum_t * num_t - dden_t * den_t
+
+
+def reverse_step(n, d, m, w, u, k, v, g, a, b, r, gm):
+  """One token of the backward, from the state (n, d, m) before it and the carry after it.
+
+  (a, b, r): alpha_t = a e^r and beta_t = b e^r, the cotangents of the true sums after the token;
+  gm: the max path's cotangent of m_t; g = dL/dy_t.
+
+  Returns:
+    dk_t, dv_t, the token's terms of du and dw, and the carry before the token.
+  """
+  # The output: p = max(m, u + k), Z = z e^p, fb = e^{u + k - p}.
+  first = m >= u + k
+  e = jnp.exp(-jnp.abs(m - (u + k)))
+  fa, fb = jnp.where(first, 1.0, e), jnp.where(first, e, 1.0)
+  z = fa * d + fb
+  y = (fa * n + fb * v) / z
+  gz = g * fb / z                                   # g e^{u + k} / Z
+  du = gz * (v - y)
+  # The update: m_t = max(m - w, k); e^{m - w - m_t}, e^{k - m_t}; ties go to the state, as in
+  # `update`.
+  k_wins = k > m - w
+  e = jnp.exp(-jnp.abs((m - w) - k))
+  fs, fk = jnp.where(k_wins, e, 1.0), jnp.where(k_wins, 1.0, e)
+  s = jnp.exp(jnp.maximum(m - w, k) + r)            # e^{m_t + r} <= 1 (r <= -m_t)
+  dk = du + s * fk * (a * v + b) + jnp.where(k_wins, gm, 0.0)
+  dv = gz + s * fk * a
+  dw = -s * fs * (a * n + b * d) - jnp.where(k_wins, 0.0, gm)
+  gm = jnp.where(k_wins, 0.0, gm)
+  # alpha_{t-1} = g / Z + e^{-w} alpha_t, beta_{t-1} = -g y / Z + e^{-w} beta_t.
+  a, b, r = merge(g / z, -g * y / z, -jnp.maximum(m, u + k), a, b, r - w)
+  return dk, dv, du, dw, (a, b, r, gm)
+
+
+def state_cotangents(num0, den0, max0, a, b, r, gm):
+  """dL/d(num0, den0, max0) from the carry before the first token."""
+  scale = jnp.exp(r + max0)                         # <= 1 (r <= -max0)
+  return a * scale, b * scale, scale * (a * num0 + b * den0) + gm
