@@ -15,3 +15,7 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 if "RWKV_JAX_COMPILE_CACHE" not in os.environ:
   os.environ["RWKV_JAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="rwkv_jax_test_xla_")
   atexit.register(shutil.rmtree, os.environ["RWKV_JAX_COMPILE_CACHE"], ignore_errors=True)
+
+# Shared training fixtures, defined here once so that each test process builds them once (a
+# fixture imported into several test modules would be built once per module).
+from training_util import compile_cache, corpus, full_run, half_run  # noqa: E402,F401  pylint: disable=g-import-not-at-top,wrong-import-position

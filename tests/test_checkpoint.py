@@ -15,10 +15,10 @@ import pytest
 from rwkv_jax.io import checkpoint as ckpt_lib
 from rwkv_jax.io import formats, tensor_names, weights
 from rwkv_jax.train import loop as train_loop
-from training_util import CHECKPOINT_DAMAGE  # noqa: F401  (fixtures are used by name)
-from training_util import (TOTAL, N, compile_cache, copy_run, corpus, damage_checkpoint,
-                           flat_params, full_run, half_run, latest_params, losses, run_module,
-                           subprocess_env, tiny_config, train_command, write_config_file)
+from training_util import CHECKPOINT_DAMAGE
+from training_util import (TOTAL, N, copy_run, damage_checkpoint, flat_params, latest_params,
+                           losses, run_module, subprocess_env, tiny_config, train_command,
+                           write_config_file)
 
 TMP_MARKER = "orbax-checkpoint-tmp"
 

@@ -16,8 +16,8 @@ import pytest
 from absl import app
 
 from experiments import _cli
-from training_util import (REPO, corpus, one_line_error, run_module,  # noqa: F401
-                           subprocess_env, tiny_config, train_command, write_config_file)
+from training_util import (REPO, one_line_error, run_module, subprocess_env, tiny_config,
+                           train_command, write_config_file)
 
 
 @pytest.mark.slow

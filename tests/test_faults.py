@@ -8,8 +8,7 @@ import sys
 import pytest
 
 from experiments import _cli
-from training_util import (compile_cache, corpus, full_run, one_line_error,  # noqa: F401
-                           run_module, subprocess_env)
+from training_util import one_line_error, run_module, subprocess_env
 
 HUGE = "99999999999999999999"
 

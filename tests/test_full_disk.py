@@ -21,9 +21,9 @@ from rwkv_jax import files
 from rwkv_jax.data import binidx, encode
 from rwkv_jax.io import state_file, weights
 from rwkv_jax.train import metrics
-from training_util import (TOTAL, N, compile_cache, copy_run, corpus, flat_params,  # noqa: F401
-                           full_run, half_run, latest_params, losses, one_line_error, run_module,
-                           subprocess_env, tiny_config, train_command, write_config_file)
+from training_util import (TOTAL, N, copy_run, flat_params, latest_params, losses, one_line_error,
+                           run_module, subprocess_env, tiny_config, train_command,
+                           write_config_file)
 
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 

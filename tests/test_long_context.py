@@ -20,8 +20,8 @@ from rwkv_jax.train import config as train_config
 from rwkv_jax.train import loop as train_loop
 from rwkv_jax.train import losses
 from rwkv_jax.train import step as step_lib
-from training_util import TOTAL, N, compile_cache, corpus, full_run, latest_params
-from training_util import losses as logged_losses  # noqa: F401
+from training_util import TOTAL, N, latest_params
+from training_util import losses as logged_losses
 from training_util import tiny_config
 
 # One layer: the model's own tests pin that each layer carries its own state; one keeps the

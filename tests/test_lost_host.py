@@ -10,8 +10,7 @@ import time
 import pytest
 
 from test_preemption import assert_continues_the_full_run, two_processes
-from training_util import (N, compile_cache, corpus, full_run, subprocess_env,  # noqa: F401
-                           tiny_config, write_config_file)
+from training_util import N, subprocess_env, tiny_config, write_config_file
 
 HEARTBEAT_S = 10
 HEARTBEAT = f"--heartbeat_timeout={HEARTBEAT_S}"

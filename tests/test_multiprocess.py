@@ -7,8 +7,8 @@ import subprocess
 import portpicker
 import pytest
 
-from training_util import (REPO, compile_cache, corpus, losses, subprocess_env,  # noqa: F401
-                           tiny_config, train_command, write_config_file)
+from training_util import (REPO, losses, subprocess_env, tiny_config, train_command,
+                           write_config_file)
 
 STEPS = 4
 TIMEOUT_S = 240

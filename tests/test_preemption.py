@@ -21,9 +21,8 @@ import portpicker
 import pytest
 
 from rwkv_jax.io import state_file, weights
-from training_util import (REPO, TOTAL, N, compile_cache, corpus, flat_params,  # noqa: F401
-                           full_run, latest_params, losses, run_module, subprocess_env,
-                           tiny_config, write_config_file)
+from training_util import (REPO, TOTAL, N, flat_params, latest_params, losses, run_module,
+                           subprocess_env, tiny_config, write_config_file)
 
 TMP_MARKER = "orbax-checkpoint-tmp"
 TIMEOUT_S = 240
