@@ -35,7 +35,7 @@ import matplotlib
 matplotlib.use("Agg")  # Headless machines; must precede pyplot.
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from experiments import _cli, benchlib, plots
+from experiments import _cli, benchlib, kernel_traffic, plots
 from rwkv_jax import wkv as wkv_lib
 
 Shape = tuple[int, int, int]
@@ -75,6 +75,10 @@ _TAG = flags.DEFINE_string("tag", None, "File name suffix (bench_wkv_<tag>.json)
                            "device, e.g. cpu or gpu_h200.")
 _COPY_MIB = flags.DEFINE_integer("copy_mib", None, "Array size of the bandwidth copy in MiB; "
                                  "default 1024 on accelerators, 256 on CPU.", lower_bound=1)
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", None, "Also record a jax.profiler trace of three forward+backward calls of each "
+    "implementation in --profile_impls, per shape and dtype, under this directory.")
+_PROFILE_IMPLS = flags.DEFINE_list("profile_impls", ["pallas"], "What --profile_dir traces.")
 _BUDGET_S = flags.DEFINE_float(
     "budget_s", None, "Stop starting new entries after this many seconds and record the rest as "
     "skipped; entries run shape by shape in --shapes order. Default: no limit.", lower_bound=0)
@@ -193,11 +197,43 @@ def run_entry(impl: str, shape: Shape, dtype_name: str, mode: str, inputs: dict[
     return entry | {"status": "error", "error": _error_string(e)}
   nbytes = bytes_moved(shape, DTYPES[dtype_name], mode)
   gbps = nbytes / (timing.median_ms * 1e-3) / 1e9
+  if mode == "fwd_bwd":
+    entry["kernel_passes"] = kernel_passes(impl, shape, DTYPES[dtype_name])
+    if _PROFILE_DIR.value and impl in _PROFILE_IMPLS.value:
+      entry["profile"] = profile(fn, [inputs[n] for n in names], pathlib.Path(
+          _PROFILE_DIR.value) / f"{impl}_{'x'.join(map(str, shape))}_{dtype_name}")
   return entry | {
       "status": "ok", **timing.as_dict(), "bytes": nbytes, "gbps": gbps,
       "pct_roofline": 100.0 * gbps / roofline_gbps,
       "pct_vendor_peak": None if vendor_gbps is None else 100.0 * gbps / vendor_gbps,
   }
+
+
+# jax.default_backend() -> the lowering platform whose kernels the traffic model reads.
+_LOWERING = {"gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "tpu": "tpu"}
+
+
+def kernel_passes(impl: str, shape: Shape, dtype: Any) -> float | None:
+  """The traffic model of experiments/kernel_traffic.py: full-array passes of the Pallas kernels
+  of fwd+bwd according to their BlockSpecs (None where impl runs no pallas_call here)."""
+  platform = _LOWERING.get(jax.default_backend())
+  if platform is None:
+    return None
+  try:
+    kernels = kernel_traffic.traffic(wkv_lib.for_platform(impl, platform), shape, dtype)
+  except Exception as e:  # pylint: disable=broad-except  (a model, not the timing: never fatal)
+    logging.warning("No traffic model for %s at %s: %s", impl, shape, e)
+    return None
+  return kernel_traffic.passes(kernels, shape, dtype) if kernels else None
+
+
+def profile(fn: Callable[..., Any], args: Sequence[jax.Array], directory: pathlib.Path) -> str:
+  """Three calls of fn under jax.profiler.trace (TensorBoard's profile plugin reads the dir)."""
+  jax.block_until_ready(fn(*args))
+  with jax.profiler.trace(str(directory)):
+    for _ in range(3):
+      jax.block_until_ready(fn(*args))
+  return str(directory)
 
 
 def speedups(entries: Sequence[dict[str, Any]], base: str = "scan") -> list[dict[str, Any]]:

@@ -51,13 +51,6 @@ MAX_PASSES = 9.0
 # generic form '"stablehlo.op"(...)'.
 _OP = re.compile(r'^\s*(?:%[^=]*=\s*)?"?stablehlo\.([a-z_0-9]+)')
 
-_IMPLS = flags.DEFINE_list("impls", ["pallas"], "WKV implementations (registered per platform).")
-_PLATFORMS = flags.DEFINE_list("platforms", ["cuda", "tpu"], "Lowering platforms.")
-_SHAPES = flags.DEFINE_list("shapes", None, "BxTxC shapes; default: the targets' shapes.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "k and v dtype.")
-_OUT = flags.DEFINE_string("out", "experiments/results/kernel_traffic.json", "Output JSON.")
-
-
 @dataclasses.dataclass(frozen=True)
 class Structure:
   kernel_calls: int
@@ -186,20 +179,31 @@ def passes(kernels: Sequence[KernelTraffic], shape: Shape, dtype=jnp.float32) ->
       math.prod(shape) * jnp.dtype(dtype).itemsize)
 
 
+def _define_flags() -> None:
+  # Defined when run as a program only: bench_wkv imports this module and has flags of the same
+  # names.
+  flags.DEFINE_list("impls", ["pallas"], "WKV implementations (registered per platform).")
+  flags.DEFINE_list("platforms", ["cuda", "tpu"], "Lowering platforms.")
+  flags.DEFINE_list("shapes", None, "BxTxC shapes; default: the targets' shapes.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "k and v dtype.")
+  flags.DEFINE_string("out", "experiments/results/kernel_traffic.json", "Output JSON.")
+
+
 def main(argv: list[str]) -> None:
+  f = flags.FLAGS
   if len(argv) > 1:
     raise _cli.UsageError(f"Unexpected arguments: {argv[1:]}")
-  out = _cli.output_path(_OUT.name, _OUT.value)
-  dtype = jnp.dtype(_DTYPE.value)
-  shapes = [tuple(int(x) for x in s.lower().split("x")) for s in _SHAPES.value] if (
-      _SHAPES.value) else [*STRUCTURE_SHAPES, TRAFFIC_SHAPE]
+  out = _cli.output_path("out", f.out)
+  dtype = jnp.dtype(f.dtype)
+  shapes = [tuple(int(x) for x in s.lower().split("x")) for s in f.shapes] if (
+      f.shapes) else [*STRUCTURE_SHAPES, TRAFFIC_SHAPE]
   record: dict[str, Any] = {
       "benchmark": "kernel_traffic", "environment": benchlib.environment(sys.argv),
-      "dtype": _DTYPE.value, "targets": {"max_kernel_calls": MAX_KERNEL_CALLS,
+      "dtype": f.dtype, "targets": {"max_kernel_calls": MAX_KERNEL_CALLS,
                                          "max_glue_ops": MAX_GLUE_OPS, "max_passes": MAX_PASSES},
       "entries": []}
-  for impl in _IMPLS.value:
-    for platform in _PLATFORMS.value:
+  for impl in f.impls:
+    for platform in f.platforms:
       for shape in shapes:
         entry: dict[str, Any] = {"impl": impl, "platform": platform, "shape": list(shape)}
         s = structure(impl, shape, platform, dtype)
@@ -215,4 +219,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   _cli.run(main)
