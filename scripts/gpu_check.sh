@@ -36,12 +36,15 @@ export JAX_PLATFORMS=cuda
 
 stage tests && check pytest 140 -m pytest -q -m gpu -p no:cacheprovider \
   --continue-on-collection-errors --junitxml="$RES/junit.xml" tests
-stage wkv && check bench 140 -m experiments.bench_wkv --impls=scan,associative,pallas,triton \
-  --shapes=$WKV_SHAPES --budget_s=110 --out="$RES/bench"
-# Training-step throughput (the 169M and 1.5B targets): the fused Pallas kernel (the fastest WKV
-# at every measured shape) against the associative scan at 169M; Pallas alone at 1.5B.
+# The sequential-in-kernel WKV (pallas, triton) first, then the chunked kernels it replaces where
+# it is faster, then the scans; a profile of the Pallas forward+backward is kept with the results.
+stage wkv && check bench 140 -m experiments.bench_wkv \
+  --impls=pallas,triton,pallas_chunked,triton_chunked,associative,scan \
+  --shapes=$WKV_SHAPES --budget_s=110 --out="$RES/bench" --profile_dir="$RES/profile"
+# Training-step throughput (the 169M and 1.5B targets): the sequential Pallas kernel against the
+# chunked one (the fastest measured before it) at 169M; Pallas alone at 1.5B.
 stage train169 && check bench_train_169m 190 -m experiments.bench_train --model=169m \
-  --batch_size=16 --dtype=bfloat16 --impls=pallas,associative --steps=5 --repeats=2 \
+  --batch_size=16 --dtype=bfloat16 --impls=pallas,pallas_chunked --steps=5 --repeats=2 \
   --out="$RES/bench_train_169m.json"
 stage train1b5 && check bench_train_1b5 150 -m experiments.bench_train --model=1b5 \
   --batch_size=8 --dtype=bfloat16 --impls=pallas --steps=3 --repeats=2 \
