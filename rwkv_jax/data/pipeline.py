@@ -3,7 +3,14 @@
 `make_dataset(tokens, ctx_len, batch_size, seed, ...)` turns a stream into a grain `IterDataset`
 of {"inputs": int32 [b, t], "targets": int32 [b, t]} (b = per-host batch, t = ctx_len), built
 from windows of ctx_len + 1 tokens with targets = inputs shifted by one. The last `val_fraction`
-of the stream is held out for validation. Iterators are checkpointable:
+of the stream is held out for validation.
+
+A JSONL file of documents (rwkv_jax/data/documents.py) gives one example per document window
+instead, never joined across documents, padded to ctx_len, with a third entry "mask": float32
+[b, t], 1 on the targets the loss counts (0 on padding and on prompt tokens); see
+`make_document_dataset`. The train step threads the mask through to the loss and the metrics.
+
+Iterators are checkpointable:
 
     it = iter(make_dataset(source, ctx_len=1024, batch_size=16, seed=0))
     state = it.get_state()        # a small JSON-able dict
@@ -27,9 +34,12 @@ from typing import Any, Literal
 import grain
 import numpy as np
 
-from rwkv_jax.data import binidx, sources
+from rwkv_jax.data import binidx, documents, sources
 
 # Shape legend: b = per-host batch, t = ctx_len (tokens per example), n = stream length.
+
+# A padded example slot (the last validation batch's): every token padding, mask all 0.
+_EMPTY = -1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,7 +109,8 @@ def split_stream(num_tokens: int, ctx_len: int, val_fraction: float) -> Split:
   return Split(num_tokens, num_tokens - int(num_tokens * val_fraction), ctx_len)
 
 
-def make_dataset(tokens: np.ndarray | sources.ByteSource | binidx.BinidxSource, ctx_len: int,
+def make_dataset(tokens: (np.ndarray | sources.ByteSource | binidx.BinidxSource
+                         | documents.DocumentSource), ctx_len: int,
                  batch_size: int, seed: int, *, split: Literal["train", "val"] = "train",
                  val_fraction: float = 0.01, shard_index: int = 0, shard_count: int = 1,
                  worker_count: int = 0,
@@ -116,8 +127,12 @@ def make_dataset(tokens: np.ndarray | sources.ByteSource | binidx.BinidxSource, 
   host i gets its rows [i * b, (i + 1) * b) with b = batch_size // shard_count, so
   concatenating the hosts' batches in host order gives the single-host batch exactly.
 
+  A `documents.DocumentSource` (JSONL) makes one example per document window instead, with a
+  loss mask: see `make_document_dataset`, which takes the same arguments.
+
   Args:
-    tokens: a 1-D token array (np.memmap is fine) or a source (`ByteSource`, `BinidxSource`).
+    tokens: a 1-D token array (np.memmap is fine), a source (`ByteSource`, `BinidxSource`), or
+      a `DocumentSource`.
     ctx_len: tokens per example (t).
     batch_size: global batch size, divisible by `shard_count`.
     seed: shuffle seed for the training order, in [0, 2**32).
@@ -133,21 +148,18 @@ def make_dataset(tokens: np.ndarray | sources.ByteSource | binidx.BinidxSource, 
     A `grain.IterDataset` of {"inputs": int32 [b, t], "targets": int32 [b, t]}; `iter()` of it
     is a `grain.DatasetIterator` with `get_state()` / `set_state()`.
   """
+  if isinstance(tokens, documents.DocumentSource):
+    return make_document_dataset(tokens, ctx_len, batch_size, seed, split=split,
+                                 val_fraction=val_fraction, shard_index=shard_index,
+                                 shard_count=shard_count, worker_count=worker_count,
+                                 read_options=read_options)
   name = (str(tokens.path) if isinstance(tokens, (sources.ByteSource, binidx.BinidxSource))
           else "The token stream")
   if isinstance(tokens, (sources.ByteSource, binidx.BinidxSource)):
     tokens = tokens.tokens
   if np.ndim(tokens) != 1:
     raise ValueError(f"tokens must be 1-D; got shape {np.shape(tokens)}.")
-  if ctx_len < 1 or batch_size < 1:
-    raise ValueError(f"ctx_len={ctx_len} and batch_size={batch_size} must be positive.")
-  if split not in ("train", "val"):
-    raise ValueError(f"split={split!r}; use 'train' or 'val'.")
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
-  if batch_size % shard_count:
-    raise ValueError(f"batch_size={batch_size} is not divisible by shard_count={shard_count}; "
-                     f"use a global batch size that is a multiple of the number of hosts.")
+  _check_arguments(ctx_len, batch_size, split, shard_index, shard_count)
   n = len(tokens)
   if n < ctx_len + 2:
     raise ValueError(f"{name} has {n} tokens; need at least ctx_len + 2 = {ctx_len + 2}; use a "
@@ -171,15 +183,135 @@ def make_dataset(tokens: np.ndarray | sources.ByteSource | binidx.BinidxSource, 
           f"{ctx_len + 1} tokens, fewer than one batch of {batch_size}. Use a larger "
           f"val_fraction, a smaller batch size or a longer file.")
     starts = grain.MapDataset.source(parts.val_starts()[:num_windows])
-  # Batch the start indices first so each batch is one vectorized gather from the stream, then
-  # give host i every shard_count-th local batch: local batches i, i + n, ... together tile the
-  # global batches in order.
-  ds = starts.batch(local_batch, drop_remainder=True)
+  return _batched(starts, _Windows(tokens, ctx_len), local_batch, shard_index, shard_count,
+                  worker_count, read_options)
+
+
+def _check_arguments(ctx_len: int, batch_size: int, split: str, shard_index: int,
+                     shard_count: int) -> None:
+  if ctx_len < 1 or batch_size < 1:
+    raise ValueError(f"ctx_len={ctx_len} and batch_size={batch_size} must be positive.")
+  if split not in ("train", "val"):
+    raise ValueError(f"split={split!r}; use 'train' or 'val'.")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
+  if batch_size % shard_count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by shard_count={shard_count}; "
+                     f"use a global batch size that is a multiple of the number of hosts.")
+
+
+def _batched(ids: grain.MapDataset, examples: grain.transforms.Map, local_batch: int,
+             shard_index: int, shard_count: int, worker_count: int,
+             read_options: grain.ReadOptions | None) -> grain.IterDataset:
+  """Batches of `examples` over the example ids `ids`, this host's share, prefetched."""
+  # Batch the ids first so each batch is one vectorized gather, then give host i every
+  # shard_count-th local batch: local batches i, i + n, ... together tile the global batches in
+  # order.
+  ds = ids.batch(local_batch, drop_remainder=True)
   ds = ds[shard_index::shard_count]
-  ds = ds.map(_Windows(tokens, ctx_len))
+  ds = ds.map(examples)
   if read_options is None:
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
   iter_ds = ds.to_iter_dataset(read_options)
   if worker_count > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter_ds
+
+
+# ----------------------------------------------------------------------------------------------
+# Documents (JSONL): one document per example, with a loss mask
+
+
+def document_windows(source: documents.DocumentSource, ctx_len: int,
+                     doc_range: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The examples of documents [lo, hi): (document index, start token) int64 [e] each.
+
+  A document of L tokens has targets at its positions 1..L-1; windows start at 0, ctx_len,
+  2 * ctx_len, ... so their targets tile those positions once each. Windows with no counted
+  target (all prompt, or a one-token document) are dropped.
+  """
+  lo, hi = doc_range if doc_range is not None else (0, source.num_documents)
+  lengths = np.diff(source.offsets)[lo:hi]
+  per_doc = np.maximum((lengths - 1 + ctx_len - 1) // ctx_len, 0)
+  doc = np.repeat(np.arange(lo, hi, dtype=np.int64), per_doc)
+  first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+  start = (np.arange(len(doc), dtype=np.int64) - first) * ctx_len
+  # Counted targets of each window: loss_mask over absolute positions (start, start + t].
+  counted = np.concatenate([[0], np.cumsum(source.loss_mask, dtype=np.int64)])
+  begin = source.offsets[doc] + start
+  end = np.minimum(begin + ctx_len, source.offsets[doc + 1] - 1)
+  keep = counted[end + 1] - counted[begin + 1] > 0
+  return doc[keep], start[keep]
+
+
+class _DocumentWindows(grain.transforms.Map):
+  """Maps a batch of example ids [b] to {"inputs", "targets": int32, "mask": float32} [b, t].
+
+  Example e is document doc[e]'s tokens from start[e] (ctx_len + 1 of them at most); the rest
+  of the row is padding (token 0, mask 0). Id `_EMPTY` is a row of padding only.
+  """
+
+  def __init__(self, source: documents.DocumentSource, doc: np.ndarray, start: np.ndarray,
+               ctx_len: int):
+    self.tokens, self.loss_mask, self.offsets = source.tokens, source.loss_mask, source.offsets
+    self.doc, self.start, self.ctx_len = doc, start, ctx_len
+
+  def map(self, ids_b: np.ndarray) -> dict[str, np.ndarray]:
+    ids_b = np.asarray(ids_b)
+    empty_b = ids_b == _EMPTY
+    doc_b = self.doc[np.where(empty_b, 0, ids_b)]
+    begin_b = self.offsets[doc_b] + self.start[np.where(empty_b, 0, ids_b)]
+    end_b = np.where(empty_b, begin_b, self.offsets[doc_b + 1])  # one past the document
+    pos_bt = begin_b[:, None] + np.arange(self.ctx_len + 1)
+    valid_bt = pos_bt < end_b[:, None]
+    pos_bt = np.minimum(pos_bt, len(self.tokens) - 1)
+    window_bt = np.where(valid_bt, self.tokens[pos_bt], 0).astype(np.int32)
+    mask_bt = valid_bt[:, 1:] & (self.loss_mask[pos_bt[:, 1:]] > 0)
+    return {"inputs": window_bt[:, :-1], "targets": window_bt[:, 1:],
+            "mask": mask_bt.astype(np.float32)}
+
+
+def make_document_dataset(source: documents.DocumentSource, ctx_len: int, batch_size: int,
+                          seed: int, *, split: Literal["train", "val"] = "train",
+                          val_fraction: float = 0.01, shard_index: int = 0,
+                          shard_count: int = 1, worker_count: int = 0,
+                          read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """Builds the grain pipeline of one-document examples with a loss mask (`make_dataset`'s args).
+
+  Documents are never joined: each example is one document's window (`document_windows`),
+  padded to ctx_len, with "mask" 1 on the targets that count (0 on padding and on prompt
+  tokens). The last ceil(val_fraction * d) documents are held out for validation, so no
+  document is split between train and val. train: examples in a seeded random order, reshuffled
+  every epoch, forever. val: every example once, in order; the last global batch is filled up
+  with padding rows (mask 0), so no example is dropped and every host gets as many batches.
+
+  Returns:
+    A `grain.IterDataset` of {"inputs": int32 [b, t], "targets": int32 [b, t],
+    "mask": float32 [b, t]}, checkpointable as `make_dataset`'s.
+  """
+  _check_arguments(ctx_len, batch_size, split, shard_index, shard_count)
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction={val_fraction}; use a value in [0, 1).")
+  d = source.num_documents
+  train_docs = d - int(np.ceil(d * val_fraction))
+  local_batch = batch_size // shard_count
+  if split == "train":
+    doc, start = document_windows(source, ctx_len, (0, train_docs))
+    if len(doc) == 0:
+      raise ValueError(
+          f"{source.path} has no training example: its first {train_docs} of {d} documents "
+          f"(val_fraction={val_fraction} holds out the rest) have no token to learn (each needs "
+          f"two tokens, and a response). Use a smaller val_fraction or more documents.")
+    ids = grain.MapDataset.range(len(doc)).shuffle(seed=seed).repeat(None)
+  else:
+    doc, start = document_windows(source, ctx_len, (train_docs, d))
+    if len(doc) == 0:
+      raise ValueError(
+          f"The validation part of {source.path} (its last {d - train_docs} of {d} documents, "
+          f"val_fraction={val_fraction}) has no example; use a larger val_fraction or more "
+          f"documents.")
+    padded = -(-len(doc) // batch_size) * batch_size
+    ids = grain.MapDataset.source(np.concatenate(
+        [np.arange(len(doc)), np.full(padded - len(doc), _EMPTY)]).astype(np.int64))
+  return _batched(ids, _DocumentWindows(source, doc, start, ctx_len), local_batch, shard_index,
+                  shard_count, worker_count, read_options)

@@ -5,7 +5,8 @@ it can be).
     BinidxSource(prefix)      a Megatron binidx pair (rwkv_jax/data/binidx.py), documents joined
     open_source(path)         picks one of the two from the path
     open_training_source(config.data, ...)   the source an experiment config names, a text file
-                                             tokenized once (rwkv_jax/data/encode.py)
+                                             tokenized once (rwkv_jax/data/encode.py), a .jsonl
+                                             file read as documents (rwkv_jax/data/documents.py)
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from rwkv_jax.data import binidx, encode
+from rwkv_jax.data import binidx, documents, encode
+from rwkv_jax.data.tokenizer import load_tokenizer
 
 
 class ByteSource:
@@ -73,9 +75,13 @@ def open_source(path: str | os.PathLike) -> ByteSource | binidx.BinidxSource:
   return ByteSource(path)
 
 
-def open_training_source(data_config: Any, workdir: str | os.PathLike,
-                         vocab_size: int) -> ByteSource | binidx.BinidxSource:
+def open_training_source(data_config: Any, workdir: str | os.PathLike, vocab_size: int
+                         ) -> ByteSource | binidx.BinidxSource | documents.DocumentSource:
   """The token source an experiment config's `data` section names, tokenized if it must be.
+
+  A .jsonl file is read as documents with the config's tokenizer ("bytes" = UTF-8 bytes): one
+  training example per document with a loss mask, "text" or "prompt"/"response" records
+  (rwkv_jax/data/documents.py). It is tokenized in memory at every start.
 
   A text file with a tokenizer other than "bytes" is encoded once into WORKDIR/data/NAME.bin/.idx
   (by process 0, the others wait) and read from there on later runs, as long as the text file,
@@ -89,6 +95,9 @@ def open_training_source(data_config: Any, workdir: str | os.PathLike,
 
   Returns:
     The opened source.
+
+  Raises:
+    documents.JsonlError: a JSONL line is not a record of its file's format (FILE:LINE).
   """
   from rwkv_jax.data import corpus  # pylint: disable=g-import-not-at-top  (downloads on demand)
 
@@ -103,10 +112,13 @@ def open_training_source(data_config: Any, workdir: str | os.PathLike,
     path = pathlib.Path(d.path)
   else:
     raise ValueError(f"--config.data.source={d.source!r}; use wiki_sample, enwik8 or file.")
-  if d.tokenizer != "bytes" and not binidx.is_binidx(path):
+  if documents.is_jsonl(path):
+    source = documents.read_jsonl(path, load_tokenizer(d.tokenizer))
+  elif d.tokenizer != "bytes" and not binidx.is_binidx(path):
     prefix = pathlib.Path(workdir) / "data" / pathlib.Path(path).name
-    path = encode.encode_once(path, d.tokenizer, prefix)
-  source = open_source(path)
+    source = open_source(encode.encode_once(path, d.tokenizer, prefix))
+  else:
+    source = open_source(path)
   # A bounded prefix: a full scan of a Pile-sized memmap would read it all from disk.
   top = int(np.max(source.tokens[: min(len(source.tokens), 1 << 24)])) + 1
   if top > vocab_size:

@@ -36,8 +36,9 @@ from rwkv_jax.train.config import BPTT_MODES
 Array = jax.Array
 
 
-def window_loss(graphdef, params, inputs_bt: Array, targets_bt: Array, *, chunk_len: int = 0,
-                bptt: str = "full", l2wrap_factor: float = losses.L2WRAP_FACTOR,
+def window_loss(graphdef, params, inputs_bt: Array, targets_bt: Array,
+                mask_bt: Array | None = None, *, chunk_len: int = 0, bptt: str = "full",
+                l2wrap_factor: float = losses.L2WRAP_FACTOR,
                 impl: str = "auto") -> tuple[Array, dict[str, Array]]:
   """The loss of a batch of windows, as `losses.lm_loss` of one model call over each window.
 
@@ -45,6 +46,9 @@ def window_loss(graphdef, params, inputs_bt: Array, targets_bt: Array, *, chunk_
     graphdef, params: the model, split by `nnx.split(model, nnx.Param)`.
     inputs_bt, targets_bt: int [b, t] tokens and next tokens; every window starts from the
       empty state.
+    mask_bt: optional float [b, t], 1 on the targets the loss and metrics count (0 on padding
+      and prompt tokens); None counts every position, exactly as before masks existed. Chunks
+      are weighted by their share of the counted targets, so the loss is still the one call's.
     chunk_len: tokens per chunk; 0 (or >= t) runs the whole window in one model call.
     bptt: "full" or "truncated" (see the module docstring); ignored for one call.
     l2wrap_factor: L2Wrap strength (losses.py); 0 disables it.
@@ -64,23 +68,29 @@ def window_loss(graphdef, params, inputs_bt: Array, targets_bt: Array, *, chunk_
   b, t = inputs_bt.shape
   if chunk_len == 0 or chunk_len >= t:
     logits_btv, _ = nnx.merge(graphdef, params)(inputs_bt, impl=impl)
-    return losses.lm_loss(logits_btv, targets_bt, l2wrap_factor=l2wrap_factor)
+    return losses.lm_loss(logits_btv, targets_bt, mask_bt, l2wrap_factor=l2wrap_factor)
 
   model = nnx.merge(graphdef, params)
   if not isinstance(model, model_lib.RWKV):
     raise ValueError(f"train.chunk_len={chunk_len} carries RWKV's recurrent state between "
                      f"chunks; {type(model).__name__} has none. Set --config.train.chunk_len=0.")
 
-  def chunk(params, state, inputs_bc, targets_bc):
+  # The counted targets of the whole window: a chunk's masked mean times its count over this is
+  # its part of the window's masked mean (0 for a chunk with none, whose mean is 0 too).
+  counted = None if mask_bt is None else jnp.maximum(jnp.sum(mask_bt.astype(jnp.float32)), 1.0)
+
+  def chunk(params, state, inputs_bc, targets_bc, mask_bc=None):
     """One chunk: (its state out, its weighted share of the window's loss and metrics)."""
     if bptt == "truncated":
       state = jax.lax.stop_gradient(state)
     c = inputs_bc.shape[1]
     logits_bcv, state = nnx.merge(graphdef, params)(inputs_bc, state, impl=impl)
     # lm_loss's mean over c positions, times c / t, is this chunk's part of the window's mean;
-    # L2Wrap's term is factor / (b * positions), so its factor scales by c / t as well.
-    loss, metrics = losses.lm_loss(logits_bcv, targets_bc, l2wrap_factor=l2wrap_factor * c / t)
-    share = c / t
+    # L2Wrap's term is factor / (b * positions), so its factor scales by c / t as well (with a
+    # mask too: L2Wrap acts on every position, see losses.lm_loss).
+    loss, metrics = losses.lm_loss(logits_bcv, targets_bc, mask_bc,
+                                   l2wrap_factor=l2wrap_factor * c / t)
+    share = c / t if mask_bc is None else jnp.sum(mask_bc.astype(jnp.float32)) / counted
     return state, (loss * share, {"loss": metrics["loss"] * share,
                                   "accuracy": metrics["accuracy"] * share,
                                   "num_tokens": metrics["num_tokens"]})
@@ -100,9 +110,9 @@ def window_loss(graphdef, params, inputs_bt: Array, targets_bt: Array, *, chunk_
   zero = jnp.zeros((), jnp.float32)
   total = (zero, {"loss": zero, "accuracy": zero, "num_tokens": zero})
   state = model_lib.empty_state(model.config, b)
-  (state, total), _ = jax.lax.scan(body, (state, total),
-                                   (to_chunks(inputs_bt), to_chunks(targets_bt)))
+  per_chunk = (inputs_bt, targets_bt) + (() if mask_bt is None else (mask_bt,))
+  (state, total), _ = jax.lax.scan(body, (state, total), tuple(map(to_chunks, per_chunk)))
   if rest:
-    _, part = chunk(params, state, inputs_bt[:, n * chunk_len:], targets_bt[:, n * chunk_len:])
+    _, part = chunk(params, state, *(x[:, n * chunk_len:] for x in per_chunk))
     total = jax.tree.map(jnp.add, total, part)
   return total

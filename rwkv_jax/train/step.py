@@ -116,19 +116,53 @@ def make_train_step(state: TrainState, tx, mesh, *, accumulate_steps: int, l2wra
   micro-batch stays spread over the data axes of the mesh. With chunk_len > 0 each window runs
   in chunks that carry the state (rwkv_jax/train/bptt.py, `bptt` "full" or "truncated"), so one
   chunk's activations are alive at a time.
+
+  A batch may carry "mask" (float [b, t], 1 on the targets to count; the JSONL document
+  pipeline's, rwkv_jax/data/pipeline.py): the loss, accuracy and num_tokens then count only
+  those targets, over the whole batch. Micro-batches are weighted by their share of the counted
+  targets, so accumulation gives the whole batch's masked mean and its gradient; L2Wrap keeps
+  its per-position strength. A batch without "mask" is trained exactly as before masks existed.
   """
   graphdef = state.graphdef
 
-  def loss_fn(params, inputs_bt, targets_bt):
-    return bptt_lib.window_loss(graphdef, params, inputs_bt, targets_bt, chunk_len=chunk_len,
-                                bptt=bptt, l2wrap_factor=l2wrap, impl=impl)
+  def loss_fn(params, inputs_bt, targets_bt, mask_bt=None, *, l2wrap=l2wrap):
+    return bptt_lib.window_loss(graphdef, params, inputs_bt, targets_bt, mask_bt,
+                                chunk_len=chunk_len, bptt=bptt, l2wrap_factor=l2wrap, impl=impl)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  def masked_micro_loss(params, inputs_bt, targets_bt, mask_bt, counted):
+    """A micro-batch's masked mean, times its share of the batch's `counted` targets.
+
+    L2Wrap's backward term ignores the loss's scale (losses.py), so its factor is divided by
+    the number of micro-batches instead: per position it is the whole batch's.
+    """
+    loss, metrics = loss_fn(params, inputs_bt, targets_bt, mask_bt,
+                            l2wrap=l2wrap / accumulate_steps)
+    share = jnp.sum(mask_bt.astype(jnp.float32)) / counted
+    return loss * share, {"loss": metrics["loss"] * share,
+                          "accuracy": metrics["accuracy"] * share,
+                          "num_tokens": metrics["num_tokens"]}
+
+  masked_grad_fn = jax.value_and_grad(masked_micro_loss, has_aux=True)
+
   def step(params, opt_state, batch):
-    inputs, targets = batch["inputs"], batch["targets"]
+    inputs, targets, mask = batch["inputs"], batch["targets"], batch.get("mask")
     if accumulate_steps == 1:
-      (_, metrics), grads = grad_fn(params, inputs, targets)
+      (_, metrics), grads = grad_fn(params, inputs, targets, mask)
+    elif mask is not None:
+      b, t = inputs.shape
+      split = lambda x: x.reshape(b // accumulate_steps, accumulate_steps, t).swapaxes(0, 1)
+      counted = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+      def masked_micro(carry, mb):
+        (_, m), g = masked_grad_fn(params, *mb, counted)
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      zero_metrics = {k: jnp.zeros((), jnp.float32) for k in ("loss", "accuracy", "num_tokens")}
+      (grads, metrics), _ = jax.lax.scan(masked_micro, (zeros, zero_metrics),
+                                         (split(inputs), split(targets), split(mask)))
     else:
       b, t = inputs.shape
       # [b, t] -> [k, b/k, t] keeping each micro-batch spread over the data axes.
@@ -158,10 +192,11 @@ def make_train_step(state: TrainState, tx, mesh, *, accumulate_steps: int, l2wra
 
 
 def make_eval_step(state: TrainState, mesh, impl: str) -> Callable:
+  """Returns step(params, batch) -> the batch's mean cross-entropy (over its "mask" if any)."""
   graphdef = state.graphdef
 
   def step(params, batch):
     logits, _ = nnx.merge(graphdef, params)(batch["inputs"], impl=impl)
-    return losses.cross_entropy(logits, batch["targets"])
+    return losses.cross_entropy(logits, batch["targets"], batch.get("mask"))
 
   return jax.jit(step, in_shardings=(state.param_shardings, sharding.batch_sharding(mesh)))
