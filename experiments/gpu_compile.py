@@ -36,7 +36,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from rwkv_jax_kernels import chunked
+from rwkv_jax_kernels import sequential
 from rwkv_jax_kernels import wkv_pallas
+from rwkv_jax_kernels import wkv_pallas_seq
 from rwkv_jax_kernels import wkv_triton_kernel
 
 _TRITON_TYPES = {jnp.dtype(jnp.float32): "fp32", jnp.dtype(jnp.bfloat16): "bf16",
@@ -95,16 +97,32 @@ def pallas_ttir(fn: Callable[..., Any], *args) -> list[str]:
 def wkv_pallas_ttir(shape: tuple[int, int, int], dtype=jnp.float32,
                     block_sizes: chunked.BlockSizes = chunked.BlockSizes()) -> list[str]:
   """The four WKV Pallas kernels (forward: summary, output; backward: output, summary) as TTIR."""
+  # The backward pass re-runs the forward kernels, so one gradient lowers all four.
+  return _wkv_grad_ttir(
+      functools.partial(wkv_pallas.wkv_pallas, block_sizes=block_sizes, interpret=False), shape,
+      dtype)
+
+
+def wkv_pallas_seq_ttir(shape: tuple[int, int, int], dtype=jnp.float32,
+                        block_sizes: sequential.BlockSizes = sequential.BlockSizes()
+                        ) -> list[str]:
+  """The sequential WKV Pallas kernels as TTIR: forward and backward with one time segment;
+  summary, forward, reverse summary and backward with several."""
+  return _wkv_grad_ttir(
+      functools.partial(wkv_pallas_seq.wkv_pallas_seq, block_sizes=block_sizes,
+                        interpret=False), shape, dtype)
+
+
+def _wkv_grad_ttir(wkv: Callable[..., Any], shape: tuple[int, int, int], dtype) -> list[str]:
+  """TTIR of the kernels in the gradient of a loss of y and the final state of `wkv`."""
   b, t, c = shape
   vec = jax.ShapeDtypeStruct((c,), jnp.float32)
   seq = jax.ShapeDtypeStruct((b, t, c), dtype)
-  wkv = functools.partial(wkv_pallas.wkv_pallas, block_sizes=block_sizes, interpret=False)
 
   def loss(w, u, k, v):
     y, state = wkv(w, u, k, v)
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state.num)
 
-  # The backward pass re-runs the forward kernels, so one gradient lowers all four.
   return pallas_ttir(jax.grad(loss, argnums=(0, 1, 2, 3)), vec, vec, seq, seq)
 
 
@@ -153,6 +171,14 @@ def compile_wkv_pallas(shape: tuple[int, int, int], dtype=jnp.float32, arch: int
   """The four WKV Pallas kernels compiled for sm_<arch>, with the launch options they use."""
   return [compile_ttir(ttir, arch, block_sizes.num_warps, block_sizes.num_stages)
           for ttir in wkv_pallas_ttir(shape, dtype, block_sizes)]
+
+
+def compile_wkv_pallas_seq(shape: tuple[int, int, int], dtype=jnp.float32, arch: int = 90,
+                           block_sizes: sequential.BlockSizes = sequential.BlockSizes()
+                           ) -> list[KernelBuild]:
+  """The sequential WKV Pallas kernels compiled for sm_<arch>, with the launch options they use."""
+  return [compile_ttir(ttir, arch, block_sizes.num_warps, block_sizes.num_stages)
+          for ttir in wkv_pallas_seq_ttir(shape, dtype, block_sizes)]
 
 
 # Pointer arguments in k's dtype; every other pointer is float32, every other argument an int32
