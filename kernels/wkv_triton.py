@@ -6,10 +6,9 @@ per-chunk outputs, and the two backward kernels), written in the Triton language
 blocks and chunks of time, so one long sequence fills the GPU too; any t and any c, because tiles
 past the end are masked inside the kernels rather than padded.
 
-`interpret=True` runs the same kernels in Triton's interpreter instead, from a
-`jax.pure_callback` on torch CPU tensors: slow, but it checks everything this module does
-(launch arguments, grids, masks, the custom VJP) on a machine without a GPU. None (the default)
-interprets unless JAX runs on a GPU.
+`interpret=True` runs the same kernels in Triton's interpreter instead (`triton_launch.py`): slow,
+but it checks everything this module does (launch arguments, grids, masks, the custom VJP) on a
+machine without a GPU. None (the default) interprets unless JAX runs on a GPU.
 
 Needs `triton`; a GPU launch also needs `jax_triton` (imported only then: it fails to import on a
 CPU-only jax) and the interpreter needs `torch`. The dispatcher imports this module only when
@@ -21,24 +20,19 @@ Shapes: b = batch, t = time, c = channels, n = chunks.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
-import threading
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import triton
 
 from rwkv_jax import wkv as wkv_lib
 from rwkv_jax.wkv import WKVState
 from rwkv_jax_kernels import chunked
+from rwkv_jax_kernels import triton_launch
 from rwkv_jax_kernels import wkv_triton_kernel as kernels_lib
 
 Array = jax.Array
-
-_INTERPRETER_LOCK = threading.Lock()
 
 
 BlockSizes = chunked.BlockSizes
@@ -128,71 +122,11 @@ def _launch(kernel, *args, seq: Array, out_shape: Sequence[jax.ShapeDtypeStruct]
             blocks: BlockSizes, interpret: bool) -> tuple[Array, ...]:
   """Runs `kernel(*args, *outputs)` over the grid of `seq`'s [b, t, c] tiles."""
   b, t, c = seq.shape
-  grid = kernels_lib.grid(b, t, c, blocks.block_t, blocks.block_c)
-  constexprs = dict(block_t=blocks.block_t, block_c=blocks.block_c)
-  if interpret:
-    return _interpret(kernel, args, tuple(out_shape), grid, constexprs)
-  import jax_triton  # pylint: disable=g-import-not-at-top  (needs a GPU build of jax)
-  return tuple(jax_triton.triton_call(
-      *args, kernel=kernel, out_shape=tuple(out_shape), grid=grid,
-      num_warps=blocks.num_warps, num_stages=blocks.num_stages, **constexprs))
-
-
-def _interpret(kernel, args: Sequence[Any], out_shape: tuple[jax.ShapeDtypeStruct, ...],
-               grid: tuple[int, ...], constexprs: dict[str, int]) -> tuple[Array, ...]:
-  """The kernel in Triton's interpreter, on torch CPU copies of the arrays."""
-  array_at = [i for i, arg in enumerate(args) if isinstance(arg, jax.Array)]
-
-  interpreted = getattr(_interpreted_kernels(), kernel.fn.__name__)
-
-  def host(*arrays):
-    full = list(args)
-    for i, array in zip(array_at, arrays):
-      full[i] = _to_torch(np.asarray(array))
-    outs = [_to_torch(np.zeros(s.shape, s.dtype)) for s in out_shape]
-    # The interpreter patches triton.language while it runs: one kernel at a time, although XLA
-    # may run independent callbacks on several threads.
-    with _INTERPRETER_LOCK:
-      interpreted[grid](*full, *outs, **constexprs)
-    return tuple(_to_numpy(o, s.dtype) for o, s in zip(outs, out_shape))
-
-  return jax.pure_callback(host, out_shape, *(args[i] for i in array_at))
-
-
-@functools.cache
-def _interpreted_kernels():
-  """A second copy of `wkv_triton_kernel` whose functions (helpers too) Triton interprets.
-
-  `triton.jit` picks compiled or interpreted when it decorates, from TRITON_INTERPRET; the copy is
-  imported with it set, so the compiled module stays as it is.
-  """
-  spec = importlib.util.spec_from_file_location(
-      kernels_lib.__name__ + "_interpreted", kernels_lib.__file__)
-  module = importlib.util.module_from_spec(spec)
-  previous = os.environ.get("TRITON_INTERPRET")
-  os.environ["TRITON_INTERPRET"] = "1"
-  try:
-    spec.loader.exec_module(module)
-  finally:
-    if previous is None:
-      del os.environ["TRITON_INTERPRET"]
-    else:
-      os.environ["TRITON_INTERPRET"] = previous
-  return module
-
-
-def _to_torch(x: np.ndarray):
-  import torch  # pylint: disable=g-import-not-at-top
-  if x.dtype == jnp.bfloat16:  # numpy has no bfloat16 of its own: move the bits
-    return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
-  return torch.from_numpy(np.array(x))
-
-
-def _to_numpy(x, dtype) -> np.ndarray:
-  import torch  # pylint: disable=g-import-not-at-top
-  if x.dtype == torch.bfloat16:
-    return x.view(torch.int16).numpy().view(dtype)
-  return x.numpy()
+  return triton_launch.launch(
+      kernel, *args, out_shape=out_shape, grid=kernels_lib.grid(b, t, c, blocks.block_t,
+                                                                blocks.block_c),
+      constexprs=dict(block_t=blocks.block_t, block_c=blocks.block_c),
+      num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------------------------

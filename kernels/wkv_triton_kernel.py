@@ -32,7 +32,7 @@ def grid(batch: int, seq_len: int, channels: int, block_t: int, block_c: int
 
 # tl.sum and tl.max are @triton.jit functions themselves, compiled or interpreted as `triton` was
 # imported; tl.reduce with their combine functions is the same code, and Triton's interpreter
-# runs it with numpy whichever way `triton` was imported (see wkv_triton._interpreted_kernels).
+# runs it with numpy whichever way `triton` was imported (see triton_launch._interpreted_module).
 @triton.jit
 def _sum(x, axis: tl.constexpr):
   return tl.reduce(x, axis, tl.standard._sum_combine)  # pylint: disable=protected-access
