@@ -1,4 +1,4 @@
-"""Both GPU kernels compiled to machine code on a machine without a GPU.
+"""The GPU kernels compiled to machine code on a machine without a GPU.
 
 The Pallas kernels are lowered by JAX to Triton IR and compiled by the `triton` package; the
 Triton kernels are compiled from their source (`experiments.gpu_compile`); both for sm_80
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import gpu_compile
+from rwkv_jax_kernels import sequential
 from rwkv_jax_kernels import wkv_pallas
 
 _PALLAS_KERNELS = ["wkv_summary", "wkv_output", "wkv_output_bwd", "wkv_summary_bwd"]
@@ -43,3 +44,34 @@ def test_triton_kernels_compile_for_gpu(dtype, arch):
   assert [b.name for b in builds] == [name + "_kernel" for name in _PALLAS_KERNELS]
   for build in builds:
     assert build.arch == arch and build.cubin_bytes > 0 and 0 < build.registers <= 255
+
+
+_SEQ_KERNELS = ["wkv_seq_forward", "wkv_seq_backward"]
+_SEQ_SEGMENTED_KERNELS = ["wkv_seq_summary", "wkv_seq_forward", "wkv_seq_reverse_summary",
+                          "wkv_seq_backward"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,segments,names", [
+    ((2, 37, 48), None, _SEQ_KERNELS),
+    ((8, 1024, 768), None, _SEQ_KERNELS),
+    ((1, 1000, 768), 3, _SEQ_SEGMENTED_KERNELS),
+], ids=["odd", "train", "segments"])
+def test_sequential_pallas_kernels_compile_for_gpu_without_spills(shape, segments, names, dtype,
+                                                                  arch):
+  blocks = sequential.BlockSizes(num_segments=segments)
+  builds = gpu_compile.compile_wkv_pallas_seq(shape, dtype, arch, blocks)
+  assert [b.name for b in builds] == names
+  for build in builds:
+    assert build.arch == arch and build.cubin_bytes > 0 and 0 < build.registers <= 255
+    assert build.spill_store_bytes == build.spill_load_bytes == 0, build
+    assert build.num_warps == blocks.num_warps
+
+
+def test_sequential_pallas_kernels_compile_for_hopper():
+  builds = gpu_compile.compile_wkv_pallas_seq((1, 100, 200), jnp.float32, 90,
+                                              sequential.BlockSizes(block_c=64, num_warps=2))
+  assert [b.name for b in builds] == _SEQ_KERNELS
+  assert all(b.num_warps == 2 and b.spill_store_bytes == 0 for b in builds)
