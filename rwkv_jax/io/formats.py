@@ -8,11 +8,12 @@ hand it to torch.save or the safetensors package, each file replacing its destin
 A .pth or pytorch_model.bin file written by torch.save (a ZIP archive: ARCHIVE/data.pkl pickles
 the state dict, each tensor's bytes are a stored member ARCHIVE/data/KEY) is read without torch:
 an unpickler that knows only the names a state dict of tensors uses (`_StateDictUnpickler`)
-finds each tensor's member, offset, shape and dtype, and each tensor is read from the file
-straight into a buffer of its own, which `weights.load` hands to jax without a further copy. No
-torch import (about 0.25 GB and seconds) and no memory map, whose pages would stay resident
-beside the model. Anything else (the legacy pre-ZIP format, other pickled objects, big-endian
-data) goes to torch.load.
+finds each tensor's member, offset, shape and dtype. The file is memory-mapped and each tensor
+is a view of its bytes, which `weights.load` copies (cast and transposed) once into the model's
+buffer; once copied, the tensor's pages are dropped from the process (they stay in the page
+cache), so the map never holds more than one tensor resident beside the model. No torch import
+(about 0.25 GB and seconds). Anything else (the legacy pre-ZIP format, other pickled objects,
+big-endian data) goes to torch.load.
 
 Checkpoints come from strangers, so every reader refuses a malformed file with one
 `CheckpointError` line naming it: the unpickler above calls nothing it does not define, and
@@ -30,6 +31,7 @@ import collections
 import dataclasses
 import json
 import math
+import mmap
 import os
 import pathlib
 import pickle
@@ -184,6 +186,42 @@ class TensorRef:
     return out
 
 
+class MappedFile:
+  """A file mapped read-only, whose tensors (`TensorRef`s) are read as views of the map.
+
+  `release` drops a tensor's pages from the process once it has been copied out: they stay in
+  the page cache, and a view still reads them (faulted in again), but the process's resident
+  memory no longer counts them.
+  """
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    with open(path, "rb") as f:
+      self.size = os.fstat(f.fileno()).st_size
+      self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+
+  def view(self, ref: TensorRef) -> np.ndarray:
+    """The tensor's bytes as a read-only array, without a copy."""
+    count = math.prod(ref.shape)
+    if ref.offset < 0 or ref.offset + count * ref.dtype.itemsize > self.size:
+      # Never a view past the end of the file: reading it would kill the process (SIGBUS).
+      raise CheckpointError(f"{self.path} ends inside a tensor's data; the file is cut short.")
+    if not count:
+      return np.empty(ref.shape, ref.dtype)
+    return np.frombuffer(self._map, ref.dtype, count, ref.offset).reshape(ref.shape)
+
+  def release(self, ref: TensorRef) -> None:
+    """Drops the pages of `ref` from the process's resident memory."""
+    nbytes = math.prod(ref.shape) * ref.dtype.itemsize
+    if self._map is None or not nbytes or not hasattr(mmap, "MADV_DONTNEED"):
+      return
+    start = ref.offset - ref.offset % mmap.PAGESIZE
+    try:
+      self._map.madvise(mmap.MADV_DONTNEED, start, min(ref.offset + nbytes, self.size) - start)
+    except (OSError, ValueError):  # only memory is at stake
+      pass
+
+
 def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
   """An uninitialized C-contiguous array whose data is aligned as jax needs to use it in place."""
   dtype = np.dtype(dtype)
@@ -335,7 +373,9 @@ class Tensors:
   names: dict[str, str]  # official name -> name as spelled in the source
   config: RWKVConfig | None = None  # from the source's own config, if it has one
   # `get` returns arrays that nothing else references (not views of a memory map or of another
-  # library's tensors), so the caller may keep them, and jax may use them in place.
+  # library's tensors), so the caller may keep them, and jax may use them in place. Otherwise
+  # they may be views of a memory map, whose pages the next call of `get` drops from resident
+  # memory (a view still reads, faulting them in again): copy what is kept.
   fresh: bool = False
 
 
@@ -349,13 +389,21 @@ def _torch_tensors(source: str, sd: dict[str, Any], config: RWKVConfig | None = 
   sd = {rename(k): sd.pop(k) for k in list(sd)}
   shapes = {k: tuple(v.shape) for k, v in sd.items()}
   dtypes = {k: _dtype_name(v) for k, v in sd.items()}
-  fresh = all(isinstance(v, TensorRef) for v in sd.values())
+  maps = {path: MappedFile(path)
+          for path in {x.path for x in sd.values() if isinstance(x, TensorRef)}}
+  last = []  # the TensorRef returned last, whose pages go when the next is asked for
 
   def get(name):
+    if last:
+      ref = last.pop()
+      maps[ref.path].release(ref)
     x = sd.pop(name)  # drop our reference as soon as it is converted
-    return x.read() if isinstance(x, TensorRef) else torch_to_numpy(x)
+    if isinstance(x, TensorRef):
+      last.append(x)
+      return maps[x.path].view(x)
+    return torch_to_numpy(x)
 
-  return Tensors(source, shapes, dtypes, get, names, config, fresh=fresh)
+  return Tensors(source, shapes, dtypes, get, names, config)
 
 
 def _dtype_name(x) -> str:
