@@ -1,32 +1,123 @@
-"""The Pallas TPU (Mosaic) WKV kernel: its numbers in Pallas's TPU interpreter on CPU, compiled on a
-TPU (marked `tpu`), and what lowers for TPU from any machine (`jax.export`, which needs no TPU).
+"""The Pallas TPU (Mosaic) WKV kernels: their numbers in Pallas's TPU interpreter on CPU, compiled on
+a TPU (marked `tpu`), and what lowers for TPU from any machine (`jax.export`, which needs no TPU).
 
-The numeric checks are test_kernels.py's, shared by every kernel; the lowering checks cover the
-kernel alone, the model's training step and generation, and the dispatcher's choice of kernel by
-the platform the code is lowered for.
+Two kernels: the sequential one (`wkv_pallas_tpu_seq`, impl="pallas") and the chunked one
+(`wkv_pallas_tpu`, impl="pallas_chunked"). The numeric checks are test_kernels.py's, shared by
+every kernel, plus long and ragged sequences against float64 eq. 16; the lowering checks cover the
+kernels alone, the model's training step and generation, the dispatcher's choice of kernel by the
+platform the code is lowered for, and how few Mosaic calls and glue ops forward+backward exports
+to (the cross-platform float32 targets are tests/test_kernel_structure.py's).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_kernels import _loss_grad, _WKVKernelChecks, compiled
+from test_kernels import _TOL, _loss_grad, _WKVKernelChecks, compiled
 
+from experiments import kernel_traffic
 from rwkv_jax import sharding
 from rwkv_jax import wkv as wkv_lib
 from rwkv_jax.infer import sampling
+from rwkv_jax.reference import wkv_float64, wkv_reference
 from rwkv_jax.train import config as train_config
 from rwkv_jax.train import step as step_lib
-from rwkv_jax_kernels import chunked, wkv_pallas_tpu
+from rwkv_jax_kernels import chunked, wkv_pallas_tpu, wkv_pallas_tpu_seq
+# impl="pallas" on CPU and GPU. Imported by hand because importing the TPU kernel above registers
+# the name, and the registry imports a name's modules only while the name is unregistered.
+from rwkv_jax_kernels import wkv_pallas_seq  # pylint: disable=unused-import
 from wkv_util import random_inputs, rel_err
 
 _ON_TPU = jax.default_backend() == "tpu"
 _MOSAIC = "tpu_custom_call"
+# Kernel names each TPU kernel's forward and backward lower to.
+_SEQ_KERNELS = ("wkv_tpu_seq_forward", "wkv_tpu_seq_backward")
+_CHUNKED_FORWARD = ("wkv_tpu_summary", "wkv_tpu_output")
+_CHUNKED_KERNELS = _CHUNKED_FORWARD + ("wkv_tpu_output_bwd", "wkv_tpu_summary_bwd")
+
+
+def _assert_mesh_of_8():
+  assert len(jax.devices()) == 8, "tests/conftest.py sets up 8 fake CPU devices"
+
+
+class TestWKVPallasTPUSeqInterpret(_WKVKernelChecks):
+  INTERPRET = True
+
+  def wkv(self, w, u, k, v, state=None, block_sizes=None):
+    blocks = wkv_pallas_tpu_seq.BlockSizes()
+    if block_sizes:  # the shared checks ask for short blocks (GPU tiles): the shortest on TPU
+      blocks = wkv_pallas_tpu_seq.BlockSizes(block_t=16)
+    return wkv_pallas_tpu_seq.wkv_pallas_tpu_seq(w, u, k, v, state, block_sizes=blocks,
+                                                 interpret=self.INTERPRET)
+
+  @pytest.mark.slow
+  @pytest.mark.parametrize("b,t,c,dtype,block_t,f64_grads", [
+      # 16 time blocks, the last one ragged; 2 channel blocks, the second 2 lanes wide.
+      pytest.param(1, 4093, 130, jnp.float32, 256, False, id="t4093_ragged"),
+      pytest.param(2, 4096, 24, jnp.bfloat16, 256, False, id="t4096_bf16"),
+      pytest.param(2, 301, 140, jnp.float32, 32, True, id="t301_many_blocks"),
+      pytest.param(2, 77, 20, jnp.bfloat16, 32, True, id="t77_bf16"),
+      pytest.param(3, 1, 7, jnp.float32, 256, True, id="t1"),
+  ])
+  def test_long_and_ragged_sequences_match_float64_eq16(self, b, t, c, dtype, block_t,
+                                                        f64_grads):
+    w, u, k, v, state = random_inputs(11, b, t, c, dtype, (-9.0, 4.0), 60.0)
+    kernel = functools.partial(wkv_pallas_tpu_seq.wkv_pallas_tpu_seq, interpret=self.INTERPRET,
+                               block_sizes=wkv_pallas_tpu_seq.BlockSizes(block_t=block_t))
+    tol_fwd, tol_grad = _TOL[dtype]
+    y, out = kernel(w, u, k, v, state)
+    y64, out64 = wkv_float64(w, u, k, v, state)
+    assert rel_err(y, y64) < tol_fwd
+    np.testing.assert_allclose(out.max_exp, out64.max_exp, rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(out.num / out.den, out64.num / out64.den, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out.den, out64.den, rtol=1e-4)
+    grads = _loss_grad(kernel)(w, u, k, v, state)
+    if f64_grads:
+      with jax.enable_x64(True):
+        f64 = lambda x: jnp.asarray(x, jnp.float64)
+        grads_ref = _loss_grad(wkv_reference)(*jax.tree.map(f64, (w, u, k, v, state)))
+    else:  # eq. 16 term by term is O(t^2) memory to differentiate: the scan stands in for it
+      grads_ref = _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)
+    names = ("w", "u", "k", "v", "state.num", "state.den", "state.max_exp")
+    for name, g, g_ref in zip(names, jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+      assert g.dtype == jnp.dtype(dtype) if name in ("k", "v") else g.dtype == jnp.float32
+      assert rel_err(g, g_ref) < tol_grad, (name, rel_err(g, g_ref))
+
+  @pytest.mark.slow
+  def test_sharded_call_on_the_8_device_mesh_matches_the_scan(self):
+    _assert_mesh_of_8()
+    mesh = sharding.make_mesh(data=-1, fsdp=1, tensor=2)
+    w, u, k, v, state = random_inputs(6, 8, 21, 260, jnp.float32)
+    fn = sharding.wkv_per_shard(functools.partial(
+        wkv_pallas_tpu_seq.wkv_pallas_tpu_seq, interpret=self.INTERPRET,
+        block_sizes=wkv_pallas_tpu_seq.BlockSizes(block_t=16)))
+    with jax.set_mesh(mesh):
+      (y, out), grads = jax.jit(lambda *a: fn(*a))(w, u, k, v, state), _loss_grad(fn)(
+          w, u, k, v, state)
+      lowered = jax.jit(fn).lower(w, u, k, v, state).as_text()
+    assert "manual_computation" in lowered or "SPMDFullToShardShape" in lowered
+    y_ref, out_ref = wkv_lib.wkv_scan(w, u, k, v, state)
+    for x, ref in zip((y, *out), (y_ref, *out_ref)):
+      assert rel_err(x, ref) < 5e-5
+    grads_ref = _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+      assert rel_err(g, g_ref) < 2e-4
+
+  def test_rejects_block_sizes_off_the_tpu_tiling(self):
+    with pytest.raises(ValueError, match="block_t=8 must be a positive multiple of 16"):
+      wkv_pallas_tpu_seq.BlockSizes(block_t=8)
+    with pytest.raises(ValueError, match="block_c=192 must be a positive multiple of 128"):
+      wkv_pallas_tpu_seq.BlockSizes(block_c=192)
+
+
+TestWKVPallasTPUSeqCompiled = compiled(TestWKVPallasTPUSeqInterpret, "tpu", _ON_TPU,
+                                       "compiled Mosaic kernels need a TPU")
 
 
 class TestWKVPallasTPUInterpret(_WKVKernelChecks):
@@ -48,8 +139,8 @@ class TestWKVPallasTPUInterpret(_WKVKernelChecks):
 
   @pytest.mark.slow
   def test_sharded_call_matches_the_scan(self):
-    n = len(jax.devices())
-    tensor = 2 if n > 1 and n % 2 == 0 else 1
+    _assert_mesh_of_8()
+    n, tensor = 8, 2
     mesh = sharding.make_mesh(data=-1, fsdp=1, tensor=tensor)
     w, u, k, v, state = random_inputs(6, 2 * (n // tensor), 13, 24, jnp.float32)
     fn = sharding.wkv_per_shard(
@@ -58,7 +149,7 @@ class TestWKVPallasTPUInterpret(_WKVKernelChecks):
       (y, out), grads = jax.jit(lambda *a: fn(*a))(w, u, k, v, state), _loss_grad(fn)(
           w, u, k, v, state)
       lowered = jax.jit(fn).lower(w, u, k, v, state).as_text()
-    assert n == 1 or "manual_computation" in lowered or "SPMDFullToShardShape" in lowered
+    assert "manual_computation" in lowered or "SPMDFullToShardShape" in lowered
     y_ref, out_ref = wkv_lib.wkv_scan(w, u, k, v, state)
     for x, ref in zip((y, *out), (y_ref, *out_ref)):
       assert rel_err(x, ref) < 5e-5
@@ -106,22 +197,42 @@ def _tpu_module(fn, *args) -> str:
   return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
 
 
+def _kernel_names(module: str) -> list[str]:
+  return re.findall(r'kernel_name = "([a-z_]+)"', module)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_lowers_to_mosaic_forward_and_gradient(dtype):
+@pytest.mark.parametrize("kernel,forward_names,names", [
+    (wkv_pallas_tpu_seq.wkv_pallas_tpu_seq, _SEQ_KERNELS[:1], _SEQ_KERNELS),
+    (wkv_pallas_tpu.wkv_pallas_tpu, _CHUNKED_FORWARD, _CHUNKED_KERNELS),
+], ids=["seq", "chunked"])
+def test_kernel_lowers_to_mosaic_forward_and_gradient(dtype, kernel, forward_names, names):
   w, u, k, v, state = random_inputs(7, 2, 37, 200, dtype)
-  kernel = lambda *args: wkv_pallas_tpu.wkv_pallas_tpu(*args, interpret=False)
-  forward = _tpu_module(kernel, w, u, k, v, state)
-  for name in ("wkv_tpu_summary", "wkv_tpu_output"):
-    assert f'kernel_name = "{name}"' in forward, name
-  grads = _tpu_module(_loss_grad(kernel), w, u, k, v, state)
-  for name in ("wkv_tpu_summary", "wkv_tpu_output", "wkv_tpu_output_bwd", "wkv_tpu_summary_bwd"):
-    assert f'kernel_name = "{name}"' in grads, name
+  compiled_kernel = lambda *args: kernel(*args, interpret=False)
+  forward = _tpu_module(compiled_kernel, w, u, k, v, state)
+  assert sorted(_kernel_names(forward)) == sorted(forward_names)
+  grads = _tpu_module(_loss_grad(compiled_kernel), w, u, k, v, state)
+  # _loss_grad calls the kernel twice (the second call continues from the first's state).
+  assert sorted(set(_kernel_names(grads))) == sorted(names)
+
+
+@pytest.mark.parametrize("shape", kernel_traffic.STRUCTURE_SHAPES,
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_and_backward_export_as_two_mosaic_calls_and_little_glue(shape, dtype):
+  structure = kernel_traffic.structure("pallas", shape, "tpu", dtype)
+  assert structure.kernel_calls == 2, structure  # the forward and the backward kernel
+  assert structure.glue_ops <= kernel_traffic.MAX_GLUE_OPS, structure
+  # No pads or slices of k, v, y: the kernels mask the ragged ends themselves.
+  assert not structure.glue_by_op.keys() & {"pad", "slice", "dynamic_slice"}, structure
 
 
 def test_dispatcher_picks_the_kernel_by_lowering_platform():
   w, u, k, v, state = random_inputs(8, 2, 11, 24, jnp.float32)
   fn = lambda *args: wkv_lib.wkv(*args, impl="pallas")
-  assert _MOSAIC in _tpu_module(fn, w, u, k, v, state)
+  assert _kernel_names(_tpu_module(fn, w, u, k, v, state)) == list(_SEQ_KERNELS[:1])
+  chunked_fn = lambda *args: wkv_lib.wkv(*args, impl="pallas_chunked")
+  assert set(_kernel_names(_tpu_module(chunked_fn, w, u, k, v, state))) == set(_CHUNKED_FORWARD)
   cpu = jax.export.export(jax.jit(fn), platforms=["cpu"])(w, u, k, v, state).mlir_module()
   assert _MOSAIC not in cpu
   triton = "__gpu$xla.gpu.triton"  # the GPU kernel, compiled (no stable-export guarantee)
@@ -147,8 +258,7 @@ def _tiny_config():
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["pallas", "associative"])
 def test_sharded_training_step_lowers_for_tpu(impl):
-  if len(jax.devices()) != 8:
-    pytest.skip("needs the 8-device mesh of tests/conftest.py")
+  _assert_mesh_of_8()
   config = _tiny_config()
   mesh = sharding.make_mesh(**config.mesh)
   tx, _ = step_lib.build_optimizer(config)
@@ -161,7 +271,8 @@ def test_sharded_training_step_lowers_for_tpu(impl):
     exported = jax.export.export(step, platforms=["tpu"])(
         state.params, state.opt_state, {"inputs": tokens, "targets": tokens})
   assert exported.nr_devices == 8
-  assert (_MOSAIC in exported.mlir_module()) == (impl == "pallas")
+  names = set(_kernel_names(exported.mlir_module()))
+  assert names == (set(_SEQ_KERNELS) if impl == "pallas" else set()), names
 
 
 def test_generation_lowers_for_tpu():
@@ -181,4 +292,5 @@ def test_generation_lowers_for_tpu():
     return tokens_nb.T
 
   module = _tpu_module(generate, params, jnp.zeros((2, 5), jnp.int32), jax.random.key(0))
-  assert _MOSAIC in module  # the prefill; decoding steps one token at a time with the scan
+  # The prefill, once per layer; decoding steps one token at a time with the scan.
+  assert set(_kernel_names(module)) == set(_SEQ_KERNELS[:1])
