@@ -71,7 +71,7 @@ def window_loss(graphdef, params, inputs_bt: Array, targets_bt: Array,
     return losses.lm_loss(logits_btv, targets_bt, mask_bt, l2wrap_factor=l2wrap_factor)
 
   model = nnx.merge(graphdef, params)
-  if not isinstance(model, model_lib.RWKV):
+  if not isinstance(model, model_lib.RWKV) and not hasattr(model, "initial_state"):
     raise ValueError(f"train.chunk_len={chunk_len} carries RWKV's recurrent state between "
                      f"chunks; {type(model).__name__} has none. Set --config.train.chunk_len=0.")
 
@@ -109,7 +109,9 @@ def window_loss(graphdef, params, inputs_bt: Array, targets_bt: Array,
 
   zero = jnp.zeros((), jnp.float32)
   total = (zero, {"loss": zero, "accuracy": zero, "num_tokens": zero})
-  state = model_lib.empty_state(model.config, b)
+  # A fine-tuned model's learned initial state (rwkv_jax/train/adapters.py), else the empty one.
+  state = (model.initial_state(b) if hasattr(model, "initial_state")
+           else model_lib.empty_state(model.config, b))
   per_chunk = (inputs_bt, targets_bt) + (() if mask_bt is None else (mask_bt,))
   (state, total), _ = jax.lax.scan(body, (state, total), tuple(map(to_chunks, per_chunk)))
   if rest:

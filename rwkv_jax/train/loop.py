@@ -21,6 +21,7 @@ import math
 import pathlib
 import sys
 import time
+from typing import Callable
 
 import jax
 import ml_collections
@@ -91,7 +92,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                        peak_flops: float | None = None,
                        make_model: step_lib.ModelBuilder = step_lib.build_model,
                        rules: sharding.Rules = sharding.PARAM_RULES,
-                       flops_per_token: int | None = None) -> dict[str, float]:
+                       flops_per_token: int | None = None,
+                       make_state: step_lib.StateBuilder | None = None,
+                       finish: Callable[[step_lib.TrainState], None] | None = None
+                       ) -> dict[str, float]:
   """Trains (resuming from WORKDIR's latest checkpoint if any) and returns final metrics.
 
   Args:
@@ -105,6 +109,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       Another model passes its own (e.g. experiments/baselines/transformer.PARAM_RULES).
     flops_per_token: the model's training FLOPs per token for perf/mfu; default RWKV's
       (`RWKVConfig.flops_per_token`). Another model passes its own.
+    make_state: builds the TrainState instead of `step_lib.init_state(config, mesh, tx,
+      make_model, rules)`: fine-tuning (rwkv_jax/train/finetune.py) loads a base and trains only
+      part of it, the rest held in `TrainState.frozen`. Checkpoints hold the trained part.
+    finish: called with the final TrainState by every process at the end of a completed run,
+      in place of the export (fine-tuning writes its adapters there).
 
   Returns:
     The last logged training and validation metrics, and "step". "perf/tokens_per_s" (and
@@ -129,12 +138,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if jax.process_index() == 0:
       stack.enter_context(workdir_lib.workdir_lock(workdir))
       workdir_lib.remove_unfinished_saves(workdir)
-    return _train_and_evaluate(config, workdir, peak_flops, make_model, rules, flops_per_token)
+    return _train_and_evaluate(config, workdir, peak_flops, make_model, rules, flops_per_token,
+                               make_state, finish)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                         peak_flops: float | None, make_model: step_lib.ModelBuilder,
-                        rules: sharding.Rules, flops_per_token: int | None
+                        rules: sharding.Rules, flops_per_token: int | None,
+                        make_state: step_lib.StateBuilder | None,
+                        finish: Callable[[step_lib.TrainState], None] | None
                         ) -> dict[str, float]:
   t = config.train
   lead = jax.process_index() == 0
@@ -145,12 +157,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   source = data_sources.open_training_source(config.data, workdir, config.model.vocab_size)
   train_it, val_ds = make_datasets(config, source)
   tx, schedule = step_lib.build_optimizer(config)
-  state = step_lib.init_state(config, mesh, tx, make_model, rules)
+  if make_state is None:
+    state = step_lib.init_state(config, mesh, tx, make_model, rules)
+  else:
+    state = make_state(config, mesh, tx)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("Mesh %s over %d devices (%d processes); model %s, %s parameters.",
+  num_frozen = sum(x.size for x in jax.tree.leaves(state.frozen))
+  logging.info("Mesh %s over %d devices (%d processes); model %s, %s parameters%s.",
                dict(mesh.shape), mesh.size, jax.process_count(),
-               cfg if make_model is step_lib.build_model
-               else type(nnx.merge(state.graphdef, state.params)).__name__, f"{num_params:,}")
+               cfg if make_model is step_lib.build_model and make_state is None
+               else type(step_lib.merged_model(state)).__name__, f"{num_params:,}",
+               f" trained, {num_frozen:,} frozen" if num_frozen else "")
   open_checkpoints = lambda: ckpt_lib.TrainCheckpointer(workdir, keep=t.keep_checkpoints,
                                                         async_save=t.async_checkpoints)
   ckpt = open_checkpoints()
@@ -238,7 +255,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     logging.warning("Stopped by %s at step %d, its checkpoint saved in %s; run the same command "
                     "to resume from it.", stop.reason, step, ckpt.directory)
     return {**result, "stopped_by_signal": int(stop.signal_number)}
-  if t.export and make_model is step_lib.build_model:
+  if finish is not None:
+    finish(state)
+  elif t.export and make_model is step_lib.build_model:
     ckpt_lib.export(nnx.merge(state.graphdef, state.params), workdir / "export")
   return result
 

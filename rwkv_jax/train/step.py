@@ -73,6 +73,48 @@ class TrainState:
   opt_state: Any
   param_shardings: Any
   opt_shardings: Any
+  # Parameters that do not train (fine-tuning's base, rwkv_jax/train/finetune.py): an argument of
+  # the steps, never differentiated, updated or checkpointed. None when every parameter trains.
+  frozen: Any = None
+  frozen_shardings: Any = None
+
+
+# Builds the TrainState in place of `init_state` (fine-tuning: a loaded base and its adapters).
+StateBuilder = Callable[[ml_collections.ConfigDict, Any, optax.GradientTransformation],
+                        TrainState]
+
+
+def with_frozen(params, frozen):
+  """All of the model's parameters: `params`, and the frozen ones if there are any."""
+  return params if frozen is None else nnx.merge_state(params, frozen)
+
+
+def merged_model(state: TrainState) -> nnx.Module:
+  """The model of `state`, its trained and frozen parameters together."""
+  return nnx.merge(state.graphdef, with_frozen(state.params, state.frozen))
+
+
+class _WithFrozen:
+  """A jitted fn(*args, frozen) called (and lowered) as fn(*args)."""
+
+  def __init__(self, jitted, frozen):
+    self._jitted, self._frozen = jitted, frozen
+
+  def __call__(self, *args):
+    return self._jitted(*args, self._frozen)
+
+  def lower(self, *args):
+    return self._jitted.lower(*args, self._frozen)
+
+
+def _jit_with_frozen(fn, state: TrainState, in_shardings: tuple, **kwargs):
+  """jax.jit of fn(*args, frozen), taking the frozen parameters of `state` as an argument of
+  the program (not constants compiled into it); called as fn(*args)."""
+  if state.frozen is None:
+    return jax.jit(functools.wraps(fn)(lambda *args: fn(*args, None)),
+                   in_shardings=in_shardings, **kwargs)
+  return _WithFrozen(jax.jit(fn, in_shardings=(*in_shardings, state.frozen_shardings), **kwargs),
+                     state.frozen)
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh, tx,
@@ -124,8 +166,11 @@ def make_train_step(state: TrainState, tx, mesh, *, accumulate_steps: int, l2wra
   its per-position strength. A batch without "mask" is trained exactly as before masks existed.
   """
   graphdef = state.graphdef
+  # The step's frozen parameters, while it is traced (the loss merges them with the trained).
+  tracing = {"frozen": None}
 
   def loss_fn(params, inputs_bt, targets_bt, mask_bt=None, *, l2wrap=l2wrap):
+    params = with_frozen(params, tracing["frozen"])
     return bptt_lib.window_loss(graphdef, params, inputs_bt, targets_bt, mask_bt,
                                 chunk_len=chunk_len, bptt=bptt, l2wrap_factor=l2wrap, impl=impl)
 
@@ -146,7 +191,8 @@ def make_train_step(state: TrainState, tx, mesh, *, accumulate_steps: int, l2wra
 
   masked_grad_fn = jax.value_and_grad(masked_micro_loss, has_aux=True)
 
-  def step(params, opt_state, batch):
+  def step(params, opt_state, batch, frozen):
+    tracing["frozen"] = frozen
     inputs, targets, mask = batch["inputs"], batch["targets"], batch.get("mask")
     if accumulate_steps == 1:
       (_, metrics), grads = grad_fn(params, inputs, targets, mask)
@@ -186,17 +232,17 @@ def make_train_step(state: TrainState, tx, mesh, *, accumulate_steps: int, l2wra
     return params, opt_state, metrics
 
   batch_sh = sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(state.param_shardings, state.opt_shardings, batch_sh),
-                 out_shardings=(state.param_shardings, state.opt_shardings, None),
-                 donate_argnums=(0, 1))
+  return _jit_with_frozen(step, state, (state.param_shardings, state.opt_shardings, batch_sh),
+                          out_shardings=(state.param_shardings, state.opt_shardings, None),
+                          donate_argnums=(0, 1))
 
 
 def make_eval_step(state: TrainState, mesh, impl: str) -> Callable:
   """Returns step(params, batch) -> the batch's mean cross-entropy (over its "mask" if any)."""
   graphdef = state.graphdef
 
-  def step(params, batch):
-    logits, _ = nnx.merge(graphdef, params)(batch["inputs"], impl=impl)
+  def step(params, batch, frozen):
+    logits, _ = nnx.merge(graphdef, with_frozen(params, frozen))(batch["inputs"], impl=impl)
     return losses.cross_entropy(logits, batch["targets"], batch.get("mask"))
 
-  return jax.jit(step, in_shardings=(state.param_shardings, sharding.batch_sharding(mesh)))
+  return _jit_with_frozen(step, state, (state.param_shardings, sharding.batch_sharding(mesh)))
