@@ -40,6 +40,7 @@ from rwkv_jax_kernels import sequential
 from rwkv_jax_kernels import wkv_pallas
 from rwkv_jax_kernels import wkv_pallas_seq
 from rwkv_jax_kernels import wkv_triton_kernel
+from rwkv_jax_kernels import wkv_triton_seq_kernel
 
 _TRITON_TYPES = {jnp.dtype(jnp.float32): "fp32", jnp.dtype(jnp.bfloat16): "bf16",
                  jnp.dtype(jnp.float16): "fp16"}
@@ -191,22 +192,45 @@ _TRITON_IO_POINTERS = {
 }
 
 
+def _compile_triton(kernel, io_pointers: set[str], dtype, arch: int, constexprs: dict[str, int],
+                    num_warps: int, num_stages: int) -> KernelBuild:
+  """One @triton.jit kernel for sm_<arch>: pointers in `io_pointers` of `dtype`, others float32."""
+  io = "*" + _TRITON_TYPES[jnp.dtype(dtype)]
+  signature = {p.name: ("constexpr" if p.is_constexpr else
+                        (io if p.name in io_pointers else "*fp32") if p.name.endswith("_ptr")
+                        else "i32") for p in kernel.params}
+  source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+  compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+  return _build(compiled, arch, num_warps)
+
+
 def compile_wkv_triton(dtype=jnp.float32, arch: int = 90,
                        block_sizes: chunked.BlockSizes = chunked.BlockSizes()
                        ) -> list[KernelBuild]:
   """The four chunked WKV Triton kernels compiled for sm_<arch>, as `wkv_triton` launches them."""
-  io = "*" + _TRITON_TYPES[jnp.dtype(dtype)]
-  builds = []
-  for name, io_pointers in _TRITON_IO_POINTERS.items():
-    kernel = getattr(wkv_triton_kernel, name)
-    signature = {p.name: ("constexpr" if p.is_constexpr else
-                          (io if p.name in io_pointers else "*fp32") if p.name.endswith("_ptr")
-                          else "i32") for p in kernel.params}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature,
-                                       constexprs=dict(block_t=block_sizes.block_t,
-                                                       block_c=block_sizes.block_c))
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=block_sizes.num_warps,
-                                           num_stages=block_sizes.num_stages))
-    builds.append(_build(compiled, arch, block_sizes.num_warps))
-  return builds
+  return [_compile_triton(getattr(wkv_triton_kernel, name), io_pointers, dtype, arch,
+                          dict(block_t=block_sizes.block_t, block_c=block_sizes.block_c),
+                          block_sizes.num_warps, block_sizes.num_stages)
+          for name, io_pointers in _TRITON_IO_POINTERS.items()]
+
+
+# The same for the sequential kernels (wkv_triton_seq_kernel), in the order of a forward (with
+# segments), then a backward.
+_TRITON_SEQ_IO_POINTERS = {
+    "wkv_seq_summary_kernel": {"k_ptr", "v_ptr"},
+    "wkv_seq_forward_kernel": {"k_ptr", "v_ptr", "y_ptr"},
+    "wkv_seq_backward_summary_kernel": {"k_ptr", "v_ptr", "dy_ptr"},
+    "wkv_seq_backward_kernel": {"k_ptr", "v_ptr", "dy_ptr", "dk_ptr", "dv_ptr"},
+}
+
+
+def compile_wkv_triton_seq(dtype=jnp.float32, arch: int = 90,
+                           block_sizes: sequential.BlockSizes = sequential.BlockSizes()
+                           ) -> list[KernelBuild]:
+  """The four sequential WKV Triton kernels compiled for sm_<arch>, as `wkv_triton_seq` launches
+  them."""
+  return [_compile_triton(getattr(wkv_triton_seq_kernel, name), io_pointers, dtype, arch,
+                          dict(block_t=block_sizes.block_t, block_c=block_sizes.block_c),
+                          block_sizes.num_warps, block_sizes.num_stages)
+          for name, io_pointers in _TRITON_SEQ_IO_POINTERS.items()]
