@@ -77,6 +77,10 @@ CONFIG_FILE, ARRAYS_FILE = "adapter_config.json", "adapter_model.npz"
 FORMAT, VERSION = "rwkv_jax.adapters", 1
 
 
+class BaseMismatchError(CheckpointError):
+  """Adapters (or a fine-tuning run) of another base than the one given."""
+
+
 class LoRAParam(nnx.Param):
   """A LoRA factor (trained; the matrix beside it is frozen)."""
 
@@ -393,13 +397,15 @@ def load(base: model_lib.RWKV, directory: str | os.PathLike, digest: str | None)
   if (saved.n_layer, saved.n_embd, saved.dim_att, saved.dim_ffn, saved.vocab_size) != (
       base.config.n_layer, base.config.n_embd, base.config.dim_att, base.config.dim_ffn,
       base.config.vocab_size):
-    raise CheckpointError(f"{directory} holds adapters of another model (n_layer={saved.n_layer}, "
-                          f"n_embd={saved.n_embd}, vocab_size={saved.vocab_size}); load them onto "
-                          f"the base they were trained on ({meta.get('base_path') or '?'}).")
+    raise BaseMismatchError(
+        f"{directory} holds adapters of another model (n_layer={saved.n_layer}, n_embd="
+        f"{saved.n_embd}, vocab_size={saved.vocab_size}); load them onto the base they were "
+        f"trained on ({meta.get('base_path') or '?'}).")
   if digest is not None and digest != meta["base_digest"]:
-    raise CheckpointError(f"{directory} holds adapters of another base (its weights' digest is "
-                          f"{meta['base_digest'][:12]}..., this base's {digest[:12]}...); load them "
-                          f"onto the base they were trained on ({meta.get('base_path') or '?'}).")
+    raise BaseMismatchError(
+        f"{directory} holds adapters of another base (its weights' digest is "
+        f"{meta['base_digest'][:12]}..., this base's {digest[:12]}...); load them onto the base "
+        f"they were trained on ({meta.get('base_path') or '?'}).")
   model = apply(base, meta["mode"], r=meta.get("r", 8), lora_alpha=meta.get("lora_alpha", 16.0),
                 lora_dropout=meta.get("lora_dropout", 0.0),
                 target_modules=meta.get("target_modules") or DEFAULT_TARGETS)

@@ -148,32 +148,30 @@ def _model_section(config: ml_collections.ConfigDict, base_config: RWKVConfig
   return c
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, base: str, *,
-          peak_flops: float | None = None) -> dict[str, float]:
-  """Fine-tunes `base` with `config` in `workdir` (resuming if it holds a run); returns the
-  loop's final metrics.
+def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike, base: str
+            ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """Loads `base` and adds the adapters of `config`; returns the loop's config (the model
+  section the base's) and the keyword arguments `loop.train_and_evaluate` takes for them
+  (make_state, finish).
 
   Raises:
     ConfigError: an invalid config (one line).
     FileNotFoundError: no such base.
-    CheckpointError: the base is not a checkpoint, or the workdir was fine-tuned from another
-      base.
-    And whatever `loop.train_and_evaluate` raises.
+    CheckpointError: the base is not a checkpoint; BaseMismatchError: WORKDIR was fine-tuned
+      from another base or with other settings.
   """
   check(config)
   model, base_config, path = load_base(base, config.finetune.base_dtype)
-  digest = adapters.base_digest(path)
-  loop_config = _model_section(config, base_config)
-  mode = config.finetune.mode
-  chosen = settings(config)
+  mode, chosen = config.finetune.mode, settings(config)
+  workdir = pathlib.Path(workdir)
+  record = {"base": str(base), "base_path": str(path), "base_digest": adapters.base_digest(path),
+            "base_model": base_config.to_dict(), "finetune": chosen}
+  check_record(workdir, record)  # before any work; again under the workdir's lock
   held = {"model": adapters.apply(model, mode, **{k: v for k, v in chosen.items() if k != "mode"},
                                   seed=config.train.seed)}
   del model
-  record = {"base": str(base), "base_path": str(path), "base_digest": digest,
-            "base_model": base_config.to_dict(), "finetune": chosen}
-  workdir = pathlib.Path(workdir)
 
-  def make_state(cfg, mesh, tx) -> step_lib.TrainState:
+  def make_state(unused_config, mesh, tx) -> step_lib.TrainState:
     check_record(workdir, record)
     if jax.process_index() == 0:
       with files.atomic_write(workdir / RECORD, "w") as f:
@@ -183,8 +181,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, base: s
   def finish(state: step_lib.TrainState) -> None:
     write_outputs(step_lib.merged_model(state), workdir, mode, record)
 
-  return loop.train_and_evaluate(loop_config, workdir, peak_flops=peak_flops,
-                                 make_state=make_state, finish=finish)
+  return _model_section(config, base_config), {"make_state": make_state, "finish": finish}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, base: str,
+          **kwargs: Any) -> dict[str, float]:
+  """Fine-tunes `base` with `config` in `workdir` (resuming if it holds a run); returns the
+  loop's final metrics. kwargs go to `loop.train_and_evaluate` (e.g. peak_flops).
+
+  Raises:
+    What `prepare` and `loop.train_and_evaluate` raise.
+  """
+  loop_config, hooks = prepare(config, workdir, base)
+  return loop.train_and_evaluate(loop_config, workdir, **hooks, **kwargs)
 
 
 def check_record(workdir: pathlib.Path, record: dict[str, Any]) -> None:
@@ -194,11 +203,13 @@ def check_record(workdir: pathlib.Path, record: dict[str, Any]) -> None:
     return
   saved = json.loads(path.read_text())
   if saved.get("base_digest") != record["base_digest"]:
-    raise CheckpointError(f"{workdir} was fine-tuned from another base ({saved.get('base')}); "
-                          f"pass that --base to resume, or a new --workdir.")
+    raise adapters.BaseMismatchError(
+        f"{workdir} was fine-tuned from another base ({saved.get('base')}); pass that --base to "
+        f"resume, or a new --workdir.")
   if saved.get("finetune") != record["finetune"]:
-    raise CheckpointError(f"{workdir} was fine-tuned with finetune={saved.get('finetune')}; pass "
-                          f"the same settings to resume, or a new --workdir.")
+    raise adapters.BaseMismatchError(
+        f"{workdir} was fine-tuned with finetune={saved.get('finetune')}; pass the same settings "
+        f"to resume, or a new --workdir.")
 
 
 def adapted_state(model, mode: str, mesh, tx) -> step_lib.TrainState:
