@@ -1,22 +1,29 @@
 """The WKV kernels against the sequential scan and a float64 evaluation of eq. 16.
 
 One base class holds the checks; subclasses pick the kernel and how it runs: the Pallas kernels in
-the interpreter (CPU, CI), compiled on a GPU, and the jax-triton kernel (GPU only).
+the interpreter (CPU, CI), compiled on a GPU, and the jax-triton kernel (GPU only). The sequential
+Pallas kernels (impl="pallas") also have checks of long and ragged sequences against float64
+eq. 16, of time segments, of the segment rule, and of their export for cuda.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import kernel_traffic
 from rwkv_jax import wkv as wkv_lib
-from rwkv_jax.reference import wkv_float64
+from rwkv_jax.reference import wkv_float64, wkv_reference
 from rwkv_jax.wkv import WKVState
+from rwkv_jax_kernels import sequential
 from rwkv_jax_kernels import wkv_pallas
+from rwkv_jax_kernels import wkv_pallas_seq
 from wkv_util import random_inputs, rel_err
 
 _ON_GPU = jax.default_backend() in ("gpu", "cuda")
@@ -140,6 +147,129 @@ def compiled(interpreted: type, marker: str, available: bool, why: str) -> type:
 
 TestWKVPallasCompiled = compiled(TestWKVPallasInterpret, "gpu", _ON_GPU,
                                  "compiled Pallas kernels need a GPU")
+
+
+class TestWKVPallasSeqInterpret(_WKVKernelChecks):
+  """The sequential-in-kernel Pallas kernels (impl="pallas" on GPUs and CPU)."""
+  INTERPRET = True
+  IMPL = "pallas"
+
+  def wkv(self, w, u, k, v, state=None, block_sizes=None, num_segments=None):
+    blocks = (wkv_pallas_seq.BlockSizes(*block_sizes) if block_sizes
+              else wkv_pallas_seq.BlockSizes())
+    blocks = dataclasses.replace(blocks, num_segments=num_segments)
+    return wkv_pallas_seq.wkv_pallas_seq(w, u, k, v, state, block_sizes=blocks,
+                                         interpret=self.INTERPRET)
+
+  def test_dispatcher_runs_it_by_name(self):
+    w, u, k, v, state = random_inputs(4, 2, 5, 6, jnp.float32)
+    y, _ = wkv_lib.wkv(w, u, k, v, state, impl=self.IMPL)
+    np.testing.assert_allclose(y, wkv_lib.wkv_scan(w, u, k, v, state)[0], rtol=1e-5, atol=1e-6)
+
+  @pytest.mark.parametrize("b,t,c,dtype,block_t,f64_grads", [
+      pytest.param(3, 1, 7, jnp.float32, 16, True, id="t1"),
+      pytest.param(2, 37, 20, jnp.float32, 8, True, id="t37"),
+      pytest.param(2, 77, 20, jnp.bfloat16, 16, True, id="t77_bf16"),
+      pytest.param(1, 1000, 8, jnp.float32, 16, True, marks=pytest.mark.slow, id="t1000"),
+      pytest.param(1, 4096, 8, jnp.float32, 32, False, marks=pytest.mark.slow, id="t4096"),
+      pytest.param(1, 4096, 8, jnp.bfloat16, 16, False, marks=pytest.mark.slow,
+                   id="t4096_bf16"),
+  ])
+  def test_long_and_ragged_sequences_match_float64_eq16(self, b, t, c, dtype, block_t,
+                                                        f64_grads):
+    # Extreme decays and |k| up to 60; t and c multiples of no block.
+    w, u, k, v, state = random_inputs(11, b, t, c, dtype, (-9.0, 4.0), 60.0)
+    kernel = functools.partial(self.wkv, block_sizes=(block_t, 32))
+    tol_fwd, tol_grad = _TOL[dtype]
+    y, out = kernel(w, u, k, v, state)
+    y64, out64 = wkv_float64(w, u, k, v, state)
+    assert y.dtype == k.dtype and rel_err(y, y64) < tol_fwd
+    np.testing.assert_allclose(out.max_exp, out64.max_exp, rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(out.num / out.den, out64.num / out64.den, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out.den, out64.den, rtol=1e-4)
+    grads = _loss_grad(kernel)(w, u, k, v, state)
+    grads_scan = _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)
+    if f64_grads:
+      with jax.enable_x64(True):
+        f64 = lambda x: jnp.asarray(x, jnp.float64)
+        grads_ref = _loss_grad(wkv_reference)(*jax.tree.map(f64, (w, u, k, v, state)))
+    else:  # eq. 16 term by term is O(t^2) memory to differentiate: the scan stands in for it
+      grads_ref = grads_scan
+    names = ("w", "u", "k", "v", "state.num", "state.den", "state.max_exp")
+    for name, g, g_scan, g_ref in zip(names, *map(jax.tree.leaves,
+                                                   (grads, grads_scan, grads_ref))):
+      assert g.dtype == (k.dtype if name in ("k", "v") else jnp.float32), name
+      assert rel_err(g, g_scan) < tol_grad, (name, rel_err(g, g_scan))
+      assert rel_err(g, g_ref) < tol_grad, (name, rel_err(g, g_ref))
+
+  @pytest.mark.parametrize("segments", [2, pytest.param(7, marks=pytest.mark.slow)])
+  def test_several_time_segments_equal_one_segment(self, segments):
+    w, u, k, v, state = random_inputs(12, 2, 100, 20, jnp.float32, (-9.0, 4.0), 60.0)
+    one = functools.partial(self.wkv, block_sizes=(8, 16), num_segments=1)
+    several = functools.partial(self.wkv, block_sizes=(8, 16), num_segments=segments)
+    # Equal up to rounding: the segments' sums are added in another order.
+    for x, x_one in zip(jax.tree.leaves(several(w, u, k, v, state)),
+                        jax.tree.leaves(one(w, u, k, v, state))):
+      assert rel_err(x, x_one) < 1e-5, rel_err(x, x_one)
+    grads = _loss_grad(several)(w, u, k, v, state)
+    names = ("w", "u", "k", "v", "state.num", "state.den", "state.max_exp")
+    for name, g, g_one, g_scan in zip(names, *map(jax.tree.leaves, (
+        grads, _loss_grad(one)(w, u, k, v, state),
+        _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)))):
+      assert rel_err(g, g_one) < 1e-4, (name, rel_err(g, g_one))
+      assert rel_err(g, g_scan) < _TOL[jnp.float32][1], (name, rel_err(g, g_scan))
+
+  def test_rejects_bad_block_sizes(self):
+    with pytest.raises(ValueError, match="block_c=48 must be a power of two"):
+      wkv_pallas_seq.BlockSizes(block_c=48)
+    with pytest.raises(ValueError, match="num_segments=0 must be >= 1"):
+      wkv_pallas_seq.BlockSizes(num_segments=0)
+
+
+TestWKVPallasSeqCompiled = compiled(TestWKVPallasSeqInterpret, "gpu", _ON_GPU,
+                                    "compiled Pallas kernels need a GPU")
+
+
+def test_time_segments_only_when_batch_and_channels_leave_cores_idle():
+  # 8 x 24 channel blocks fill an H100's 132 cores: one segment, one pass each way.
+  assert sequential.num_segments(8, 1024, 768, 32, "NVIDIA H100 80GB HBM3") == 1
+  # One row has 24 programs: segments bring them to about two per core...
+  segments = sequential.num_segments(1, 16384, 768, 32, "NVIDIA H100 80GB HBM3")
+  assert segments == 11 and segments * 24 >= 2 * 132
+  # ... but never shorter than MIN_SEGMENT tokens, and fewer cores want fewer segments.
+  assert sequential.num_segments(1, 1000, 768, 32, None) == 1000 // sequential.MIN_SEGMENT
+  assert sequential.num_segments(1, 100, 768, 32, None) == 1
+  assert sequential.num_segments(1, 16384, 768, 32, "NVIDIA A100-SXM4-40GB") == 9
+  assert sequential.num_segments(1, 16384, 768, 32, 24) == 1
+  # Segments are whole checkpoint blocks, and the last one is not empty.
+  length = sequential.segment_length(16384, 11, 16)
+  assert length % 16 == 0 and 10 * length < 16384 <= 11 * length
+
+
+@pytest.mark.parametrize("shape,dtype,names", [
+    ((8, 1024, 768), jnp.float32, ["wkv_seq_forward", "wkv_seq_backward"]),
+    pytest.param((8, 1024, 768), jnp.bfloat16, ["wkv_seq_forward", "wkv_seq_backward"],
+                 marks=pytest.mark.slow),
+    ((1, 16384, 768), jnp.float32, ["wkv_seq_summary", "wkv_seq_forward",
+                                    "wkv_seq_reverse_summary", "wkv_seq_backward"]),
+], ids=["8x1024x768", "8x1024x768_bf16", "1x16384x768"])
+def test_sequential_pallas_exports_for_cuda_as_at_most_four_kernels_and_little_glue(
+    shape, dtype, names):
+  b, _, c = shape
+  vec, bc = jax.ShapeDtypeStruct((c,), jnp.float32), jax.ShapeDtypeStruct((b, c), jnp.float32)
+  seq = jax.ShapeDtypeStruct(shape, dtype)
+  kernel = functools.partial(wkv_pallas_seq.wkv_pallas_seq, interpret=False)
+  step = kernel_traffic.fwd_bwd(kernel)
+  exported = jax.export.export(
+      jax.jit(step), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+          vec, vec, seq, seq, WKVState(bc, bc, bc), seq)
+  text = exported.mlir_module()
+  structure = kernel_traffic.count_ops(text)
+  assert structure.kernel_calls == len(names) <= 4, structure
+  assert structure.glue_ops <= 150, structure
+  # The Triton kernels in call order (their names are in each call's attributes).
+  assert re.findall(r'name = "(wkv_seq_\w+)"', text) == names
 
 
 class TestWKVTritonInterpret(TestWKVPallasInterpret):
