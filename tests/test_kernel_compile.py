@@ -75,3 +75,20 @@ def test_sequential_pallas_kernels_compile_for_hopper():
                                               sequential.BlockSizes(block_c=64, num_warps=2))
   assert [b.name for b in builds] == _SEQ_KERNELS
   assert all(b.num_warps == 2 and b.spill_store_bytes == 0 for b in builds)
+
+
+_TRITON_SEQ_KERNELS = ["wkv_seq_summary_kernel", "wkv_seq_forward_kernel",
+                       "wkv_seq_backward_summary_kernel", "wkv_seq_backward_kernel"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_sequential_triton_kernels_compile_for_gpu_without_spills(dtype, arch):
+  blocks = sequential.BlockSizes()
+  builds = gpu_compile.compile_wkv_triton_seq(dtype, arch, blocks)
+  assert [b.name for b in builds] == _TRITON_SEQ_KERNELS
+  for build in builds:
+    assert build.arch == arch and build.cubin_bytes > 0 and 0 < build.registers <= 255
+    assert build.spill_store_bytes == build.spill_load_bytes == 0, build
+    assert build.num_warps == blocks.num_warps
