@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import sys
 from typing import Callable, NamedTuple
 
 import jax
@@ -255,8 +256,10 @@ def _registered(name: str) -> bool:
 
 
 def _load(name: str) -> bool:
-  if not _registered(name) and name in _PLUGINS:
-    for module in (_PLUGINS[name], *_MORE_PLUGINS.get(name, ())):
+  # Every module of the name, even where one is registered already: a module may import another
+  # name's module for its helpers, which registers that name for its own platforms only.
+  for module in (_PLUGINS[name], *_MORE_PLUGINS.get(name, ())) if name in _PLUGINS else ():
+    if module not in sys.modules:
       try:
         importlib.import_module(module)
       except ImportError as e:  # e.g. jax-triton without a GPU build of jax
