@@ -284,3 +284,34 @@ class TestWKVTritonInterpret(TestWKVPallasInterpret):
 
 TestWKVTritonCompiled = compiled(TestWKVTritonInterpret, "gpu", _ON_GPU,
                                  "jax-triton needs a GPU build of jax")
+
+
+class TestWKVTritonSeqInterpret(TestWKVPallasSeqInterpret):
+  """The sequential-in-kernel Triton kernels (impl="triton"), launched from JAX through Triton's
+  interpreter (jax-triton on a GPU); the checks of the sequential Pallas kernels."""
+  IMPL = "triton"
+
+  def wkv(self, w, u, k, v, state=None, block_sizes=None, num_segments=None):
+    from rwkv_jax_kernels import wkv_triton_seq  # pylint: disable=g-import-not-at-top
+    blocks = (wkv_triton_seq.BlockSizes(*block_sizes) if block_sizes
+              else wkv_triton_seq.BlockSizes())
+    blocks = dataclasses.replace(blocks, num_segments=num_segments)
+    return wkv_triton_seq.wkv_triton_seq(w, u, k, v, state, block_sizes=blocks,
+                                         interpret=self.INTERPRET)
+
+  @pytest.mark.parametrize("segments,block_t", [(2, 16), (3, 4)])
+  def test_time_segments_with_a_short_last_one_equal_one_segment(self, segments, block_t):
+    # 37 tokens: the last segment is short and ends inside a checkpoint block.
+    w, u, k, v, state = random_inputs(13, 2, 37, 24, jnp.float32, (-9.0, 4.0), 60.0)
+    one = functools.partial(self.wkv, block_sizes=(block_t, 16), num_segments=1)
+    several = functools.partial(self.wkv, block_sizes=(block_t, 16), num_segments=segments)
+    for x, x_one in zip(jax.tree.leaves(several(w, u, k, v, state)),
+                        jax.tree.leaves(one(w, u, k, v, state))):
+      assert rel_err(x, x_one) < 1e-5, rel_err(x, x_one)
+    for g, g_one in zip(jax.tree.leaves(_loss_grad(several)(w, u, k, v, state)),
+                        jax.tree.leaves(_loss_grad(one)(w, u, k, v, state))):
+      assert rel_err(g, g_one) < 1e-4, rel_err(g, g_one)
+
+
+TestWKVTritonSeqCompiled = compiled(TestWKVTritonSeqInterpret, "gpu", _ON_GPU,
+                                    "jax-triton needs a GPU build of jax")
