@@ -305,12 +305,21 @@ class TestWKVTritonSeqInterpret(TestWKVPallasSeqInterpret):
     w, u, k, v, state = random_inputs(13, 2, 37, 24, jnp.float32, (-9.0, 4.0), 60.0)
     one = functools.partial(self.wkv, block_sizes=(block_t, 16), num_segments=1)
     several = functools.partial(self.wkv, block_sizes=(block_t, 16), num_segments=segments)
+    # Equal up to rounding: a segment's decay is one product L w, not L subtractions of w, and
+    # with w up to e^4 and |k| up to 60 an exponent's last bit is worth about 1e-5.
+    tol_fwd, tol_grad = _TOL[jnp.float32]
     for x, x_one in zip(jax.tree.leaves(several(w, u, k, v, state)),
                         jax.tree.leaves(one(w, u, k, v, state))):
-      assert rel_err(x, x_one) < 1e-5, rel_err(x, x_one)
+      assert rel_err(x, x_one) < tol_fwd, rel_err(x, x_one)
     for g, g_one in zip(jax.tree.leaves(_loss_grad(several)(w, u, k, v, state)),
                         jax.tree.leaves(_loss_grad(one)(w, u, k, v, state))):
-      assert rel_err(g, g_one) < 1e-4, rel_err(g, g_one)
+      assert rel_err(g, g_one) < tol_grad, rel_err(g, g_one)
+
+  # Minutes in Triton's interpreter; the test above checks segments in seconds.
+  @pytest.mark.slow
+  @pytest.mark.parametrize("segments", [2, 7])
+  def test_several_time_segments_equal_one_segment(self, segments):
+    super().test_several_time_segments_equal_one_segment(segments)
 
 
 TestWKVTritonSeqCompiled = compiled(TestWKVTritonSeqInterpret, "gpu", _ON_GPU,
