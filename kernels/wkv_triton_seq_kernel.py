@@ -1,8 +1,8 @@
 """The Triton-language bodies of the sequential-in-kernel WKV, with no JAX import.
 
-The design is that of /work/notes/wkv_seq_spec.md, shared with the Pallas kernels: each program
-owns one batch row, `block_c` channels and one time segment, and carries the state (n, d, m) in
-registers through a loop over its tokens (true sums N = n e^m, D = d e^m). `wkv_triton_seq.py`
+The design is that of `sequential.py`, shared with the Pallas kernels: each program owns one batch
+row, `block_c` channels and one time segment, and carries the state (n, d, m) in registers
+through a loop over its tokens (true sums N = n e^m, D = d e^m). `wkv_triton_seq.py`
 launches these kernels through `jax_triton.triton_call` on a GPU or Triton's interpreter on CPU;
 `experiments/gpu_compile.py` compiles them for a GPU architecture on any machine.
 
