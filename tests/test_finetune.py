@@ -46,7 +46,7 @@ def _config(corpus_path, mode: str, **train):
   c.train.update(steps=TOTAL, batch_size=8, impl="scan", log_every=1, eval_every=0,
                  eval_batches=2, checkpoint_every=N, progress_bar=False)
   c.train.update(**train)
-  c.mesh.update(data=2, fsdp=1, tensor=1)
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
   c.finetune.update(mode=mode, r=4, lora_alpha=8.0)
   return c
 
@@ -144,7 +144,7 @@ def test_frozen_parameters_are_bit_identical_after_training_and_have_no_optimize
   base, _ = weights.load(base_pth)
   before = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(base))}
   model = adapters.apply(weights.load(base_pth)[0], "lora+state", r=4)
-  mesh = sharding.make_mesh(2, 1, 1)
+  mesh = sharding.make_mesh(-1, 1, 1)
   tx, _ = step_lib.build_optimizer(config)
   state = finetune.adapted_state(model, "lora+state", mesh, tx)
   n_trained = sum(x.size for x in jax.tree.leaves(state.params))

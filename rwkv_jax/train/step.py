@@ -229,6 +229,7 @@ def make_train_step(state: TrainState, tx, mesh, *, accumulate_steps: int, l2wra
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    tracing["frozen"] = None  # no tracer outlives the trace
     return params, opt_state, metrics
 
   batch_sh = sharding.batch_sharding(mesh)
