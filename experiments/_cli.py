@@ -28,7 +28,7 @@ import pathlib
 import re
 import signal
 import sys
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import app, flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
@@ -206,9 +206,15 @@ def integers(flag: str, value: str | Sequence[str], *, minimum: int = INT32_MIN,
   return ids
 
 
-def load_model_and_tokenizer(checkpoint: str, dtype: str | None, tokenizer_name: str):
+def load_model_and_tokenizer(checkpoint: str, dtype: str | None, tokenizer_name: str, *,
+                             prepare: Callable[[Any, Any], None] | None = None):
   """(model, config, tokenizer) for a runner's --checkpoint, --dtype and --tokenizer, each mistake
-  one line naming its flag; a tokenizer larger than the model's vocabulary is refused."""
+  one line naming its flag; a tokenizer larger than the model's vocabulary is refused.
+
+  `prepare(config, tokenizer)` is called once the checkpoint's shape is known, before its weights
+  are read (`weights.load`'s on_config): a runner checks its inputs against the model there, and
+  starts compiling its programs (`compile_cache.ahead_of_time`) while the weights load.
+  """
   from rwkv_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from rwkv_jax.io import weights  # pylint: disable=g-import-not-at-top
 
@@ -218,14 +224,19 @@ def load_model_and_tokenizer(checkpoint: str, dtype: str | None, tokenizer_name:
                      f"HuggingFace directory or an rwkv_jax export.")
   with user_input(ValueError, OSError, flag="--tokenizer"):
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_name)
-  # A CheckpointError, or a --dtype the checkpoint cannot hold.
+
+  def on_config(config) -> None:
+    if tokenizer.vocab_size > config.vocab_size:
+      raise UsageError(
+          f"--tokenizer={tokenizer_name} has {tokenizer.vocab_size} tokens but the model only "
+          f"{config.vocab_size}; use the tokenizer the model was trained with (RWKV-4 Pile "
+          f"models: neox; byte-level models: bytes).")
+    if prepare is not None:
+      prepare(config, tokenizer)
+
+  # A CheckpointError, or a --dtype the checkpoint cannot hold (`prepare` raises UsageErrors).
   with user_input(ValueError, FileNotFoundError, flag=f"--checkpoint={path} --dtype={dtype}"):
-    model, config = weights.load(path, dtype=dtype)
-  if tokenizer.vocab_size > config.vocab_size:
-    raise UsageError(
-        f"--tokenizer={tokenizer_name} has {tokenizer.vocab_size} tokens but the model only "
-        f"{config.vocab_size}; use the tokenizer the model was trained with (RWKV-4 Pile models: "
-        f"neox; byte-level models: bytes).")
+    model, config = weights.load(path, dtype=dtype, on_config=on_config)
   return model, config, tokenizer
 
 

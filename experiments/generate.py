@@ -36,7 +36,7 @@ from absl import flags, logging
 
 from experiments import _cli
 from experiments._cli import UsageError
-from rwkv_jax import files
+from rwkv_jax import compile_cache, files
 from rwkv_jax.data import tokenizer as tokenizer_lib
 from rwkv_jax.infer import sampling
 from rwkv_jax.io import state_file, weights
@@ -148,37 +148,54 @@ def _load_state(config, n: int) -> state_file.SavedState | None:
   return saved
 
 
+def _sampling_config(tokenizer) -> sampling.SamplingConfig:
+  eos = tokenizer.end_of_text_id
+  return sampling.SamplingConfig(
+      temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
+      alpha_presence=_ALPHA_PRESENCE.value, alpha_frequency=_ALPHA_FREQUENCY.value,
+      stop_tokens=(eos,) if _STOP_AT_EOS.value and eos is not None else (),
+      vocab_limit=tokenizer.vocab_size)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise UsageError(f"Unexpected arguments: {argv[1:]}")
   output = _cli.output_path(_OUTPUT.name, _OUTPUT.value)
   save_path = _cli.output_path(_SAVE_STATE.name, _SAVE_STATE.value)
   prompt = _read_prompt(optional=_LOAD_STATE.value is not None)
-  model, config, tokenizer = _cli.load_model_and_tokenizer(_CHECKPOINT.value, _DTYPE.value,
-                                                            _TOKENIZER.value)
   n = _NUM_SAMPLES.value
+  prepared = {}
+
+  def prepare(config, tokenizer) -> None:
+    """Checks the prompt against the model, then compiles the programs generate runs while the
+    weights are read."""
+    ids = _prompt_ids(prompt, tokenizer, config.vocab_size,
+                      optional=_LOAD_STATE.value is not None)
+    settings = _sampling_config(tokenizer)
+    work = sampling.compile_generate(config, n, len(ids), _MAX_TOKENS.value, sampling=settings,
+                                     prefill_chunk=_cli.chunk_for(_PREFILL_CHUNK.value, len(ids)))
+    prepared.update(ids=ids, settings=settings, compiling=compile_cache.ahead_of_time(work))
+
+  model, config, tokenizer = _cli.load_model_and_tokenizer(_CHECKPOINT.value, _DTYPE.value,
+                                                            _TOKENIZER.value, prepare=prepare)
   saved = _load_state(config, n)
-  prompt = _prompt_ids(prompt, tokenizer, config.vocab_size, optional=saved is not None)
-  eos = tokenizer.end_of_text_id
-  stop = (eos,) if _STOP_AT_EOS.value and eos is not None else ()
+  prompt, settings = prepared["ids"], prepared["settings"]
   logging.info("Model n_layer=%d n_embd=%d vocab=%d; prompt of %d tokens%s; %s devices.",
                config.n_layer, config.n_embd, config.vocab_size, len(prompt),
                f" after a saved state of {saved.tokens_consumed[0]}" if saved else "",
                jax.devices())
 
-  stream = _TextStream(tokenizer_lib.StreamDecoder(tokenizer), set(stop)) if n == 1 else None
+  stream = (_TextStream(tokenizer_lib.StreamDecoder(tokenizer), set(settings.stop_tokens))
+            if n == 1 else None)
 
   def on_token(token_b, emitted_b):
     if emitted_b[0]:
       stream.add(int(token_b[0]))
 
   start = time.perf_counter()
+  prepared["compiling"].wait()
   result = sampling.generate(
-      model, [prompt] * n, _MAX_TOKENS.value, jax.random.key(_SEED.value),
-      sampling=sampling.SamplingConfig(
-          temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
-          alpha_presence=_ALPHA_PRESENCE.value, alpha_frequency=_ALPHA_FREQUENCY.value,
-          stop_tokens=stop, vocab_limit=tokenizer.vocab_size),
+      model, [prompt] * n, _MAX_TOKENS.value, sampling.seed_key(_SEED.value), sampling=settings,
       prefill_chunk=_cli.chunk_for(_PREFILL_CHUNK.value, len(prompt)),
       callback=on_token if stream else None,
       state=saved.state if saved else None, next_logits=saved.next_logits if saved else None)
@@ -188,7 +205,7 @@ def main(argv: list[str]) -> None:
   else:
     for i, seq in enumerate(result.sequences()):
       print(f"--- sample {i + 1} of {n} ---")
-      print(tokenizer.decode([t for t in seq if t not in stop]))
+      print(tokenizer.decode([t for t in seq if t not in settings.stop_tokens]))
   logging.info("%d tokens in %.2f s (compilation included).", int(result.lengths.sum()), seconds)
 
   if output is not None:

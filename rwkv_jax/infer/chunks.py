@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax import model as model_lib
+from rwkv_jax import wkv as wkv_lib
 from rwkv_jax.train import losses
 
 Array = jax.Array
@@ -42,9 +43,9 @@ def _run_chunk(graphdef, params, tokens_bc, lengths_b, state, logits_in, targets
   compilation. One model call over the whole chunk; its `lengths=` keeps padding out of the state,
   and a row with no tokens keeps the state it had. Returns (out, the state after each row's last
   real token), out being: with targets_bc [b, c], the per-token losses [b, c] (0 past a row's
-  length and where a target is < 0); else with last_only, the logits [b, 1, v] after each row's
-  last real token (logits_in for rows with no tokens); else the logits [b, c, v] (zeros past each
-  row's length).
+  length and where a target is < 0); else with last_only, the logits [b, v] after each row's
+  last real token (logits_in [b, v] for rows with no tokens); else the logits [b, c, v] (zeros
+  past each row's length).
   """
   model = nnx.merge(graphdef, params)
   chunk = tokens_bc.shape[1]
@@ -56,8 +57,32 @@ def _run_chunk(graphdef, params, tokens_bc, lengths_b, state, logits_in, targets
   if targets_bc is not None:
     return jnp.where(real_bc, losses.token_losses(out, targets_bc), 0.0), state
   if last_only:
-    return jnp.where(keep_b[:, None, None], out, logits_in), state
+    return jnp.where(keep_b[:, None], out[:, 0], logits_in), state
   return jnp.where(real_bc[..., None], out, 0.0), state
+
+
+def compile_chunk(graphdef: nnx.GraphDef, params, config, batch: int, chunk: int, *,
+                  impl: str = "auto", last_only: bool = False, targets: bool = False) -> None:
+  """Compiles the program `run_chunks` calls for `batch` rows in chunks of `chunk` tokens, ahead
+  of time: a later call with the same arguments finds it compiled (jax keeps it).
+
+  Needs only shapes: `graphdef, params` may be those of `model_lib.abstract_model(config)`, so
+  the compilation can run (on another thread) while the weights are still being read.
+  """
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  state = jax.eval_shape(functools.partial(model_lib.empty_state, config, batch))
+  last_only = last_only and not targets
+  logits = jax.ShapeDtypeStruct((batch, config.vocab_size), jnp.float32) if last_only else None
+  _run_chunk.lower(graphdef, params, i32(batch, chunk), i32(batch), state, logits,
+                   i32(batch, chunk) if targets else None, impl, last_only).compile()
+
+
+def empty_state(config, batch: int) -> model_lib.RWKVState:
+  """`model_lib.empty_state`, made on the host and put on the device (no program compiled)."""
+  shapes = jax.eval_shape(functools.partial(model_lib.empty_state, config, batch))
+  return model_lib.RWKVState(*(
+      jax.device_put(np.full(s.shape, wkv_lib.EMPTY_MAX_EXP if name == "max_exp" else 0.0,
+                             s.dtype)) for name, s in zip(shapes._fields, shapes)))
 
 
 def _rows_to_run(real_b: np.ndarray) -> np.ndarray | None:
@@ -119,13 +144,15 @@ def run_chunks(model: model_lib.RWKV, tokens_bt: np.ndarray | Array,
                        f"{targets.shape}.")
     last_only = False
   graphdef, params = nnx.split(model)
+  # Arrays made on the host and put on the device: no program is compiled to make them.
   if state is None:
-    state = model_lib.empty_state(model.config, b)
-  logits = jnp.zeros((b, 1, model.config.vocab_size), jnp.float32) if last_only else None
+    state = empty_state(model.config, b)
+  logits = (jax.device_put(np.zeros((b, model.config.vocab_size), np.float32)) if last_only
+            else None)
 
   def padded(x_bt, start, rows=slice(None)):
     piece = x_bt[rows, start:start + chunk]
-    return jnp.asarray(np.pad(piece, ((0, 0), (0, chunk - piece.shape[1]))), jnp.int32)
+    return jax.device_put(np.pad(piece, ((0, 0), (0, chunk - piece.shape[1]))).astype(np.int32))
 
   out = []
   for start in range(0, max(int(lengths_b.max()), 1), chunk):
@@ -134,12 +161,13 @@ def run_chunks(model: model_lib.RWKV, tokens_bt: np.ndarray | Array,
     rows = _rows_to_run(real_b)
     if rows is None:
       out_b, state = _run_chunk(graphdef, params, padded(tokens_bt, start),
-                                jnp.asarray(real_b, jnp.int32), state, logits,
+                                jax.device_put(real_b.astype(np.int32)), state, logits,
                                 None if targets is None else padded(targets, start), impl,
                                 last_only)
     else:  # only the rows with tokens left, and the state of the others is not touched
       sub_out, sub_state = _run_chunk(
-          graphdef, params, padded(tokens_bt, start, rows), jnp.asarray(real_b[rows], jnp.int32),
+          graphdef, params, padded(tokens_bt, start, rows),
+          jax.device_put(real_b[rows].astype(np.int32)),
           jax.tree.map(lambda x: x[:, rows], state), None if logits is None else logits[rows],
           None if targets is None else padded(targets, start, rows), impl, last_only)
       state = jax.tree.map(lambda x, y: x.at[:, rows].set(y), state, sub_state)
@@ -153,7 +181,7 @@ def run_chunks(model: model_lib.RWKV, tokens_bt: np.ndarray | Array,
     else:
       out.append(np.asarray(out_b[:, :real]))
   if last_only:
-    return logits[:, 0], state
+    return logits, state
   out_bt = np.concatenate(out, axis=1)
   if out_bt.shape[1] < t:  # every row shorter than t
     out_bt = np.pad(out_bt, ((0, 0), (0, t - out_bt.shape[1])) + ((0, 0),) * (out_bt.ndim - 2))

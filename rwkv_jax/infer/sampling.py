@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -36,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax import model as model_lib
+from rwkv_jax.config import RWKVConfig
 from rwkv_jax.infer import chunks
 
 Array = jax.Array
@@ -45,6 +47,14 @@ PAD_ID = -1  # fills `GenerationResult.tokens` after a sequence has stopped; dec
 
 # ----------------------------------------------------------------------------------------------
 # Sampling from logits.
+
+def seed_key(seed: int) -> Array:
+  """jax.random.key(seed), without compiling a program for it where that is plain: the default
+  threefry keys of seeds in [0, 2**31) are [0, seed]. Any other seed is jax.random.key's."""
+  if jax.config.jax_default_prng_impl == "threefry2x32" and 0 <= seed < 2**31:
+    return jax.random.wrap_key_data(np.asarray([0, seed], np.uint32))
+  return jax.random.key(seed)
+
 
 def _check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
   if not temperature >= 0:
@@ -231,15 +241,16 @@ class RowSampling(NamedTuple):
     stop_bs = np.full((len(configs), n_stop), -1, np.int32)
     for i, c in enumerate(configs):
       stop_bs[i, :len(c.stop_tokens)] = c.stop_tokens
-    column = lambda f, dtype: jnp.asarray([f(c) for c in configs], dtype)
-    return cls(column(lambda c: c.temperature, jnp.float32),
-               column(lambda c: c.top_p, jnp.float32),
-               column(lambda c: c.top_k, jnp.int32),
-               column(lambda c: c.alpha_presence, jnp.float32),
-               column(lambda c: c.alpha_frequency, jnp.float32),
-               column(lambda c: c.penalty_decay, jnp.float32),
-               column(lambda c: min(c.vocab_limit or vocab_size, vocab_size), jnp.int32),
-               jnp.asarray(stop_bs))
+    # Made on the host and put on the device: no program is compiled to make them.
+    column = lambda f, dtype: jax.device_put(np.asarray([f(c) for c in configs], dtype))
+    return cls(column(lambda c: c.temperature, np.float32),
+               column(lambda c: c.top_p, np.float32),
+               column(lambda c: c.top_k, np.int32),
+               column(lambda c: c.alpha_presence, np.float32),
+               column(lambda c: c.alpha_frequency, np.float32),
+               column(lambda c: c.penalty_decay, np.float32),
+               column(lambda c: min(c.vocab_limit or vocab_size, vocab_size), np.int32),
+               jax.device_put(stop_bs))
 
 
 class DecodeCarry(NamedTuple):
@@ -336,6 +347,48 @@ def decode_block(graphdef, params, carry: DecodeCarry, key: Array, rows: RowSamp
   _, carry, tokens_bn, logits_bnv = jax.lax.while_loop(
       cond, body, (jnp.asarray(0, jnp.int32), carry, tokens_bn, logits_bnv))
   return carry, tokens_bn, logits_bnv
+
+
+def compile_generate(config: RWKVConfig, batch: int, prompt_length: int, max_new_tokens: int,
+                     *, prefill_chunk: int = 1024, sampling: SamplingConfig = SamplingConfig(),
+                     return_logits: bool = False, impl: str = "auto",
+                     model: model_lib.RWKV | None = None) -> list[Callable[[], None]]:
+  """The compilations `generate` needs for `batch` prompts of `prompt_length` tokens and up to
+  `max_new_tokens` new ones, ahead of time: each a function that compiles one program, to be run
+  (on threads, while the weights are read; `compile_cache.ahead_of_time`) before `generate` is
+  called with the same arguments, which then finds them compiled.
+
+  Only shapes are used: `model` (default `model_lib.abstract_model(config)`, made by the first
+  of them to run) may be abstract.
+  """
+  lock, split = threading.Lock(), []
+
+  def model_split():
+    with lock:
+      if not split:
+        split.extend(nnx.split(model if model is not None else model_lib.abstract_model(config)))
+      return split
+
+  work = []
+  if prompt_length:
+    work.append(lambda: chunks.compile_chunk(*model_split(), config, batch, prefill_chunk,
+                                             impl=impl, last_only=True))
+  if max_new_tokens:
+    work.append(lambda: _compile_decode(*model_split(), config, batch, sampling, return_logits))
+  return work
+
+
+def _compile_decode(graphdef, params, config, batch: int, sampling: SamplingConfig,
+                    return_logits: bool) -> None:
+  b, v = batch, config.vocab_size
+  shaped = jax.ShapeDtypeStruct
+  state = jax.eval_shape(functools.partial(model_lib.empty_state, config, b))
+  carry = DecodeCarry(shaped((b, v), jnp.float32), state, shaped((b, v), jnp.float32),
+                      shaped((b,), jnp.bool_))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  rows = jax.eval_shape(lambda: RowSampling.of([sampling] * b, v))
+  step = shaped((), jnp.int32)
+  decode_block.lower(graphdef, params, carry, key, rows, step, step, return_logits).compile()
 
 
 def prefill(model: model_lib.RWKV, tokens_bt: Array | np.ndarray,
@@ -461,7 +514,8 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
     if lengths_b.min() == 0:
       logits_bv = jnp.where(jnp.asarray(lengths_b > 0)[:, None], logits_bv, next_logits)
 
-  carry = DecodeCarry(logits_bv, state, jnp.zeros((b, v), jnp.float32), jnp.zeros((b,), bool))
+  carry = DecodeCarry(logits_bv, state, jax.device_put(np.zeros((b, v), np.float32)),
+                      jax.device_put(np.zeros((b,), bool)))
   rows = RowSampling.of([cfg] * b, v)
   graphdef, params = nnx.split(model)
   block = DECODE_BLOCK if callback is None else 1  # streaming: every token as it is sampled
@@ -469,14 +523,14 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
   for start in range(0, max_new_tokens, block):
     count = min(block, max_new_tokens - start)
     carry, tokens_bn, logits_bnv = decode_block(graphdef, params, carry, key, rows,
-                                                jnp.asarray(start, jnp.int32),
-                                                jnp.asarray(count, jnp.int32), return_logits)
-    tokens.append(np.asarray(tokens_bn[:, :count]))
+                                                jax.device_put(np.int32(start)),
+                                                jax.device_put(np.int32(count)), return_logits)
+    tokens.append(np.asarray(tokens_bn)[:, :count])
     if return_logits:
-      logits.append(np.asarray(logits_bnv[:, :count]))
+      logits.append(np.asarray(logits_bnv)[:, :count])
     if callback is not None:
       callback(tokens[-1][:, 0], tokens[-1][:, 0] != PAD_ID)
-    if bool(np.all(carry.done_b)):
+    if np.all(np.asarray(carry.done_b)):
       break
   tokens_bn = np.full((b, max_new_tokens), PAD_ID, np.int32)
   if tokens:

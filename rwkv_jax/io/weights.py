@@ -113,18 +113,22 @@ def _kernel_var(model_vars: dict, path: tuple):
 
 def _build(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, Any],
            get: Callable[[str], np.ndarray], config: RWKVConfig | None, dtype: str | None,
-           names: dict[str, str] | None = None, fresh: bool = False
+           names: dict[str, str] | None = None, fresh: bool = False,
+           on_config: Callable[[RWKVConfig], None] | None = None
            ) -> tuple[model_lib.RWKV, RWKVConfig]:
   """Validates names and shapes (`_validate`), then fills an abstract model one tensor at a time.
 
   `get` maps an official name to a numpy array; it is called once per tensor, which it may then
   release. With `fresh`, its arrays are the caller's to keep (see `formats.Tensors.fresh`).
+  `on_config` is called with the config once it is checked, before any tensor is read.
 
   Peak host memory is the model plus one tensor: each tensor is cast and transposed in one pass
   into a buffer that jax then uses in place (`_to_device`), and its source is dropped before the
   next is read. The buffers are carved from one `_HostArena`.
   """
   config, entries, graphdef, model_vars = _validate(source, shapes, dtypes, config, dtype, names)
+  if on_config is not None:
+    on_config(config)
   dense = [model_vars[e.path].get_value() for e in entries if e.path in model_vars]
   arena = _HostArena(sum(_padded(math.prod(v.shape) * np.dtype(v.dtype).itemsize)
                          for v in dense))
@@ -206,13 +210,15 @@ def _to_device(x: np.ndarray, dtype, fresh: bool, arena: _HostArena | None = Non
   return jax.device_put(x)
 
 
-def _from_tensors(t: formats.Tensors, config: RWKVConfig | None, dtype: str | None
+def _from_tensors(t: formats.Tensors, config: RWKVConfig | None, dtype: str | None,
+                  on_config: Callable[[RWKVConfig], None] | None = None
                   ) -> tuple[model_lib.RWKV, RWKVConfig]:
   return _build(t.source, t.shapes, t.dtypes, t.get, config or t.config, dtype, t.names,
-                t.fresh)
+                t.fresh, on_config)
 
 
-def load_pth(path: PathLike, config: RWKVConfig | None = None, dtype: str | None = "float32"
+def load_pth(path: PathLike, config: RWKVConfig | None = None, dtype: str | None = "float32",
+             on_config: Callable[[RWKVConfig], None] | None = None
              ) -> tuple[model_lib.RWKV, RWKVConfig]:
   """Loads an official BlinkDL RWKV-4 .pth file.
 
@@ -222,6 +228,8 @@ def load_pth(path: PathLike, config: RWKVConfig | None = None, dtype: str | None
       `dtype`.
     dtype: precision (one of DTYPES: "float32", "bfloat16", "float16", "int8"), or None for
       the file's own dtype (that of emb.weight). bf16/fp16 files upcast to float32 exactly.
+    on_config: called with the config (as `load` returns it) once the file's header is checked,
+      before its tensors are read: work that needs only the shapes can start there.
 
   Returns:
     (model, config).
@@ -234,10 +242,11 @@ def load_pth(path: PathLike, config: RWKVConfig | None = None, dtype: str | None
   if not path.is_file():
     raise FileNotFoundError(f"{path} does not exist or is not a file; expected an official "
                             f"RWKV-4 .pth file.")
-  return _from_tensors(formats.pth_tensors(path), config, dtype)
+  return _from_tensors(formats.pth_tensors(path), config, dtype, on_config)
 
 
-def load_hf(directory: PathLike, dtype: str | None = "float32"
+def load_hf(directory: PathLike, dtype: str | None = "float32",
+            on_config: Callable[[RWKVConfig], None] | None = None
             ) -> tuple[model_lib.RWKV, RWKVConfig]:
   """Loads a HuggingFace RwkvForCausalLM directory.
 
@@ -245,6 +254,7 @@ def load_hf(directory: PathLike, dtype: str | None = "float32"
     directory: holds config.json and model.safetensors (or a sharded
       model.safetensors.index.json, or pytorch_model.bin).
     dtype: precision (one of DTYPES), or None for the checkpoint's own (that of the embedding).
+    on_config: as for `load_pth`.
 
   Returns:
     (model, config); config.json's shape is checked against every tensor.
@@ -252,10 +262,11 @@ def load_hf(directory: PathLike, dtype: str | None = "float32"
   Raises:
     CheckpointError: as load_pth, naming the HF tensor.
   """
-  return _from_tensors(formats.hf_tensors(pathlib.Path(directory)), None, dtype)
+  return _from_tensors(formats.hf_tensors(pathlib.Path(directory)), None, dtype, on_config)
 
 
-def load(path: PathLike, dtype: str | None = "float32", adapters: PathLike | None = None
+def load(path: PathLike, dtype: str | None = "float32", adapters: PathLike | None = None, *,
+         on_config: Callable[[RWKVConfig], None] | None = None
          ) -> tuple[model_lib.RWKV, RWKVConfig]:
   """Loads any supported checkpoint: an rwkv_jax export or training work directory (Orbax), an
   official .pth file, or an HF directory.
@@ -269,6 +280,9 @@ def load(path: PathLike, dtype: str | None = "float32", adapters: PathLike | Non
       the model, unmerged: LoRA beside the matrices, and with a learned state an
       `adapters.FineTuned` model that starts from it. They must have been trained on this very
       base (its digest is checked).
+    on_config: called with the config once it is known and checked, before the weights are
+      read (for .pth and HF; for an Orbax directory, once they are): work that needs only the
+      shapes, such as compiling the programs that will run the model, can overlap the reading.
 
   Returns:
     (model, config), config.precision the precision it runs in.
@@ -280,18 +294,21 @@ def load(path: PathLike, dtype: str | None = "float32", adapters: PathLike | Non
   """
   if adapters is not None:
     from rwkv_jax.train import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
-    model, config = load(path, dtype)
+    model, config = load(path, dtype, on_config=on_config)
     return adapters_lib.load(model, adapters, adapters_lib.base_digest(path)), config
   check_dtype(dtype)
   path = pathlib.Path(path)
   if path.is_dir():
     checkpoint = _checkpoint()
     if checkpoint.is_rwkv_jax_dir(path):
-      return checkpoint.load_export(path, dtype=dtype)
+      model, config = checkpoint.load_export(path, dtype=dtype)
+      if on_config is not None:
+        on_config(config)
+      return model, config
   if path.is_dir() and (path / "config.json").is_file():
-    return load_hf(path, dtype=dtype)
+    return load_hf(path, dtype=dtype, on_config=on_config)
   if path.is_file():
-    return load_pth(path, dtype=dtype)
+    return load_pth(path, dtype=dtype, on_config=on_config)
   what = "does not exist" if not path.exists() else "is a directory without config.json"
   raise CheckpointError(
       f"{path} is not an RWKV-4 checkpoint ({what}): expected an official .pth file or a "
