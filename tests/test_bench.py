@@ -175,3 +175,38 @@ def test_bench_decode_writes_a_complete_record_on_a_tiny_model(tmp_path):
   path = bench_decode.weights_path("tiny", tmp_path / "w")
   memory = bench_decode.memory_worker(str(path), "float32", 2)
   assert memory["generated"] == 2 and memory["peak_rss_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_bench_finetune_quick_records_every_mode_with_its_trained_and_frozen_sizes(tmp_path):
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  env = dict(os.environ, RWKV_JAX_CACHE=str(tmp_path / "cache"))  # the random base goes here
+  out = tmp_path / "finetune.json"
+  subprocess.run([sys.executable, "-m", "experiments.bench_finetune", "--quick", f"--out={out}"],
+                 check=True, env=env, cwd=pathlib.Path(__file__).resolve().parents[1],
+                 capture_output=True, timeout=600)
+  record = json.loads(out.read_text())
+  assert out.with_suffix(".png").stat().st_size > 0
+  env_record = record["environment"]
+  assert env_record["jax"] == jax.__version__ and "--quick" in env_record["command"]
+  assert env_record["date_utc"] and env_record["device_kind"]
+  by_mode = {x["mode"]: x for x in record["results"]}
+  assert sorted(by_mode) == ["full", "lora", "state"]
+  assert not any("error" in x for x in by_mode.values())
+  full, lora, state = by_mode["full"], by_mode["lora"], by_mode["state"]
+  # L2 D64 vocab 256: the whole model trains in full mode and nothing is frozen.
+  assert (full["base_dtype"], full["frozen_params"]) == ("float32", 0)
+  assert lora["base_dtype"] == state["base_dtype"] == "bfloat16"
+  assert lora["frozen_params"] == state["frozen_params"] == full["trained_params"]
+  # LoRA r=16 beside the 7 default matrices of each of 2 layers, r * (in + out) each: five of
+  # 64 x 64, ffn.key 64 x 256 and ffn.value 256 x 64. State: 4 vectors of 64 per layer.
+  assert lora["trained_params"] == 2 * 16 * (5 * 128 + 2 * 320)
+  assert state["trained_params"] == 2 * 4 * 64
+  for x in by_mode.values():  # Adam's two moments per trained parameter (and its step counts)
+    assert 2 <= record["ratios"][f"{x['mode']}_optimizer_bytes_per_trained_byte"] < 2.1
+    assert x["peak_rss_bytes"] >= x["peak_rss_after_load_bytes"] > 0
+    assert len(x["losses"]) == 2 and all(t > 0 for t in x["step_times_s"])
