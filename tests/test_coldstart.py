@@ -66,9 +66,12 @@ def _score(checkpoint: pathlib.Path, out: pathlib.Path, cache: str | None, **env
 @pytest.mark.slow
 def test_generate_compiles_one_prefill_and_one_decode_program(checkpoint, tmp_path):
   _, found = _generate(checkpoint, tmp_path / "tokens.json", "0")
-  # Neither a second prefill for the ragged chunk nor a logits-returning decode.
+  # Neither a second prefill for the ragged chunk nor a logits-returning decode; compiled ahead
+  # of time while the weights load, and not again when run.
   assert found["model"] == {"_run_chunk": [1], "decode_block": [1]}, found
   assert found["loaded"] == 0
+  # Nor any small program on the way (zeros, a key, a slice): arrays are made on the host.
+  assert found["names"] == {"_run_chunk": 1, "decode_block": 1}, found
 
 
 @pytest.mark.slow
@@ -191,9 +194,9 @@ def test_loading_a_pth_file_imports_no_torch_and_holds_the_weights_once(tmp_path
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = json.loads(proc.stdout.splitlines()[-1])
   assert not got["torch"]
-  # The weights, one tensor in flight and the abstract model's tracing (a few tens of MB). A
-  # memory map of the file, a cast or transposed copy of the whole, or the model built with
-  # random values before being filled would each add another copy.
+  # The weights, one tensor in flight and the abstract model's tracing (a few tens of MB). The
+  # file's memory map kept resident, a cast or transposed copy of the whole, or the model built
+  # with random values before being filled would each add another copy.
   assert got["peak"] - got["base"] < nbytes + (40 << 20), (got, nbytes)
 
 
@@ -232,3 +235,61 @@ def test_run_process_measures_each_process_alone():
   killed = benchlib.run_process([sys.executable, "-c", "import time; time.sleep(60)"],
                                 timeout_s=1)
   assert killed.returncode < 0 and killed.wall_s < 30
+
+
+def test_compiled_ahead_of_time_generate_compiles_nothing_more():
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax._src import monitoring  # pylint: disable=g-import-not-at-top
+  from rwkv_jax import compile_cache, model as model_lib  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.config import RWKVConfig  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.infer import sampling  # pylint: disable=g-import-not-at-top
+
+  config = RWKVConfig(n_layer=2, n_embd=24, vocab_size=50)
+  settings = sampling.SamplingConfig(temperature=0.7, top_p=0.9, stop_tokens=(3,))
+  prompts = [[1, 2, 3, 4, 5]] * 2
+  model = model_lib.RWKV(config, rngs=nnx.Rngs(0))
+  compile_cache.ahead_of_time(sampling.compile_generate(
+      config, 2, 5, 7, prefill_chunk=8, sampling=settings)).wait()
+  compiled = []
+
+  def listen(event, unused_duration, **unused_kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(event)
+
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    got = sampling.generate(model, prompts, 7, sampling.seed_key(1), sampling=settings,
+                            prefill_chunk=8)
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
+  assert not compiled, compiled
+  want = sampling.generate(model, prompts, 7, jax.random.key(1), sampling=settings,
+                           prefill_chunk=8)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+def test_host_made_keys_and_states_are_jax_own():
+  import jax  # pylint: disable=g-import-not-at-top
+  from rwkv_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.config import RWKVConfig  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.infer import chunks, sampling  # pylint: disable=g-import-not-at-top
+
+  for seed in (0, 1, 12345, 2**31 - 1, -1, 2**33):
+    if seed >= 2**31 and not jax.config.jax_enable_x64:
+      continue
+    got, want = sampling.seed_key(seed), jax.random.key(seed)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
+  config = RWKVConfig(n_layer=3, n_embd=16, vocab_size=20, dim_att=8)
+  for got, want in zip(chunks.empty_state(config, 2), model_lib.empty_state(config, 2)):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+def test_load_tells_the_config_before_reading_the_weights(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.save(_state_dict("bfloat16"), tmp_path / "m.pth")
+  told = []
+  _, config = weights.load(tmp_path / "m.pth", dtype="float32", on_config=told.append)
+  assert told == [config] and config.param_dtype == "float32"

@@ -179,7 +179,7 @@ def run_chunks(model: model_lib.RWKV, tokens_bt: np.ndarray | Array,
     if last_only:
       logits = out_b
     else:
-      out.append(np.asarray(out_b[:, :real]))
+      out.append(np.asarray(out_b)[:, :real])
   if last_only:
     return logits, state
   out_bt = np.concatenate(out, axis=1)
