@@ -302,7 +302,8 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   kinds = (("cold", "first run (empty cache)"), ("warm", "second run"), ("package", "rwkv package"))
-  names = [j["name"] for j in record["jobs"]]
+  # A job kept from an earlier run (`_keep_other_jobs`) is marked with a star.
+  names = [j["name"] + (" *" if "environment" in j else "") for j in record["jobs"]]
   x = np.arange(len(names))
   fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
   for i, (kind, label) in enumerate(kinds):
@@ -321,8 +322,28 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
   fig.suptitle(f"cold start, fresh processes, median of {record['repeats']}; "
                f"{env['device_kind']} x{env['host_cpu_count']} cores, jax {env['jax']}; host load "
                f"average {'' if load is None else f'{load:.1f} at the start, '}"
-               f"{env['host_load_average_1m']:.1f} at the end", fontsize=9)
+               f"{env['host_load_average_1m']:.1f} at the end"
+               + ("; * measured in an earlier run"
+                  if any("environment" in j for j in record["jobs"]) else ""), fontsize=9)
   plots.save_figure(fig, path)
+
+
+def _keep_other_jobs(path: pathlib.Path, record: dict[str, Any]) -> dict[str, Any]:
+  """The record, with the jobs of the one already at `path` that this run did not measure (so
+  that --jobs=generate replaces only generate's figures); each kept job carries the environment
+  (date, commit, machine load) it was measured in."""
+  try:
+    old = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return record
+  if not isinstance(old, dict) or old.get("quick") != record["quick"]:
+    return record
+  measured = {job["name"] for job in record["jobs"]}
+  earlier = dict(old.get("environment", {}),
+                 host_load_average_1m_at_start=old.get("host_load_average_1m_at_start"))
+  kept = [{**job, "environment": job.get("environment", earlier)}
+          for job in old.get("jobs", []) if job.get("name") not in measured]
+  return {**record, "jobs": record["jobs"] + kept}
 
 
 def main(argv):
@@ -333,6 +354,7 @@ def main(argv):
   record = run(FLAGS.jobs, FLAGS.quick, repeats)
   record = {"environment": benchlib.environment(), **record}
   path = out or _REPO / "experiments" / "results" / f"bench_coldstart_{benchlib.default_tag()}.json"
+  record = _keep_other_jobs(path, record)
   benchlib.write_json(path, record)
   plot(record, path.with_suffix(".png"))
   for job in record["jobs"]:
