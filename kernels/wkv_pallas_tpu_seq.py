@@ -372,7 +372,8 @@ def _backward_kernel(w_ref, u_ref, k_ref, v_ref, dy_ref, ckpt_n_ref, ckpt_d_ref,
       # alpha_t e^{k}, alpha_t e^{m - w} relative to alpha's scale: exponents <= 0 (q >= m').
       scale = jnp.exp(m_next - q)
       ek, ew = b_upd * scale, a_upd * scale
-      g_bonus = g * b_out / z                  # dL/dv_t through y_t: g e^{u + k - p} / z
+      g_z = g / z                              # g / Z_t in units of e^{-p}
+      g_bonus = g_z * b_out                    # dL/dv_t through y_t: g e^{u + k - p} / z
       de_bonus = g_bonus * (v - y)             # dL/d(u + k_t) through y_t
       k_won = k > m - w                        # k_t set m_t: gm stops here
       dk = de_bonus + ek * (at * v + bt) + jnp.where(k_won, gm, 0.0)
@@ -382,7 +383,6 @@ def _backward_kernel(w_ref, u_ref, k_ref, v_ref, dy_ref, ckpt_n_ref, ckpt_d_ref,
       gm = jnp.where(k_won, 0.0, gm)
       # alpha_{t-1} = g / Z + e^{-w} alpha_t: exponents -p and -w - q, merged.
       fresh, old = _exp_merge(-p, -w - q)
-      g_z = g / z
       at, bt = fresh * g_z + old * at, -fresh * g_z * y + old * bt
       q = jnp.minimum(p, w + q)
       carry = grp.keep(j, (at, bt, q, gm, dw, du), carry)
