@@ -1,7 +1,9 @@
-r"""What fine-tuning costs: peak memory, step time and optimizer state of full, LoRA and state tuning.
+r"""What fine-tuning costs: peak memory, step time and optimizer state of full, LoRA and state
+tuning.
 
   python -m experiments.bench_finetune            # 169M shape, batch 4, T 512, 3 modes
   python -m experiments.bench_finetune --quick    # a tiny shape: checks that everything runs
+  python -m experiments.bench_finetune --chunk_len=128   # each window in chunks (bptt.py)
 
 The base is random weights of the shape in the official .pth format, written once to
 CACHE/bench_finetune/. Each mode runs in its own process (a fresh peak resident set), which
@@ -18,8 +20,8 @@ Per mode it records the peak resident set (VmHWM, i.e. ru_maxrss) after loading 
 after the steps, the first step's time (compilation included) and the median of the others, and
 the bytes of the trained parameters, the frozen ones and the optimizer state.
 
-Writes experiments/results/bench_finetune_<device>.json and .png, with the environment (device,
-versions, date, command, load average).
+Writes experiments/results/bench_finetune_<device>[_chunk<N>].json and .png, with the environment
+(device, versions, date, command, load average).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("ctx_len", 512, "Tokens per sequence.", lower_bound=1)
   flags.DEFINE_integer("steps", 2, "Timed steps after the first (which compiles).", lower_bound=1)
   flags.DEFINE_string("impl", "auto", "WKV implementation.")
+  flags.DEFINE_integer("chunk_len", 0, "train.chunk_len: windows run in chunks of this many tokens "
+                       "that carry the state, activations recomputed per chunk; 0 = one call.",
+                       lower_bound=0)
   flags.DEFINE_string("out", None, "JSON path; default experiments/results/"
                       "bench_finetune_<device>.json (and the .png beside it).")
   flags.DEFINE_string("child", None, "Internal: run one mode given as JSON and print its record.")
@@ -109,7 +114,8 @@ def measure(setting: dict[str, Any]) -> dict[str, Any]:
   jax.block_until_ready((state.params, state.opt_state, state.frozen))
   after_setup = benchlib.peak_rss_bytes()
   step = step_lib.make_train_step(state, tx, mesh, accumulate_steps=1,
-                                  l2wrap=config.optim.l2wrap, impl=setting["impl"])
+                                  l2wrap=config.optim.l2wrap, impl=setting["impl"],
+                                  chunk_len=setting.get("chunk_len", 0))
 
   b, t, v = setting["batch_size"], setting["ctx_len"], base_config.vocab_size
   tokens = np.random.default_rng(0).integers(0, v, (b, t + 1), dtype=np.int32)
@@ -143,14 +149,15 @@ def _run_child(setting: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(modes: Sequence[str], shape: tuple[int, int, int], *, r: int, frozen_dtype: str,
-        batch_size: int, ctx_len: int, steps: int, impl: str) -> dict[str, Any]:
+        batch_size: int, ctx_len: int, steps: int, impl: str, chunk_len: int = 0
+        ) -> dict[str, Any]:
   """Measures every mode in a fresh process; returns the record (without the environment)."""
   base = base_checkpoint(*shape)
   results = []
   for mode in modes:
     setting = dict(mode=mode, base=str(base), base_dtype="float32" if mode == "full"
                    else frozen_dtype, r=r, batch_size=batch_size, ctx_len=ctx_len, steps=steps,
-                   impl=impl)
+                   impl=impl, chunk_len=chunk_len)
     results.append(_run_child(setting))
     x = results[-1]
     print(f"{mode:>6} ({x['base_dtype']} base): " + (
@@ -160,7 +167,8 @@ def run(modes: Sequence[str], shape: tuple[int, int, int], *, r: int, frozen_dty
           flush=True)
   return {"benchmark": "finetune_step_cost", "shape": dict(zip(("n_layer", "n_embd", "vocab"),
                                                                shape)),
-          "batch_size": batch_size, "ctx_len": ctx_len, "r": r, "frozen_dtype": frozen_dtype,
+          "batch_size": batch_size, "ctx_len": ctx_len, "chunk_len": chunk_len, "r": r,
+          "frozen_dtype": frozen_dtype,
           "results": results, "ratios": ratios(results)}
 
 
@@ -194,13 +202,16 @@ def plot(record: dict[str, Any], path: pathlib.Path) -> None:
        "log"))
   for ax, (title, values, scale) in zip(axes, panels):
     bars = ax.bar(names, values, color=["tab:gray", "tab:blue", "tab:green"][:len(values)])
-    ax.bar_label(bars, [f"{value:,.3g}" for value in values], fontsize=8)
+    ax.bar_label(bars, [f"{value:,.0f}" if value >= 100 else f"{value:.3g}" for value in values],
+                 fontsize=8)
     ax.set(title=title, yscale=scale)
     ax.grid(alpha=0.3, axis="y")
     ax.tick_params(axis="x", labelsize=8)
   s, env = record["shape"], record["environment"]
   fig.suptitle(f"one fine-tuning step, L{s['n_layer']} D{s['n_embd']} vocab {s['vocab']}, batch "
-               f"{record['batch_size']} x T {record['ctx_len']}, LoRA r={record['r']}; "
+               f"{record['batch_size']} x T {record['ctx_len']}"
+               f"{' in chunks of %d' % record['chunk_len'] if record.get('chunk_len') else ''}, "
+               f"LoRA r={record['r']}; "
                f"{env['device_kind']} x{env['host_cpu_count']} cores, jax {env['jax']}, load "
                f"average {env['host_load_average_1m']:.1f}", fontsize=9)
   plots.save_figure(fig, path)
@@ -221,9 +232,11 @@ def main(argv):
   record = run(FLAGS.modes, SHAPE_QUICK if quick else SHAPE_169M, r=FLAGS.r,
                frozen_dtype=FLAGS.frozen_dtype, batch_size=2 if quick else FLAGS.batch_size,
                ctx_len=32 if quick else FLAGS.ctx_len, steps=1 if quick else FLAGS.steps,
-               impl=FLAGS.impl)
+               impl=FLAGS.impl, chunk_len=FLAGS.chunk_len)
   record = {"environment": benchlib.environment(), **record}
-  path = out or _REPO / "experiments" / "results" / f"bench_finetune_{benchlib.default_tag()}.json"
+  chunked = f"_chunk{FLAGS.chunk_len}" if FLAGS.chunk_len else ""
+  path = out or (_REPO / "experiments" / "results" /
+                 f"bench_finetune_{benchlib.default_tag()}{chunked}.json")
   benchlib.write_json(path, record)
   plot(record, path.with_suffix(".png"))
   print(f"{json.dumps(record['ratios'])}\nWrote {path} and {path.with_suffix('.png').name}")
