@@ -9,7 +9,9 @@ A fine-tuned model is the base plus adapters; the base never changes (DESIGN.md,
 
 LoRA (`LoRA`): a frozen `nnx.Linear` or `quant.Int8Dense` y = base(x) plus
 x @ A @ B * (lora_alpha / r), A [in, r] drawn as peft does (uniform +-1/sqrt(in)), B [r, out]
-zero, so an untrained adapter is the base exactly. The factors are float32 whatever the base's
+zero, so an untrained adapter is the base exactly (op by op; one compiled program of the whole
+adapted model may round some values differently from the base's, by XLA's fusion choices, within
+float32 rounding). The factors are float32 whatever the base's
 dtype (bfloat16, int8). `apply` replaces `model.blocks[i].att.key` and the like in place; the
 targets are peft-style names: "att.key", "ffn.value", ..., "head", or a bare suffix ("key"
 names att.key and ffn.key). lora_dropout drops inputs of the low-rank path while training; its
