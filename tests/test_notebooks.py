@@ -70,13 +70,19 @@ def test_notebook_is_valid_nbformat_with_outputs_cleared_and_a_parameters_cell(p
 @pytest.mark.slow
 def test_quickstart_runs_offline_with_random_weights_and_a_state_that_does_not_grow():
   nb = execute("quickstart.ipynb", "OFFLINE = True\nRANDOM_SHAPE = dict(n_layer=2, n_embd=64)\n"
-               "MAX_TOKENS = 8")
+               "MAX_TOKENS = 8\nFT_STEPS = 20")
   out = text_output(nb)
   assert "NOTE: random weights" in out
   diff = float(re.search(r"whole vs two pieces: ([0-9.e+-]+)", out).group(1))
   assert diff < 1e-4
   sizes = re.search(r"after 10 tokens: ([\d,]+) bytes; after \d+ tokens: ([\d,]+) bytes", out)
   assert sizes.group(1) == sizes.group(2)
+  # Fine-tuning: LoRA and state tuning each lower the held-out loss of the responses.
+  held_out = dict(re.findall(r"(\w[\w ]*): held-out loss ([0-9.]+) nats per response token", out))
+  assert sorted(held_out) == ["LoRA", "base", "state tuning"]
+  assert float(held_out["LoRA"]) < float(held_out["base"])
+  assert float(held_out["state tuning"]) < float(held_out["base"])
+  assert re.search(r"state: \[.*'learned.state'", out)
 
 
 @pytest.mark.slow
