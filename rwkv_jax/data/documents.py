@@ -57,9 +57,9 @@ class DocumentSource:
     lines: int64 [d], the line of the file each document came from (1-based).
   """
 
-  def __init__(self, path: pathlib.Path, format: Format, docs: list[np.ndarray],  # pylint: disable=redefined-builtin
+  def __init__(self, path: pathlib.Path, fmt: Format, docs: list[np.ndarray],
                masks: list[np.ndarray], lines: list[int]):
-    self.path, self.format = path, format
+    self.path, self.format = path, fmt
     self.offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
     self.tokens = np.concatenate(docs).astype(np.int32) if docs else np.zeros((0,), np.int32)
     self.loss_mask = np.concatenate(masks).astype(np.uint8) if masks else np.zeros((0,), np.uint8)
