@@ -21,8 +21,8 @@ from rwkv_jax.infer import sampling
 from rwkv_jax.io import formats, state_file, weights
 from rwkv_jax.train import adapters, finetune
 from rwkv_jax.train import step as step_lib
-from training_util import (N, REPO, TOTAL, compile_cache, corpus, one_line_error,  # noqa: F401
-                           random_model, run_module, subprocess_env, write_pth)
+from training_util import (N, REPO, TOTAL, one_line_error, random_model, run_module,
+                           subprocess_env, write_pth)
 
 CFG = RWKVConfig(n_layer=2, n_embd=32, vocab_size=256, ctx_len=16, dtype="float32")
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 13)).astype(np.int32)

@@ -34,7 +34,6 @@ from absl import logging
 from rwkv_jax import files, sharding
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.io import state_file
-from rwkv_jax.io.tensor_names import CheckpointError
 from rwkv_jax.train import adapters
 from rwkv_jax.train import config as train_config
 from rwkv_jax.train import loop
