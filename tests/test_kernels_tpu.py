@@ -1,5 +1,6 @@
-"""The Pallas TPU (Mosaic) WKV kernels: their numbers in Pallas's TPU interpreter on CPU, compiled on
-a TPU (marked `tpu`), and what lowers for TPU from any machine (`jax.export`, which needs no TPU).
+"""The Pallas TPU (Mosaic) WKV kernels: their numbers in Pallas's TPU interpreter on CPU, compiled
+on a TPU (marked `tpu`), and what lowers for TPU from any machine (`jax.export`, which needs no
+TPU).
 
 Two kernels: the sequential one (`wkv_pallas_tpu_seq`, impl="pallas") and the chunked one
 (`wkv_pallas_tpu`, impl="pallas_chunked"). The numeric checks are test_kernels.py's, shared by
@@ -12,6 +13,7 @@ to (the cross-platform float32 targets are tests/test_kernel_structure.py's).
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 
 import jax
@@ -29,10 +31,11 @@ from rwkv_jax.reference import wkv_float64, wkv_reference
 from rwkv_jax.train import config as train_config
 from rwkv_jax.train import step as step_lib
 from rwkv_jax_kernels import chunked, wkv_pallas_tpu, wkv_pallas_tpu_seq
-# impl="pallas" on CPU and GPU. Imported by hand because importing the TPU kernel above registers
-# the name, and the registry imports a name's modules only while the name is unregistered.
-from rwkv_jax_kernels import wkv_pallas_seq  # pylint: disable=unused-import
 from wkv_util import random_inputs, rel_err
+
+# impl="pallas" on CPU and GPU, imported by hand: importing the TPU kernel above registers the
+# name, and the registry imports a name's modules only while the name is unregistered.
+importlib.import_module("rwkv_jax_kernels.wkv_pallas_seq")
 
 _ON_TPU = jax.default_backend() == "tpu"
 _MOSAIC = "tpu_custom_call"
