@@ -243,7 +243,9 @@ def make_eval_step(state: TrainState, mesh, impl: str) -> Callable:
   graphdef = state.graphdef
 
   def step(params, batch, frozen):
-    logits, _ = nnx.merge(graphdef, with_frozen(params, frozen))(batch["inputs"], impl=impl)
+    model = nnx.merge(graphdef, with_frozen(params, frozen))
+    model.eval()  # no dropout (LoRA's, rwkv_jax/train/adapters.py) in evaluation
+    logits, _ = model(batch["inputs"], impl=impl)
     return losses.cross_entropy(logits, batch["targets"], batch.get("mask"))
 
   return _jit_with_frozen(step, state, (state.param_shardings, sharding.batch_sharding(mesh)))
