@@ -62,12 +62,14 @@ def _write(flag: str, path: pathlib.Path, write) -> None:
     write(tmp)
 
 
-def _load(weights, path: str, dtype: str):
+def _load(weights, path: str, dtype: str, on_config=None):
   """weights.load, with whatever a damaged file raises turned into one line naming the file."""
   from rwkv_jax.io.tensor_names import CheckpointError
 
   try:
-    return weights.load(path, dtype=dtype)
+    return weights.load(path, dtype=dtype, on_config=on_config)
+  except UsageError:  # on_config's
+    raise
   except CheckpointError as e:
     raise UsageError(str(e)) from e
   except Exception as e:  # pylint: disable=broad-except  (a reader's error on a damaged file)
@@ -91,6 +93,39 @@ def _chunk(documents: list[np.ndarray]) -> int:
   if FLAGS.max_position:
     longest = min(longest, FLAGS.max_position + 1)
   return _cli.chunk_for(FLAGS.chunk, longest)
+
+
+def _compile_chunk(config, batch: int, chunk: int, targets: bool) -> None:
+  """Compiles the program scoring `batch` documents in chunks of `chunk` tokens, ahead of time."""
+  from flax import nnx
+  from rwkv_jax import model as model_lib
+  from rwkv_jax.infer import chunks
+
+  chunks.compile_chunk(*nnx.split(model_lib.abstract_model(config)), config, batch, chunk,
+                       impl=FLAGS.impl, targets=targets)
+
+
+def _text_documents(config) -> tuple:
+  """(tokenizer, whether it is the byte tokenizer, the documents of --text or --text_file)."""
+  from rwkv_jax.data.tokenizer import ByteTokenizer, load_tokenizer
+
+  spec = FLAGS.tokenizer or _DEFAULT_TOKENIZER.get(config.vocab_size)
+  if spec is None:
+    raise UsageError(f"the model's vocabulary has {config.vocab_size} tokens, which matches no "
+                     f"built-in tokenizer; pass --tokenizer=PATH.")
+  with _cli.user_input(ValueError, OSError):  # an unknown name, a missing or broken file
+    tokenizer = load_tokenizer(spec)
+  if tokenizer.vocab_size > config.vocab_size:
+    raise UsageError(f"tokenizer {spec!r} has {tokenizer.vocab_size} tokens but the model only "
+                     f"{config.vocab_size}; pass the tokenizer the model was trained with.")
+  raw_bytes = isinstance(tokenizer, ByteTokenizer)
+  if FLAGS.text_file is not None:
+    text = _read_text_file(pathlib.Path(FLAGS.text_file), raw_bytes)
+  else:
+    text = FLAGS.text.encode("utf-8") if raw_bytes else FLAGS.text
+  encode = (lambda t: list(t)) if raw_bytes else tokenizer.encode
+  documents = [np.asarray(encode(doc), np.int64) for doc in _split(text, FLAGS.document_separator)]
+  return tokenizer, raw_bytes, documents
 
 
 def _scorable(documents: list[np.ndarray]) -> list[np.ndarray]:
@@ -155,7 +190,7 @@ def main(argv):
   del argv
   from rwkv_jax import wkv
   from rwkv_jax.data import binidx
-  from rwkv_jax.data.tokenizer import ByteTokenizer, load_tokenizer
+  from rwkv_jax import compile_cache
   from rwkv_jax.infer import scoring
   from rwkv_jax.io import weights
 
@@ -179,12 +214,31 @@ def main(argv):
     wkv.resolve(FLAGS.impl)
   output = _cli.output_path("output", FLAGS.output)
   position_out = _cli.output_path("position_loss", FLAGS.position_loss)
-  model, config = _load(weights, FLAGS.checkpoint, FLAGS.dtype)
+  prepared = {}
+
+  def prepare(config) -> None:
+    """Reads what is to be scored and checks it against the model, then compiles the program
+    that scores it while the weights are read."""
+    work = []
+    if FLAGS.tokens is not None:
+      tokens = np.asarray(_cli.integers("tokens", FLAGS.tokens), np.int64)
+      _check_ids("--tokens", [tokens], config.vocab_size)
+      prepared["tokens"] = tokens
+      work.append(lambda: _compile_chunk(config, 1, _chunk([tokens]), targets=False))
+    elif FLAGS.binidx is None:
+      prepared["text"] = _text_documents(config)
+      documents = [d for d in prepared["text"][2] if len(d) >= 2]
+      if documents and not position_out:
+        work.append(lambda: _compile_chunk(config, len(documents), _chunk(documents),
+                                           targets=True))
+    prepared["compiling"] = compile_cache.ahead_of_time(work)
+
+  model, config = _load(weights, FLAGS.checkpoint, FLAGS.dtype, on_config=prepare)
   logging.info("Loaded %s: %s", FLAGS.checkpoint, config)
+  prepared["compiling"].wait()
 
   if FLAGS.tokens is not None:
-    tokens = np.asarray(_cli.integers("tokens", FLAGS.tokens), np.int64)
-    _check_ids("--tokens", [tokens], config.vocab_size)
+    tokens = prepared["tokens"]
     logits = scoring.logits_for(model, tokens, chunk=_chunk([tokens]), impl=FLAGS.impl)
     if output:
       def save(tmp):
@@ -209,23 +263,7 @@ def main(argv):
     print(f"wrote the loss by position to {position_out}")
     return
 
-  spec = FLAGS.tokenizer or _DEFAULT_TOKENIZER.get(config.vocab_size)
-  if spec is None:
-    raise UsageError(f"the model's vocabulary has {config.vocab_size} tokens, which matches no "
-                     f"built-in tokenizer; pass --tokenizer=PATH.")
-  with _cli.user_input(ValueError, OSError):  # an unknown name, a missing or broken file
-    tokenizer = load_tokenizer(spec)
-  if tokenizer.vocab_size > config.vocab_size:
-    raise UsageError(f"tokenizer {spec!r} has {tokenizer.vocab_size} tokens but the model only "
-                     f"{config.vocab_size}; pass the tokenizer the model was trained with.")
-  raw_bytes = isinstance(tokenizer, ByteTokenizer)
-  if FLAGS.text_file is not None:
-    text = _read_text_file(pathlib.Path(FLAGS.text_file), raw_bytes)
-  else:
-    text = FLAGS.text.encode("utf-8") if raw_bytes else FLAGS.text
-  encode = (lambda t: list(t)) if raw_bytes else tokenizer.encode
-  documents = [np.asarray(encode(doc), np.int64) for doc in _split(text, FLAGS.document_separator)]
-
+  tokenizer, raw_bytes, documents = prepared["text"]
   if position_out:
     result = scoring.loss_by_position(model, _scorable(documents), max_position=FLAGS.max_position,
                                       batch_size=FLAGS.batch_size, chunk=_chunk(documents),
