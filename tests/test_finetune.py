@@ -330,3 +330,38 @@ def test_cli_fine_tunes_and_merges_into_an_hf_directory(base_pth, corpus, tmp_pa
                    tmp_path)
   assert done.returncode == 0, done.stderr[-2000:]
   assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_lora_dropout_acts_while_training_only_and_draws_the_same_mask_for_the_same_input(
+    base_pth):
+  model = adapters.apply(weights.load(base_pth)[0], "lora", r=4, lora_dropout=0.5,
+                         target_modules=["att.key"])
+  _randomize_lora(model)
+  train_a, train_b = _logits(model), _logits(model)
+  np.testing.assert_array_equal(train_a, train_b)  # no random state: a resume draws the same
+  model.eval()
+  evaluated = _logits(model)
+  assert np.abs(train_a - evaluated).max() > 1e-4
+  model.train()
+  np.testing.assert_array_equal(_logits(model), train_a)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("base_dtype", "int4", "finetune.base_dtype='int4' is not one of"),
+    ("target_modules", "att.key,qkv", "names 'qkv', which is no matrix"),
+])
+def test_a_bad_finetune_setting_is_one_config_error(corpus, field, value, message):
+  from rwkv_jax.train import config as train_config
+  config = _config(corpus, "lora")
+  config.finetune[field] = value
+  with pytest.raises(train_config.ConfigError) as e:
+    finetune.check(config)
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_full_fine_tuning_of_an_int8_base_is_refused(corpus):
+  from rwkv_jax.train import config as train_config
+  config = _config(corpus, "full")
+  config.finetune.base_dtype = "int8"
+  with pytest.raises(train_config.ConfigError, match="mode=full trains every parameter"):
+    finetune.check(config)
