@@ -90,12 +90,31 @@ def _segment(seg, seq_len, seg_blocks, block_t: tl.constexpr):
 
 
 @triton.jit
+def _load_block(ptr, row, blk, c, c_in, seq_len, channels, block_t: tl.constexpr):
+  """The token rows of checkpoint block `blk` in `ptr`, float32, as a tuple (0 past the end).
+
+  Kernel arguments may alias for all the compiler knows, so a load is not moved above an earlier
+  store: a block's rows are requested together, ahead of the steps (and stores) that use them.
+  """
+  rows = ()
+  for s in tl.static_range(block_t):
+    t = blk * block_t + s
+    rows = rows + (_load_f32(ptr, (row * seq_len + t) * channels + c, c_in & (t < seq_len), 0.0),)
+  return rows
+
+
+@triton.jit
 def _forward_blocks(n, d, m, w, u, k_ptr, v_ptr, y_ptr, ckpt_n_ptr, ckpt_d_ptr, ckpt_m_ptr, row,
                     c, c_in, seq_len, channels, first, last, block_t: tl.constexpr,
                     write: tl.constexpr):
   """Runs blocks [first, last) from state (n, d, m); writes y and checkpoints if `write`."""
   num_blocks = _num_blocks(seq_len, block_t)
+  ks = _load_block(k_ptr, row, first, c, c_in, seq_len, channels, block_t)
+  vs = _load_block(v_ptr, row, first, c, c_in, seq_len, channels, block_t)
   for blk in range(first, last):
+    # The next block's keys and values are in flight while this block's dependent steps run.
+    ks_next = _load_block(k_ptr, row, blk + 1, c, c_in, seq_len, channels, block_t)
+    vs_next = _load_block(v_ptr, row, blk + 1, c, c_in, seq_len, channels, block_t)
     if write:
       at_ckpt = (row * num_blocks + blk) * channels + c
       tl.store(ckpt_n_ptr + at_ckpt, n, mask=c_in)
@@ -104,17 +123,17 @@ def _forward_blocks(n, d, m, w, u, k_ptr, v_ptr, y_ptr, ckpt_n_ptr, ckpt_d_ptr, 
     for s in tl.static_range(block_t):
       t = blk * block_t + s
       valid = t < seq_len
-      at = (row * seq_len + t) * channels + c
-      k = _load_f32(k_ptr, at, c_in & valid, 0.0)
-      v = _load_f32(v_ptr, at, c_in & valid, 0.0)
+      k, v = ks[s], vs[s]
       if write:
         y_num, y_den, _ = _merge(n, d, m, v, 1.0, u + k)
-        tl.store(y_ptr + at, (y_num / y_den).to(y_ptr.dtype.element_ty), mask=c_in & valid)
+        tl.store(y_ptr + (row * seq_len + t) * channels + c,
+                 (y_num / y_den).to(y_ptr.dtype.element_ty), mask=c_in & valid)
       n_next, d_next, m_next = _merge(n, d, m - w, v, 1.0, k)
       # Tokens past the end leave the state as it is.
       n = tl.where(valid, n_next, n)
       d = tl.where(valid, d_next, d)
       m = tl.where(valid, m_next, m)
+    ks, vs = ks_next, vs_next
   return n, d, m
 
 
@@ -192,15 +211,15 @@ def _backward_blocks(a, b, r, g_max, w, u, k_ptr, v_ptr, dy_ptr, ckpt_n_ptr, ckp
     n = _load_f32(ckpt_n_ptr, at_ckpt, c_in, 0.0)
     d = _load_f32(ckpt_d_ptr, at_ckpt, c_in, 0.0)
     m = _load_f32(ckpt_m_ptr, at_ckpt, c_in, MASKED)
-    # The state before each token of the block, and its keys and values, stay in registers.
-    ns, ds, ms, ks, vs = (), (), (), (), ()
+    ks = _load_block(k_ptr, row, blk, c, c_in, seq_len, channels, block_t)
+    vs = _load_block(v_ptr, row, blk, c, c_in, seq_len, channels, block_t)
+    # The state before each token of the block stays in registers, with its key and value. (dy
+    # is loaded token by token below: holding the block's dy too would spill on sm_80.)
+    ns, ds, ms = (), (), ()
     for s in tl.static_range(block_t):
-      t = blk * block_t + s
-      valid = t < seq_len
-      at = (row * seq_len + t) * channels + c
-      k = _load_f32(k_ptr, at, c_in & valid, 0.0)
-      v = _load_f32(v_ptr, at, c_in & valid, 0.0)
-      ns, ds, ms, ks, vs = ns + (n,), ds + (d,), ms + (m,), ks + (k,), vs + (v,)
+      valid = blk * block_t + s < seq_len
+      k, v = ks[s], vs[s]
+      ns, ds, ms = ns + (n,), ds + (d,), ms + (m,)
       n_next, d_next, m_next = _merge(n, d, m - w, v, 1.0, k)
       n = tl.where(valid, n_next, n)
       d = tl.where(valid, d_next, d)
