@@ -205,6 +205,10 @@ def test_a_learned_state_file_generates_the_greedy_tokens_of_the_model_in_memory
                              sampling=sampling.SamplingConfig(top_k=1), state=saved.state,
                              impl="scan")
   assert result.tokens[0].tolist() == tokens[3:]
+  # The fine-tuned model itself starts generating from its learned state.
+  result = sampling.generate(model, [tokens[:3]], 8, jax.random.key(0),
+                             sampling=sampling.SamplingConfig(top_k=1), impl="scan")
+  assert result.tokens[0].tolist() == tokens[3:]
 
 
 @pytest.mark.slow

@@ -145,8 +145,9 @@ def run_chunks(model: model_lib.RWKV, tokens_bt: np.ndarray | Array,
     last_only = False
   graphdef, params = nnx.split(model)
   # Arrays made on the host and put on the device: no program is compiled to make them.
-  if state is None:
-    state = empty_state(model.config, b)
+  if state is None:  # a fine-tuned model (rwkv_jax/train/adapters.py) starts from its own
+    state = (model.initial_state(b) if hasattr(model, "initial_state")
+             else empty_state(model.config, b))
   logits = (jax.device_put(np.zeros((b, model.config.vocab_size), np.float32)) if last_only
             else None)
 
