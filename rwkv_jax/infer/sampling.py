@@ -49,8 +49,8 @@ PAD_ID = -1  # fills `GenerationResult.tokens` after a sequence has stopped; dec
 # Sampling from logits.
 
 def seed_key(seed: int) -> Array:
-  """jax.random.key(seed), without compiling a program for it where that is plain: the default
-  threefry keys of seeds in [0, 2**31) are [0, seed]. Any other seed is jax.random.key's."""
+  """jax.random.key(seed), made on the host (no program compiled for it) when it is simply
+  [0, seed]: a default threefry key of a seed in [0, 2**31). Other seeds go to jax.random.key."""
   if jax.config.jax_default_prng_impl == "threefry2x32" and 0 <= seed < 2**31:
     return jax.random.wrap_key_data(np.asarray([0, seed], np.uint32))
   return jax.random.key(seed)
