@@ -2,10 +2,12 @@
 
 The algorithm, the per-token arithmetic and the custom VJP are in `sequential.py`; this module
 supplies its two directions as Pallas calls. Grid (batch, channel block, time segment): each
-program walks its tokens in a `lax.fori_loop`, the state (or the reverse carry) in registers,
-loading one row of `block_c` channels per token at a dynamic offset. Tokens past t are never
-visited and channels past c are masked in the loads and stores, so nothing is padded or sliced
-outside the kernels.
+program walks its tokens in a `lax.fori_loop` over blocks of block_t tokens, the state (or the
+reverse carry) in registers. A block is unrolled: its rows of k, v (and dy) are loaded, one row of
+block_c channels per token, before the dependent steps use them, so their latency is paid once
+per block; the forward loads block i + 1 while block i runs. Tokens past t are never visited (the
+partial last block is unrolled to its own length) and channels past c are masked in the loads and
+stores, so nothing is padded or sliced outside the kernels.
 
   forward, 1 segment:    `wkv_seq_forward` writes y, a checkpoint every block_t tokens and the
                          final state (reads k, v; writes y: 3 passes over the array).
@@ -13,14 +15,14 @@ outside the kernels.
                          `wkv_seq_forward` folds those of the earlier segments into the incoming
                          state in a loop before running its segment.
   backward, 1 segment:   `wkv_seq_backward` walks the blocks from last to first, recomputes each
-                         block's states from its checkpoint into a [block_t, block_c] scratch per
-                         program, then sweeps it in reverse (reads k, v, dy; writes dk, dv in k's
-                         dtype: 5 passes), with dw, du as per-program partial sums.
+                         block's states from its checkpoint (kept in registers: the block is
+                         unrolled), then sweeps it in reverse (reads k, v, dy; writes dk, dv in
+                         k's dtype: 5 passes), with dw, du as per-program partial sums.
   backward, n segments:  `wkv_seq_reverse_summary` gives each segment's reverse carry from zero
                          (and whether the max path crosses it); `wkv_seq_backward` folds those of
                          the later segments before its sweep.
 
-Shapes: b = batch, t = time, c = channels, cb = block_c, nb = checkpoint blocks, ns = segments.
+Shapes: b = batch, t = time, c = channels, cb = block_c.
 """
 
 from __future__ import annotations
@@ -132,13 +134,6 @@ def _own_segment(plan):
   return pl.BlockSpec((None, None, plan.block_c), lambda b, c, s: (b, s, c))
 
 
-def _scratch(plan, b):
-  """[b, segments * block_t, c] float32: a [block_t, cb] work area per program."""
-  shape = jax.ShapeDtypeStruct((b, plan.segments * plan.block_t, plan.c), jnp.float32)
-  spec = pl.BlockSpec((None, plan.block_t, plan.block_c), lambda b, c, s: (b, s, c))
-  return shape, spec
-
-
 def _forward(plan: _Plan, w, u, k, v, num0, den0, max0):
   b = k.shape[0]
   seq, chan, state = _specs(plan, plan.t), _chan(plan), _state(plan)
@@ -168,21 +163,18 @@ def _backward(plan: _Plan, w, u, k, v, num0, den0, max0, checkpoints, final, dy,
   ckpt = _specs(plan, plan.num_blocks)
   per_seg = jax.ShapeDtypeStruct((b, plan.segments, plan.c), jnp.float32)
   per_bc = jax.ShapeDtypeStruct((b, plan.c), jnp.float32)
-  scratch, scratch_spec = _scratch(plan, b)
   common = (w, u, k, v, dy, *checkpoints)
   common_specs = [chan, chan, seq, seq, seq, ckpt, ckpt, ckpt]
   fold_in, fold_specs = (), []
   if plan.segments > 1:
-    *fold_in, _, _, _ = plan.call(
-        _reverse_summary_kernel, "wkv_seq_reverse_summary", (per_seg,) * 4 + (scratch,) * 3,
-        common_specs, (_own_segment(plan),) * 4 + (scratch_spec,) * 3)(*common)
+    fold_in = plan.call(_reverse_summary_kernel, "wkv_seq_reverse_summary", (per_seg,) * 4,
+                        common_specs, (_own_segment(plan),) * 4)(*common)
     fold_specs = [_specs(plan, plan.segments)] * 4
   per_token = jax.ShapeDtypeStruct(k.shape, k.dtype)
-  dk, dv, dw, du, dnum0, dden0, dmax0, *_ = plan.call(
-      _backward_kernel, "wkv_seq_backward",
-      (per_token,) * 2 + (per_seg,) * 2 + (per_bc,) * 3 + (scratch,) * 3,
+  dk, dv, dw, du, dnum0, dden0, dmax0 = plan.call(
+      _backward_kernel, "wkv_seq_backward", (per_token,) * 2 + (per_seg,) * 2 + (per_bc,) * 3,
       common_specs + [state] * 6 + fold_specs,
-      (seq, seq) + (_own_segment(plan),) * 2 + (state,) * 3 + (scratch_spec,) * 3,
+      (seq, seq) + (_own_segment(plan),) * 2 + (state,) * 3,
   )(*common, *final, dnum, dden, dmax, *fold_in)
   return dw.sum((0, 1)), du.sum((0, 1)), dk, dv, dnum0, dden0, dmax0
 
@@ -211,14 +203,15 @@ def _io(plan):
 
 
 def _segment_blocks(plan):
-  """The checkpoint blocks [lo, hi) of this program's segment."""
+  """This program's whole checkpoint blocks [lo, hi); the partial block at the end of the sequence
+  (if t is not a multiple of block_t) belongs to the last segment and is run apart."""
   per_segment = plan.seg_len // plan.block_t
   lo = pl.program_id(2) * per_segment
-  return lo, jnp.minimum(lo + per_segment, plan.num_blocks)
+  return lo, jnp.minimum(lo + per_segment, plan.t // plan.block_t)
 
 
-def _block_len(plan, i):
-  return jnp.minimum(plan.block_t, plan.t - i * plan.block_t)
+def _is_last_segment():
+  return pl.program_id(2) == pl.num_programs(2) - 1
 
 
 def _segment_len(plan, s):
@@ -226,25 +219,36 @@ def _segment_len(plan, s):
   return jnp.minimum(plan.seg_len, plan.t - s * plan.seg_len).astype(jnp.float32)
 
 
+def _rows(load, refs, i, plan, length):
+  """Rows i * block_t + [0, length) of each ref, all loads issued before any use."""
+  return tuple([load(ref.at[i * plan.block_t + j]) for j in range(length)] for ref in refs)
+
+
 def _summary_kernel(w_ref, k_ref, v_ref, num_ref, den_ref, max_ref, *, plan):
-  """The state the program's segment alone leaves behind (from the empty state)."""
+  """The state the program's segment alone leaves behind (from the empty state). The last
+  segment's is never folded, so its partial block is skipped."""
   load, store = _io(plan)
   w = load(w_ref)
-  lo = pl.program_id(2) * plan.seg_len
-  hi = jnp.minimum(lo + plan.seg_len, plan.t)
 
-  def step(tok, carry):
-    return sequential.update(*carry, w, load(k_ref.at[tok]), load(v_ref.at[tok]))
+  def block(i, carry):
+    for k, v in zip(*_rows(load, (k_ref, v_ref), i, plan, plan.block_t)):
+      carry = sequential.update(*carry, w, k, v)
+    return carry
 
   zeros = jnp.zeros((plan.block_c,), jnp.float32)
-  final = jax.lax.fori_loop(lo, hi, step, (zeros, zeros, jnp.full_like(zeros, _EMPTY)))
+  final = jax.lax.fori_loop(*_segment_blocks(plan), block,
+                            (zeros, zeros, jnp.full_like(zeros, _EMPTY)))
   for ref, x in zip((num_ref, den_ref, max_ref), final):
     store(ref, x)
 
 
 def _forward_kernel(w_ref, u_ref, k_ref, v_ref, num0_ref, den0_ref, max0_ref, *refs, plan):
   """y, checkpoints and (last segment) the final state; with segments, the earlier ones' summaries
-  are first folded into the incoming state."""
+  are first folded into the incoming state.
+
+  The rows of block i + 1 are loaded while block i runs (carried by the loop), so the loads'
+  latency overlaps block_t dependent steps.
+  """
   if plan.segments > 1:
     summary_refs, refs = refs[:3], refs[3:]
   y_ref, *refs = refs
@@ -252,7 +256,6 @@ def _forward_kernel(w_ref, u_ref, k_ref, v_ref, num0_ref, den0_ref, max0_ref, *r
   load, store = _io(plan)
   w, u = load(w_ref), load(u_ref)
   carry = tuple(load(ref) for ref in (num0_ref, den0_ref, max0_ref))
-  seg = pl.program_id(2)
   if plan.segments > 1:
 
     def fold(s, carry):
@@ -260,82 +263,88 @@ def _forward_kernel(w_ref, u_ref, k_ref, v_ref, num0_ref, den0_ref, max0_ref, *r
       return sequential.merge(num, den, max_exp - _segment_len(plan, s) * w,
                               *(load(ref.at[s]) for ref in summary_refs))
 
-    carry = jax.lax.fori_loop(0, seg, fold, carry)
+    carry = jax.lax.fori_loop(0, pl.program_id(2), fold, carry)
 
-  def block(i, carry):
+  def run(i, carry, rows):
     for ref, x in zip(ckpt_refs, carry):
       store(ref.at[i], x)
+    for j, (k, v) in enumerate(zip(*rows)):
+      y, carry = sequential.forward_step(*carry, w, u, k, v)
+      store(y_ref.at[i * plan.block_t + j], y)
+    return carry
 
-    def step(j, carry):
-      tok = i * plan.block_t + j
-      y, carry = sequential.forward_step(*carry, w, u, load(k_ref.at[tok]), load(v_ref.at[tok]))
-      store(y_ref.at[tok], y)
-      return carry
+  lo, hi = _segment_blocks(plan)
 
-    return jax.lax.fori_loop(0, _block_len(plan, i), step, carry)
+  def block(i, carry):
+    carry, rows = carry
+    # The next block's rows (the last block re-reads itself: the loads stay in bounds).
+    following = _rows(load, (k_ref, v_ref), jnp.minimum(i + 1, hi - 1), plan, plan.block_t)
+    return run(i, carry, rows), following
 
-  carry = jax.lax.fori_loop(*_segment_blocks(plan), block, carry)
+  if plan.t >= plan.block_t:
+    first = _rows(load, (k_ref, v_ref), jnp.minimum(lo, hi - 1), plan, plan.block_t)
+    carry, _ = jax.lax.fori_loop(lo, hi, block, (carry, first))
 
-  @pl.when(seg == plan.segments - 1)
+  @pl.when(_is_last_segment())
   def _():
-    for ref, x in zip(final_refs, carry):
+    final, i, tail = carry, plan.t // plan.block_t, plan.t % plan.block_t
+    if tail:
+      i = jnp.int32(i)
+      final = run(i, final, _rows(load, (k_ref, v_ref), i, plan, tail))
+    for ref, x in zip(final_refs, final):
       store(ref, x)
 
 
 def _sweep(plan, refs, carry, write):
   """The reverse sweep over the program's segment, block by block from its last.
 
-  refs: (w, u, k, v, dy, ckpt num/den/max, scratch num/den/max, dk, dv) refs; carry: (a, b, r, gm)
-  after the segment. Returns the carry before it and the segment's sums of dw and du terms; writes
-  dk, dv if `write`.
+  Each block's states are recomputed from its checkpoint and kept in registers (the block is
+  unrolled), then the block is swept in reverse.
+  refs: (w, u, k, v, dy, ckpt num/den/max, dk, dv) refs; carry: (a, b, r, gm) after the segment.
+  Returns the carry before the segment and its sums of dw and du terms; writes dk, dv if `write`.
   """
   w_ref, u_ref, k_ref, v_ref, dy_ref, *refs = refs
-  ckpt_refs, work_refs, (dk_ref, dv_ref) = refs[:3], refs[3:6], refs[6:]
+  ckpt_refs, (dk_ref, dv_ref) = refs[:3], refs[3:]
   load, store = _io(plan)
   w, u = load(w_ref), load(u_ref)
-  lo, hi = _segment_blocks(plan)
 
-  def block(n, carry):
-    i = hi - 1 - n
-    length = _block_len(plan, i)
-
-    def recompute(j, state):
-      for ref, x in zip(work_refs, state):
-        store(ref.at[j], x)
-      tok = i * plan.block_t + j
-      return sequential.update(*state, w, load(k_ref.at[tok]), load(v_ref.at[tok]))
-
-    jax.lax.fori_loop(0, length, recompute, tuple(load(ref.at[i]) for ref in ckpt_refs))
-    if not plan.interpret:
-      plgpu.debug_barrier()  # the scratch rows are read back below
-
-    def step(n, carry):
-      j = length - 1 - n
-      tok = i * plan.block_t + j
-      *reverse, dw, du = carry
-      dk, dv, du_t, dw_t, reverse = sequential.reverse_step(
-          *(load(ref.at[j]) for ref in work_refs), w, u, load(k_ref.at[tok]),
-          load(v_ref.at[tok]), load(dy_ref.at[tok]), *reverse)
+  def run(i, carry, length):
+    ks, vs, gs = _rows(load, (k_ref, v_ref, dy_ref), i, plan, length)
+    states = [tuple(load(ref.at[i]) for ref in ckpt_refs)]
+    for k, v in zip(ks[:-1], vs[:-1]):
+      states.append(sequential.update(*states[-1], w, k, v))
+    *reverse, dw, du = carry
+    for j in reversed(range(length)):
+      dk, dv, du_t, dw_t, reverse = sequential.reverse_step(*states[j], w, u, ks[j], vs[j],
+                                                            gs[j], *reverse)
       if write:
-        store(dk_ref.at[tok], dk)
-        store(dv_ref.at[tok], dv)
-      return (*reverse, dw + dw_t, du + du_t)
-
-    return jax.lax.fori_loop(0, length, step, carry)
+        store(dk_ref.at[i * plan.block_t + j], dk)
+        store(dv_ref.at[i * plan.block_t + j], dv)
+      dw, du = dw + dw_t, du + du_t
+    return (*reverse, dw, du)
 
   zeros = jnp.zeros((plan.block_c,), jnp.float32)
-  *carry, dw, du = jax.lax.fori_loop(0, hi - lo, block, (*carry, zeros, zeros))
+  carry = (*carry, zeros, zeros)
+  if plan.t % plan.block_t:
+    tail = lambda carry: run(jnp.int32(plan.t // plan.block_t), carry, plan.t % plan.block_t)
+    if plan.segments == 1:
+      carry = tail(carry)
+    else:
+      carry = jax.lax.cond(_is_last_segment(), tail, lambda carry: carry, carry)
+  lo, hi = _segment_blocks(plan)
+  *carry, dw, du = jax.lax.fori_loop(
+      0, hi - lo, lambda n, carry: run(hi - 1 - n, carry, plan.block_t), carry)
   return tuple(carry), dw, du
 
 
 def _reverse_summary_kernel(w_ref, u_ref, k_ref, v_ref, dy_ref, cn_ref, cd_ref, cm_ref,
-                            a_ref, b_ref, r_ref, pass_ref, *work_refs, plan):
+                            a_ref, b_ref, r_ref, pass_ref, *, plan):
   """The reverse carry the program's segment alone gives at its start (from zero after it), and
   1 where the max path crosses the whole segment, else 0."""
   zeros = jnp.zeros((plan.block_c,), jnp.float32)
   carry = (zeros, zeros, jnp.full_like(zeros, _EMPTY), jnp.ones_like(zeros))
   carry, _, _ = _sweep(plan, (w_ref, u_ref, k_ref, v_ref, dy_ref, cn_ref, cd_ref, cm_ref,
-                              *work_refs, None, None), carry, write=False)
+                              None, None), carry, write=False)
   _, store = _io(plan)
   for ref, x in zip((a_ref, b_ref, r_ref, pass_ref), carry):
     store(ref, x)
@@ -348,7 +357,7 @@ def _backward_kernel(w_ref, u_ref, k_ref, v_ref, dy_ref, cn_ref, cd_ref, cm_ref,
   cotangents; with segments, the later ones' reverse summaries are first folded into the carry."""
   if plan.segments > 1:
     summary_refs, refs = refs[:4], refs[4:]
-  dk_ref, dv_ref, dw_ref, du_ref, dnum0_ref, dden0_ref, dmax0_ref, *work_refs = refs
+  dk_ref, dv_ref, dw_ref, du_ref, dnum0_ref, dden0_ref, dmax0_ref = refs
   load, store = _io(plan)
   carry = sequential.reverse_init(*(load(ref) for ref in (num_t_ref, den_t_ref, max_t_ref,
                                                           dnum_t_ref, dden_t_ref, dmax_t_ref)))
@@ -365,8 +374,8 @@ def _backward_kernel(w_ref, u_ref, k_ref, v_ref, dy_ref, cn_ref, cd_ref, cm_ref,
 
     carry = jax.lax.fori_loop(0, plan.segments - 1 - seg, fold, carry)
   ckpt_refs = (cn_ref, cd_ref, cm_ref)
-  carry, dw, du = _sweep(plan, (w_ref, u_ref, k_ref, v_ref, dy_ref, *ckpt_refs, *work_refs,
-                                dk_ref, dv_ref), carry, write=True)
+  carry, dw, du = _sweep(plan, (w_ref, u_ref, k_ref, v_ref, dy_ref, *ckpt_refs, dk_ref, dv_ref),
+                         carry, write=True)
   store(dw_ref, dw)
   store(du_ref, du)
 

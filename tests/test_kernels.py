@@ -181,12 +181,21 @@ class TestWKVPallasSeqInterpret(_WKVKernelChecks):
     w, u, k, v, state = random_inputs(11, b, t, c, dtype, (-9.0, 4.0), 60.0)
     kernel = functools.partial(self.wkv, block_sizes=(block_t, 32))
     tol_fwd, tol_grad = _TOL[dtype]
+    # Against float64, a sequential float32 form drifts with t: it rounds max_exp - w at every
+    # step (the scan does too: ~1e-3 relative after 4096 steps at |k| ~ 60, tests/test_wkv.py).
+    # Against the scan, which rounds alike, the kernel stays within the usual tolerances.
+    drift = 1e-6 * t
     y, out = kernel(w, u, k, v, state)
+    y_scan, out_scan = wkv_lib.wkv_scan(w, u, k, v, state)
     y64, out64 = wkv_float64(w, u, k, v, state)
-    assert y.dtype == k.dtype and rel_err(y, y64) < tol_fwd
+    assert y.dtype == k.dtype and rel_err(y, y_scan) < tol_fwd
+    assert rel_err(y, y64) < tol_fwd + drift
+    for x, x_scan in zip(out, out_scan):
+      assert rel_err(x, x_scan) < tol_fwd
     np.testing.assert_allclose(out.max_exp, out64.max_exp, rtol=1e-6, atol=1e-3)
-    np.testing.assert_allclose(out.num / out.den, out64.num / out64.den, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(out.den, out64.den, rtol=1e-4)
+    np.testing.assert_allclose(out.num / out.den, out64.num / out64.den, rtol=1e-4 + drift,
+                               atol=1e-4)
+    np.testing.assert_allclose(out.den, out64.den, rtol=1e-4 + drift)
     grads = _loss_grad(kernel)(w, u, k, v, state)
     grads_scan = _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)
     if f64_grads:
@@ -200,24 +209,26 @@ class TestWKVPallasSeqInterpret(_WKVKernelChecks):
                                                    (grads, grads_scan, grads_ref))):
       assert g.dtype == (k.dtype if name in ("k", "v") else jnp.float32), name
       assert rel_err(g, g_scan) < tol_grad, (name, rel_err(g, g_scan))
-      assert rel_err(g, g_ref) < tol_grad, (name, rel_err(g, g_ref))
+      assert rel_err(g, g_ref) < tol_grad + drift, (name, rel_err(g, g_ref))
 
   @pytest.mark.parametrize("segments", [2, pytest.param(7, marks=pytest.mark.slow)])
   def test_several_time_segments_equal_one_segment(self, segments):
     w, u, k, v, state = random_inputs(12, 2, 100, 20, jnp.float32, (-9.0, 4.0), 60.0)
     one = functools.partial(self.wkv, block_sizes=(8, 16), num_segments=1)
     several = functools.partial(self.wkv, block_sizes=(8, 16), num_segments=segments)
-    # Equal up to rounding: the segments' sums are added in another order.
+    # Equal up to rounding: a segment's decay is rounded once (max_exp - length * w), not at
+    # every token.
+    tol_fwd, tol_grad = _TOL[jnp.float32]
     for x, x_one in zip(jax.tree.leaves(several(w, u, k, v, state)),
                         jax.tree.leaves(one(w, u, k, v, state))):
-      assert rel_err(x, x_one) < 1e-5, rel_err(x, x_one)
+      assert rel_err(x, x_one) < tol_fwd, rel_err(x, x_one)
     grads = _loss_grad(several)(w, u, k, v, state)
     names = ("w", "u", "k", "v", "state.num", "state.den", "state.max_exp")
     for name, g, g_one, g_scan in zip(names, *map(jax.tree.leaves, (
         grads, _loss_grad(one)(w, u, k, v, state),
         _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)))):
-      assert rel_err(g, g_one) < 1e-4, (name, rel_err(g, g_one))
-      assert rel_err(g, g_scan) < _TOL[jnp.float32][1], (name, rel_err(g, g_scan))
+      assert rel_err(g, g_one) < tol_grad, (name, rel_err(g, g_one))
+      assert rel_err(g, g_scan) < tol_grad, (name, rel_err(g, g_scan))
 
   def test_rejects_bad_block_sizes(self):
     with pytest.raises(ValueError, match="block_c=48 must be a power of two"):
