@@ -105,7 +105,7 @@ def wkv_pallas_ttir(shape: tuple[int, int, int], dtype=jnp.float32,
 
 
 def wkv_pallas_seq_ttir(shape: tuple[int, int, int], dtype=jnp.float32,
-                        block_sizes: sequential.BlockSizes = sequential.BlockSizes()
+                        block_sizes: sequential.BlockSizes = wkv_pallas_seq.DEFAULT_BLOCK_SIZES
                         ) -> list[str]:
   """The sequential WKV Pallas kernels as TTIR: forward and backward with one time segment;
   summary, forward, reverse summary and backward with several."""
@@ -175,7 +175,7 @@ def compile_wkv_pallas(shape: tuple[int, int, int], dtype=jnp.float32, arch: int
 
 
 def compile_wkv_pallas_seq(shape: tuple[int, int, int], dtype=jnp.float32, arch: int = 90,
-                           block_sizes: sequential.BlockSizes = sequential.BlockSizes()
+                           block_sizes: sequential.BlockSizes = wkv_pallas_seq.DEFAULT_BLOCK_SIZES
                            ) -> list[KernelBuild]:
   """The sequential WKV Pallas kernels compiled for sm_<arch>, with the launch options they use."""
   return [compile_ttir(ttir, arch, block_sizes.num_warps, block_sizes.num_stages)

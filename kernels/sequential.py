@@ -63,9 +63,7 @@ MIN_SEGMENT = 256
 class BlockSizes:
   """Tiles of the sequential kernels (block_t and block_c powers of two, as Triton needs)."""
 
-  # Tokens between checkpoints. Kernels unroll a block and keep its recomputed states in registers:
-  # at 16 the GPU backward reaches the 255-register limit, at 8 it needs ~140 (gpu_compile).
-  block_t: int = 8
+  block_t: int = 16  # Tokens between checkpoints: the backward recomputes this many at a time.
   block_c: int = 32  # Channels per program (clipped to C rounded up to a power of two).
   num_warps: int = 1  # One channel per thread at block_c=32, as in the official CUDA kernel.
   num_stages: int = 1

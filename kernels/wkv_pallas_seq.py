@@ -44,6 +44,9 @@ Array = jax.Array
 _EMPTY = wkv_lib.EMPTY_MAX_EXP
 
 BlockSizes = sequential.BlockSizes
+# A block is unrolled with its recomputed states in registers: at block_t 16 the backward reaches
+# the 255-register limit, at 8 it needs about 140 (experiments/gpu_compile.py).
+DEFAULT_BLOCK_SIZES = BlockSizes(block_t=8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,7 +55,7 @@ BlockSizes = sequential.BlockSizes
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def wkv_pallas_seq(w: Array, u: Array, k: Array, v: Array, state: WKVState | None = None, *,
-                   block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None
+                   block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES, interpret: bool | None = None
                    ) -> tuple[Array, WKVState]:
   """WKV with the sequential Pallas kernels; the contract of `rwkv_jax.wkv.wkv_scan`.
 
@@ -392,7 +395,7 @@ def _backward_kernel(w_ref, u_ref, k_ref, v_ref, dy_ref, cn_ref, cd_ref, cm_ref,
 
 def wkv_pallas_seq_reference(w: Array, u: Array, k: Array, v: Array,
                              state: WKVState | None = None, *,
-                             block_sizes: BlockSizes = BlockSizes(),
+                             block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
                              interpret: bool | None = None) -> tuple[Array, WKVState]:
   """The sequential scan the kernels must match; same signature as `wkv_pallas_seq`."""
   del block_sizes, interpret

@@ -8,12 +8,14 @@ Triton interpreters by tests/test_kernels.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import pytest
 
 from experiments import gpu_compile
-from rwkv_jax_kernels import sequential
 from rwkv_jax_kernels import wkv_pallas
+from rwkv_jax_kernels import wkv_pallas_seq
 
 _PALLAS_KERNELS = ["wkv_summary", "wkv_output", "wkv_output_bwd", "wkv_summary_bwd"]
 
@@ -61,7 +63,7 @@ _SEQ_SEGMENTED_KERNELS = ["wkv_seq_summary", "wkv_seq_forward", "wkv_seq_reverse
 ], ids=["odd", "train", "segments"])
 def test_sequential_pallas_kernels_compile_for_gpu_without_spills(shape, segments, names, dtype,
                                                                   arch):
-  blocks = sequential.BlockSizes(num_segments=segments)
+  blocks = dataclasses.replace(wkv_pallas_seq.DEFAULT_BLOCK_SIZES, num_segments=segments)
   builds = gpu_compile.compile_wkv_pallas_seq(shape, dtype, arch, blocks)
   assert [b.name for b in builds] == names
   for build in builds:
@@ -72,7 +74,8 @@ def test_sequential_pallas_kernels_compile_for_gpu_without_spills(shape, segment
 
 def test_sequential_pallas_kernels_compile_for_hopper():
   builds = gpu_compile.compile_wkv_pallas_seq((1, 100, 200), jnp.float32, 90,
-                                              sequential.BlockSizes(block_c=64, num_warps=2))
+                                              wkv_pallas_seq.BlockSizes(block_t=4, block_c=64,
+                                                                        num_warps=2))
   assert [b.name for b in builds] == _SEQ_KERNELS
   assert all(b.num_warps == 2 and b.spill_store_bytes == 0 for b in builds)
 
