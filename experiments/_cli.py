@@ -123,6 +123,10 @@ def output_path(flag: str, value: str | os.PathLike[str] | None, *,
 def _fail(status: int, message: str) -> None:
   lines = [line.strip() for line in str(message).splitlines() if line.strip()]
   sys.stderr.write(f"error: {' '.join(lines)}\n")
+  if compile_cache.busy():  # at once, without waiting for a compilation that is now of no use
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
   sys.exit(status)
 
 

@@ -25,6 +25,7 @@ mistake in the flags is still reported at once.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
 import sys
@@ -88,6 +89,7 @@ class Background:
 
   def __init__(self, work: Iterable[Callable[[], None]]):
     self._thread = threading.Thread(target=self._run, args=(list(work),), daemon=True)
+    _STARTED.append(self._thread)
     self._thread.start()
 
   @staticmethod
@@ -103,6 +105,23 @@ class Background:
 
   def wait(self) -> None:
     self._thread.join()
+
+
+_STARTED: list[threading.Thread] = []
+
+
+def busy() -> bool:
+  """Whether a compilation ahead of time is still running. A process that ends then must end
+  with os._exit: Python's shutdown would stop the thread inside XLA and abort the process."""
+  return any(t.is_alive() for t in _STARTED)
+
+
+@atexit.register
+def _wait_at_exit() -> None:
+  """An ordinary exit (a traceback, sys.exit) waits for the compilations still running, for the
+  reason above."""
+  for t in _STARTED:
+    t.join()
 
 
 def ahead_of_time(work: Iterable[Callable[[], None]]) -> Background:
