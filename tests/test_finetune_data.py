@@ -4,6 +4,8 @@ mask (rwkv_jax/data/pipeline.py), and the mask through the loss, the step and th
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +20,13 @@ from rwkv_jax.data import documents
 from rwkv_jax.data import pipeline as data_pipeline
 from rwkv_jax.data import sources as data_sources
 from rwkv_jax.data.tokenizer import load_tokenizer
-from rwkv_jax.train import bptt
+from rwkv_jax.io import formats
+from rwkv_jax.train import bptt, finetune
 from rwkv_jax.train import loop as train_loop
 from rwkv_jax.train import losses
+from rwkv_jax.train import metrics as metrics_lib
 from rwkv_jax.train import step as step_lib
-from training_util import tiny_config
+from training_util import REPO, one_line_error, random_model, subprocess_env, tiny_config
 
 BYTES = load_tokenizer("bytes")
 EOD = 0  # encode.END_OF_DOCUMENT
@@ -306,3 +310,47 @@ def test_a_masked_step_with_accumulation_is_the_whole_batch_step(tmp_path):
   by_hand = losses.cross_entropy(logits, jnp.asarray(batch["targets"]),
                                  jnp.asarray(batch["mask"]))
   assert masked == pytest.approx(float(by_hand), rel=1e-6) and masked != unmasked
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the fine-tuning runner
+
+
+@pytest.fixture(name="tiny_base")
+def _tiny_base(tmp_path):
+  path = tmp_path / "tiny.pth"
+  formats.save_pth(random_model(CFG), path)
+  return path
+
+
+@pytest.mark.slow
+def test_lora_fine_tuning_reads_prompt_response_jsonl_and_validates_on_held_out_pairs(
+    tmp_path, tiny_base):
+  data = _write_jsonl(tmp_path / "pairs.jsonl",
+                      [{"prompt": p, "response": r} for p, r in PAIRS * 4])
+  config = finetune.default_config()
+  config.data.update(path=str(data), tokenizer="bytes", val_fraction=0.25)
+  config.model.ctx_len = 40
+  config.optim.update(warmup_steps=1)
+  config.train.update(steps=3, batch_size=8, log_every=1, eval_every=3, eval_batches=0,
+                      checkpoint_every=3, progress_bar=False)
+  result = finetune.train(config, tmp_path / "run", base=str(tiny_base))
+
+  assert np.isfinite(result["train/loss"]) and np.isfinite(result["val/loss"])
+  assert [r["step"] for r in metrics_lib.read_history(tmp_path / "run")
+          if "train/loss" in r] == [1, 2, 3]
+  assert (tmp_path / "run" / "adapters").is_dir()
+
+
+@pytest.mark.slow
+def test_the_finetune_runner_names_the_file_and_line_of_a_bad_record(tmp_path, tiny_base):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "answer": "d"}\n')
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.finetune", f"--base={tiny_base}",
+       "--config=experiments/configs/finetune.py", f"--workdir={tmp_path / 'run'}",
+       f"--config.data.path={bad}", "--config.data.tokenizer=bytes"],
+      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert one_line_error(result) == (
+      f"error: {bad}:2: missing field 'response'; every line of a prompt_response file needs "
+      f"'prompt' and 'response' (the first record set the format).")
