@@ -302,11 +302,13 @@ class TestWKVTritonSeqInterpret(TestWKVPallasSeqInterpret):
   interpreter (jax-triton on a GPU); the checks of the sequential Pallas kernels."""
   IMPL = "triton"
 
+  segments = None  # when a check names none (None: the rule)
+
   def wkv(self, w, u, k, v, state=None, block_sizes=None, num_segments=None):
     from rwkv_jax_kernels import wkv_triton_seq  # pylint: disable=g-import-not-at-top
     blocks = (wkv_triton_seq.BlockSizes(*block_sizes) if block_sizes
               else wkv_triton_seq.BlockSizes())
-    blocks = dataclasses.replace(blocks, num_segments=num_segments)
+    blocks = dataclasses.replace(blocks, num_segments=num_segments or self.segments)
     return wkv_triton_seq.wkv_triton_seq(w, u, k, v, state, block_sizes=blocks,
                                          interpret=self.INTERPRET)
 
@@ -326,7 +328,41 @@ class TestWKVTritonSeqInterpret(TestWKVPallasSeqInterpret):
                         jax.tree.leaves(_loss_grad(one)(w, u, k, v, state))):
       assert rel_err(g, g_one) < tol_grad, rel_err(g, g_one)
 
-  # Minutes in Triton's interpreter; the test above checks segments in seconds.
+  def test_long_and_ragged_sequences_match_float64_eq16(self, b, t, c, dtype, block_t,
+                                                        f64_grads):
+    # In one segment: the inherited check holds the kernel to the scan's own rounding (max_exp - w
+    # at every step). Segments decay a state by L w at once, which drifts from the scan as far as
+    # the scan drifts from float64; the next test holds them to float64.
+    self.segments = 1
+    super().test_long_and_ragged_sequences_match_float64_eq16(b, t, c, dtype, block_t, f64_grads)
+
+  test_long_and_ragged_sequences_match_float64_eq16.pytestmark = (
+      TestWKVPallasSeqInterpret.test_long_and_ragged_sequences_match_float64_eq16.pytestmark)
+
+  @pytest.mark.slow
+  def test_time_segments_of_a_long_sequence_match_float64_eq16(self):
+    t = 1000
+    w, u, k, v, state = random_inputs(11, 1, t, 8, jnp.float32, (-9.0, 4.0), 60.0)
+    kernel = functools.partial(self.wkv, block_sizes=(16, 32), num_segments=3)
+    tol_fwd, tol_grad = _TOL[jnp.float32]
+    drift = 1e-6 * t  # as in the check above
+    y, out = kernel(w, u, k, v, state)
+    y64, out64 = wkv_float64(w, u, k, v, state)
+    assert rel_err(y, y64) < tol_fwd + drift
+    np.testing.assert_allclose(out.max_exp, out64.max_exp, rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(out.num / out.den, out64.num / out64.den, rtol=1e-4 + drift,
+                               atol=1e-4)
+    np.testing.assert_allclose(out.den, out64.den, rtol=1e-4 + drift)
+    grads = _loss_grad(kernel)(w, u, k, v, state)
+    with jax.enable_x64(True):
+      f64 = lambda x: jnp.asarray(x, jnp.float64)
+      grads64 = _loss_grad(wkv_reference)(*jax.tree.map(f64, (w, u, k, v, state)))
+    names = ("w", "u", "k", "v", "state.num", "state.den", "state.max_exp")
+    for name, g, g64 in zip(names, jax.tree.leaves(grads), jax.tree.leaves(grads64)):
+      assert rel_err(g, g64) < tol_grad + drift, (name, rel_err(g, g64))
+
+  # Minutes in Triton's interpreter; test_time_segments_with_a_short_last_one_equal_one_segment
+  # checks segments in seconds.
   @pytest.mark.slow
   @pytest.mark.parametrize("segments", [2, 7])
   def test_several_time_segments_equal_one_segment(self, segments):
