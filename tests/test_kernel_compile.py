@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import gpu_compile
+from rwkv_jax_kernels import sequential
 from rwkv_jax_kernels import wkv_pallas
 from rwkv_jax_kernels import wkv_pallas_seq
 
