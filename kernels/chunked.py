@@ -64,7 +64,7 @@ def interpret_off_gpu(interpret: bool | None) -> bool:
     if backend not in ("cpu", "gpu", "cuda", "rocm"):
       raise ValueError(
           f"This WKV kernel is compiled for GPUs and JAX runs on {backend!r}: use "
-          "wkv(..., impl='pallas'), which runs rwkv_jax_kernels.wkv_pallas_tpu on TPUs, or "
+          "wkv(..., impl='pallas'), which runs rwkv_jax_kernels.wkv_pallas_tpu_seq on TPUs, or "
           "impl='associative'; pass interpret=True to run this kernel's interpreter anyway.")
     return backend == "cpu"
   return interpret
