@@ -1,17 +1,17 @@
 r"""Does fine-tuning learn a new domain? The demo model adapted to Python source code.
 
-  python -m experiments.finetune_learns [--workdir=/tmp/rwkv_claims/finetune_learns]
-      [--base=EXPORT] [--base_steps=800] [--steps=300] [--modes=lora,state,full]
+  python -m experiments.finetune_learns [--workdir=/tmp/rwkv_claims] [--base=EXPORT]
+      [--base_steps=800] [--steps=200] [--modes=lora,state,full] [--state_lr=1.0]
 
 The base is the demo's model (experiments/configs/char_tiny.py: bytes, trained on the English
-Wikipedia sample), trained into WORKDIR/base unless --base names an export. The new domain is the
-Python source of the `absl` package installed here: its .py files in sorted order, every
---held_out_every-th file held out, the rest joined into WORKDIR/code/train.txt. Each mode of
---modes fine-tunes the same base for --steps steps (rwkv_jax/train/finetune.py) in WORKDIR/MODE.
+Wikipedia sample), trained into WORKDIR/finetune_learns/base once unless --base names an export.
+The new domain is the Python source of the `absl` package installed here: its .py files in
+sorted order, every fifth file held out, the rest joined into a text file. Each mode of --modes
+fine-tunes the same base for --steps steps (rwkv_jax/train/finetune.py) in its own directory.
 The base and every fine-tuned model are scored, in bits per byte, on the held-out code and on
-the demo's held-out English (the start of its validation part): windows of --eval_window bytes,
-each from the model's initial state, up to --eval_bytes of each. Writes
-experiments/results/finetune_learns_<tag>.json and .png. Re-running resumes or skips finished
+the demo's held-out English (the start of its validation part): windows of 1024 bytes, each from
+the model's initial state (the learned one in the state modes), up to --eval_bytes of each.
+Writes experiments/results/finetune_learns_<tag>.json and .png. Re-running resumes unfinished
 runs.
 """
 
@@ -93,7 +93,7 @@ def bits_per_byte(model, data, window: int, max_bytes: int) -> float:
 
 
 def run(workdir: str | pathlib.Path, *, base: str | None = None, base_steps: int = 800,
-        steps: int = 300, modes: Sequence[str] = ("lora", "state", "full"),
+        steps: int = 200, modes: Sequence[str] = ("lora", "state", "full"),
         lrs: dict[str, float] | None = None, batch_size: int = 8, r: int = 8,
         held_out_every: int = 5, eval_window: int = 1024, eval_bytes: int = 65536,
         tiny: bool = False) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def run(workdir: str | pathlib.Path, *, base: str | None = None, base_steps: int
   import numpy as np  # pylint: disable=g-import-not-at-top
   from rwkv_jax.data import corpus  # pylint: disable=g-import-not-at-top
   from rwkv_jax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
-  from rwkv_jax.io import weights  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.io import checkpoint, weights  # pylint: disable=g-import-not-at-top
   from rwkv_jax.train import finetune, metrics  # pylint: disable=g-import-not-at-top
 
   lrs = {"full": 5e-4, "lora": 2e-3, "state": 1.0, "lora+state": 2e-3, **(lrs or {})}
@@ -109,7 +109,10 @@ def run(workdir: str | pathlib.Path, *, base: str | None = None, base_steps: int
   config = base_config(base_steps, tiny)
   start = time.perf_counter()
   if base is None:
-    _runs.train(config, workdir / "base")
+    # A finished base is used as it is: training it again would rewrite its export, and the
+    # fine-tuning runs, which record its digest, would refuse to resume on it.
+    if not (workdir / "base" / "export" / checkpoint.EXPORT_MARKER).is_file():
+      _runs.train(config, workdir / "base")
     base = str(workdir / "base" / "export")
   base_s = time.perf_counter() - start
   model, base_rwkv = weights.load(base, dtype="float32")
@@ -186,7 +189,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("base", None, "An export to start from; default: train the demo's model "
                       "into WORKDIR/finetune_learns/base.")
   flags.DEFINE_integer("base_steps", 800, "Training steps of the base (the demo's 800).")
-  flags.DEFINE_integer("steps", 300, "Fine-tuning steps of each mode.")
+  flags.DEFINE_integer("steps", 200, "Fine-tuning steps of each mode.")
   flags.DEFINE_list("modes", ["lora", "state", "full"], f"Any of {', '.join(MODES)}.")
   flags.DEFINE_float("lora_lr", 2e-3, "Peak learning rate of lora and lora+state.")
   flags.DEFINE_float("state_lr", 1.0, "Peak learning rate of state: a few vectors per layer "
