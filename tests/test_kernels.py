@@ -137,6 +137,20 @@ class TestWKVPallasInterpret(_WKVKernelChecks):
       self.wkv(w, u, k, v, WKVState(*(s[:1] for s in state)))
 
 
+def gradients_and_references(kernel, inputs, f64_grads: bool):
+  """(name, kernel's, scan's, reference's) for each gradient of `_loss_grad`; the reference is
+  float64 eq. 16 where differentiating it fits in memory (O(t^2)), else the scan."""
+  grads = _loss_grad(kernel)(*inputs)
+  grads_scan = _loss_grad(wkv_lib.wkv_scan)(*inputs)
+  grads_ref = grads_scan
+  if f64_grads:
+    with jax.enable_x64(True):
+      f64 = lambda x: jnp.asarray(x, jnp.float64)
+      grads_ref = _loss_grad(wkv_reference)(*jax.tree.map(f64, inputs))
+  names = ("w", "u", "k", "v", "state.num", "state.den", "state.max_exp")
+  return list(zip(names, *map(jax.tree.leaves, (grads, grads_scan, grads_ref))))
+
+
 def compiled(interpreted: type, marker: str, available: bool, why: str) -> type:
   """The checks of `interpreted` with the kernels compiled, marked `marker`; skipped elsewhere."""
   cls = type(interpreted.__name__.replace("Interpret", "Compiled"), (interpreted,),
@@ -198,17 +212,8 @@ class TestWKVPallasSeqInterpret(_WKVKernelChecks):
     np.testing.assert_allclose(out.num / out.den, out64.num / out64.den, rtol=1e-4 + drift,
                                atol=1e-4)
     np.testing.assert_allclose(out.den, out64.den, rtol=1e-4 + drift)
-    grads = _loss_grad(kernel)(w, u, k, v, state)
-    grads_scan = _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)
-    if f64_grads:
-      with jax.enable_x64(True):
-        f64 = lambda x: jnp.asarray(x, jnp.float64)
-        grads_ref = _loss_grad(wkv_reference)(*jax.tree.map(f64, (w, u, k, v, state)))
-    else:  # eq. 16 term by term is O(t^2) memory to differentiate: the scan stands in for it
-      grads_ref = grads_scan
-    names = ("w", "u", "k", "v", "state.num", "state.den", "state.max_exp")
-    for name, g, g_scan, g_ref in zip(names, *map(jax.tree.leaves,
-                                                   (grads, grads_scan, grads_ref))):
+    for name, g, g_scan, g_ref in gradients_and_references(kernel, (w, u, k, v, state),
+                                                           f64_grads):
       assert g.dtype == (k.dtype if name in ("k", "v") else jnp.float32), name
       assert rel_err(g, g_scan) < tol_grad + drift, (name, rel_err(g, g_scan))
       assert rel_err(g, g_ref) < tol_grad + drift, (name, rel_err(g, g_ref))

@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_kernels import _TOL, _loss_grad, _WKVKernelChecks, compiled
+from test_kernels import (_TOL, _loss_grad, _WKVKernelChecks, compiled,
+                          gradients_and_references)
 
 from experiments import kernel_traffic
 from rwkv_jax import sharding
 from rwkv_jax import wkv as wkv_lib
 from rwkv_jax.infer import sampling
-from rwkv_jax.reference import wkv_float64, wkv_reference
+from rwkv_jax.reference import wkv_float64
 from rwkv_jax.train import config as train_config
 from rwkv_jax.train import step as step_lib
 from rwkv_jax_kernels import chunked, wkv_pallas_tpu, wkv_pallas_tpu_seq
@@ -47,6 +48,22 @@ _CHUNKED_KERNELS = _CHUNKED_FORWARD + ("wkv_tpu_output_bwd", "wkv_tpu_summary_bw
 
 def _assert_mesh_of_8():
   assert len(jax.devices()) == 8, "tests/conftest.py sets up 8 fake CPU devices"
+
+
+def _check_per_shard_call(fn, mesh, w, u, k, v, state):
+  """fn (a kernel wrapped by sharding.wkv_per_shard) runs per shard on `mesh` and gives the
+  scan's outputs and gradients."""
+  with jax.set_mesh(mesh):
+    (y, out), grads = jax.jit(lambda *a: fn(*a))(w, u, k, v, state), _loss_grad(fn)(
+        w, u, k, v, state)
+    lowered = jax.jit(fn).lower(w, u, k, v, state).as_text()
+  assert "manual_computation" in lowered or "SPMDFullToShardShape" in lowered
+  y_ref, out_ref = wkv_lib.wkv_scan(w, u, k, v, state)
+  for x, ref in zip((y, *out), (y_ref, *out_ref)):
+    assert rel_err(x, ref) < 5e-5
+  grads_ref = _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)
+  for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    assert rel_err(g, g_ref) < 2e-4
 
 
 class TestWKVPallasTPUSeqInterpret(_WKVKernelChecks):
@@ -85,17 +102,8 @@ class TestWKVPallasTPUSeqInterpret(_WKVKernelChecks):
     for name, x, x_scan, x64 in zip(names, (y, *ratio(out)), (y_scan, *ratio(out_scan)),
                                     (y64, *ratio(out64))):
       assert rel_err(x, x64) <= rel_err(x_scan, x64) + tol_fwd, (name, rel_err(x, x64))
-    grads = _loss_grad(kernel)(w, u, k, v, state)
-    grads_scan = _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)
-    if f64_grads:
-      with jax.enable_x64(True):
-        f64 = lambda x: jnp.asarray(x, jnp.float64)
-        grads_ref = _loss_grad(wkv_reference)(*jax.tree.map(f64, (w, u, k, v, state)))
-    else:  # eq. 16 term by term is O(t^2) memory to differentiate: the scan stands in for it
-      grads_ref = grads_scan
-    names = ("w", "u", "k", "v", "state.num", "state.den", "state.max_exp")
-    for name, g, g_scan, g_ref in zip(names, *map(jax.tree.leaves,
-                                                  (grads, grads_scan, grads_ref))):
+    for name, g, g_scan, g_ref in gradients_and_references(kernel, (w, u, k, v, state),
+                                                           f64_grads):
       assert g.dtype == g_scan.dtype and np.all(np.isfinite(np.asarray(g, np.float32))), name
       assert rel_err(g, g_ref) <= rel_err(g_scan, g_ref) + tol_grad, (name, rel_err(g, g_ref))
 
@@ -107,17 +115,7 @@ class TestWKVPallasTPUSeqInterpret(_WKVKernelChecks):
     fn = sharding.wkv_per_shard(functools.partial(
         wkv_pallas_tpu_seq.wkv_pallas_tpu_seq, interpret=self.INTERPRET,
         block_sizes=wkv_pallas_tpu_seq.BlockSizes(block_t=16)))
-    with jax.set_mesh(mesh):
-      (y, out), grads = jax.jit(lambda *a: fn(*a))(w, u, k, v, state), _loss_grad(fn)(
-          w, u, k, v, state)
-      lowered = jax.jit(fn).lower(w, u, k, v, state).as_text()
-    assert "manual_computation" in lowered or "SPMDFullToShardShape" in lowered
-    y_ref, out_ref = wkv_lib.wkv_scan(w, u, k, v, state)
-    for x, ref in zip((y, *out), (y_ref, *out_ref)):
-      assert rel_err(x, ref) < 5e-5
-    grads_ref = _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)
-    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
-      assert rel_err(g, g_ref) < 2e-4
+    _check_per_shard_call(fn, mesh, w, u, k, v, state)
 
   def test_rejects_block_sizes_off_the_tpu_tiling(self):
     with pytest.raises(ValueError, match="block_t=8 must be a positive multiple of 16"):
@@ -155,17 +153,7 @@ class TestWKVPallasTPUInterpret(_WKVKernelChecks):
     w, u, k, v, state = random_inputs(6, 2 * (n // tensor), 13, 24, jnp.float32)
     fn = sharding.wkv_per_shard(
         functools.partial(wkv_pallas_tpu.wkv_pallas_tpu, interpret=self.INTERPRET))
-    with jax.set_mesh(mesh):
-      (y, out), grads = jax.jit(lambda *a: fn(*a))(w, u, k, v, state), _loss_grad(fn)(
-          w, u, k, v, state)
-      lowered = jax.jit(fn).lower(w, u, k, v, state).as_text()
-    assert "manual_computation" in lowered or "SPMDFullToShardShape" in lowered
-    y_ref, out_ref = wkv_lib.wkv_scan(w, u, k, v, state)
-    for x, ref in zip((y, *out), (y_ref, *out_ref)):
-      assert rel_err(x, ref) < 5e-5
-    grads_ref = _loss_grad(wkv_lib.wkv_scan)(w, u, k, v, state)
-    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
-      assert rel_err(g, g_ref) < 2e-4
+    _check_per_shard_call(fn, mesh, w, u, k, v, state)
 
   def test_rejects_block_sizes_off_the_tpu_tiling(self):
     with pytest.raises(ValueError, match="block_t=12 must be a positive multiple of 8"):
