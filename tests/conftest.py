@@ -5,7 +5,9 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import fake_devices
+
+os.environ.setdefault("XLA_FLAGS", fake_devices.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The rwkv package reads these at import time.
 os.environ.setdefault("RWKV_JIT_ON", "0")

@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
+import fake_devices
 from rwkv_jax import sharding
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.io import checkpoint as ckpt_lib
@@ -146,7 +147,7 @@ def one_line_error(result: subprocess.CompletedProcess, status: int = 2) -> str:
 
 def subprocess_env(cache_dir: pathlib.Path | None = None, devices: int = 8) -> dict[str, str]:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=fake_devices.xla_flags(devices))
   if cache_dir is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -1,0 +1,12 @@
+"""XLA_FLAGS for N fake CPU devices, shared by the test process and the processes it starts."""
+
+# XLA:CPU's concurrency-optimized scheduler lets the device threads reach the collectives of a
+# nested loop in different orders; on 2 cores they then wait on each other until XLA aborts the
+# process (rendezvous "Termination timeout", about one run in three of a chunked, accumulated
+# train step on a 2x2x2 mesh). The program-order schedule keeps every device in step.
+_FLAGS = ("--xla_force_host_platform_device_count={} "
+          "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+
+
+def xla_flags(devices: int) -> str:
+  return _FLAGS.format(devices)
