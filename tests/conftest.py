@@ -17,6 +17,11 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 if "RWKV_JAX_COMPILE_CACHE" not in os.environ:
   os.environ["RWKV_JAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="rwkv_jax_test_xla_")
   atexit.register(shutil.rmtree, os.environ["RWKV_JAX_COMPILE_CACHE"], ignore_errors=True)
+# The test processes keep theirs in another (tests/training_util.py's compile_cache), shared by
+# the pytest-xdist workers: many tests compile the same small programs, once per run this way.
+if "RWKV_JAX_TEST_PROGRAMS" not in os.environ:
+  os.environ["RWKV_JAX_TEST_PROGRAMS"] = tempfile.mkdtemp(prefix="rwkv_jax_test_programs_")
+  atexit.register(shutil.rmtree, os.environ["RWKV_JAX_TEST_PROGRAMS"], ignore_errors=True)
 
 # Shared training fixtures, defined here once so that each test process builds them once (a
 # fixture imported into several test modules would be built once per module).

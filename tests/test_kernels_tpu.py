@@ -80,8 +80,8 @@ class TestWKVPallasTPUSeqInterpret(_WKVKernelChecks):
   @pytest.mark.parametrize("b,t,c,dtype,block_t,f64_grads", [
       # 16 time blocks, the last one ragged; 2 channel blocks, the second 2 lanes wide.
       pytest.param(1, 4093, 130, jnp.float32, 256, False, id="t4093_ragged"),
-      pytest.param(2, 4096, 24, jnp.bfloat16, 256, False, id="t4096_bf16"),
       pytest.param(2, 301, 140, jnp.float32, 32, True, id="t301_many_blocks"),
+      # bfloat16 over several blocks (its loads and stores; the arithmetic is float32).
       pytest.param(2, 77, 20, jnp.bfloat16, 32, True, id="t77_bf16"),
       pytest.param(3, 1, 7, jnp.float32, 256, True, id="t1"),
   ])

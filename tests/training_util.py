@@ -165,10 +165,12 @@ def run_module(args: list[str], env: dict[str, str], timeout: float = 180
   return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def compile_cache(tmp_path_factory):
-  """A persistent XLA cache for these tests: every run compiles the same few programs."""
-  directory = tmp_path_factory.mktemp("xla_cache")
+  """A persistent XLA cache for every test process of a run (the directory tests/conftest.py
+  makes): the tests compile the same small programs (the tiny models' steps) many times."""
+  directory = pathlib.Path(os.environ.get("RWKV_JAX_TEST_PROGRAMS")
+                           or tmp_path_factory.mktemp("xla_cache"))
   saved = {name: getattr(jax.config, name) for name in (
       "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
       "jax_persistent_cache_min_entry_size_bytes")}
