@@ -211,9 +211,13 @@ def integers(flag: str, value: str | Sequence[str], *, minimum: int = INT32_MIN,
 
 
 def load_model_and_tokenizer(checkpoint: str, dtype: str | None, tokenizer_name: str, *,
-                             prepare: Callable[[Any, Any], None] | None = None):
+                             prepare: Callable[[Any, Any], None] | None = None,
+                             adapters: str | None = None):
   """(model, config, tokenizer) for a runner's --checkpoint, --dtype and --tokenizer, each mistake
   one line naming its flag; a tokenizer larger than the model's vocabulary is refused.
+
+  `adapters` (--adapters) is a fine-tuning run's adapters directory, put on the checkpoint
+  unmerged (`rwkv_jax.train.adapters.load`); adapters of another base are refused in one line.
 
   `prepare(config, tokenizer)` is called once the checkpoint's shape is known, before its weights
   are read (`weights.load`'s on_config): a runner checks its inputs against the model there, and
@@ -239,8 +243,15 @@ def load_model_and_tokenizer(checkpoint: str, dtype: str | None, tokenizer_name:
       prepare(config, tokenizer)
 
   # A CheckpointError, or a --dtype the checkpoint cannot hold (`prepare` raises UsageErrors).
+  if adapters is not None and not pathlib.Path(adapters).is_dir():
+    raise UsageError(f"--adapters={adapters} is not a directory; pass the adapters/ directory "
+                     f"of a fine-tuning run (experiments.finetune --workdir=DIR writes DIR/adapters).")
   with user_input(ValueError, FileNotFoundError, flag=f"--checkpoint={path} --dtype={dtype}"):
     model, config = weights.load(path, dtype=dtype, on_config=on_config)
+  if adapters is not None:
+    from rwkv_jax.train import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
+    with user_input(ValueError, FileNotFoundError, flag=f"--adapters={adapters}"):
+      model = adapters_lib.load(model, adapters, adapters_lib.base_digest(path))
   return model, config, tokenizer
 
 

@@ -43,6 +43,9 @@ from rwkv_jax.io import state_file, weights
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Official .pth file, HF directory or Orbax export.", required=True)
+_ADAPTERS = flags.DEFINE_string(
+    "adapters", None, "A fine-tuning run's adapters directory (experiments.finetune's "
+    "WORKDIR/adapters) to put on --checkpoint, its base, unmerged: LoRA and the learned state.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "File holding the text to continue.")
 _PROMPT_TOKENS = flags.DEFINE_string("prompt_tokens", None,
@@ -172,12 +175,15 @@ def main(argv: list[str]) -> None:
     ids = _prompt_ids(prompt, tokenizer, config.vocab_size,
                       optional=_LOAD_STATE.value is not None)
     settings = _sampling_config(tokenizer)
-    work = sampling.compile_generate(config, n, len(ids), _MAX_TOKENS.value, sampling=settings,
-                                     prefill_chunk=_cli.chunk_for(_PREFILL_CHUNK.value, len(ids)))
+    # Adapters change the model's programs: they compile when they first run instead.
+    work = () if _ADAPTERS.value else sampling.compile_generate(
+        config, n, len(ids), _MAX_TOKENS.value, sampling=settings,
+        prefill_chunk=_cli.chunk_for(_PREFILL_CHUNK.value, len(ids)))
     prepared.update(ids=ids, settings=settings, compiling=compile_cache.ahead_of_time(work))
 
-  model, config, tokenizer = _cli.load_model_and_tokenizer(_CHECKPOINT.value, _DTYPE.value,
-                                                            _TOKENIZER.value, prepare=prepare)
+  model, config, tokenizer = _cli.load_model_and_tokenizer(
+      _CHECKPOINT.value, _DTYPE.value, _TOKENIZER.value, prepare=prepare,
+      adapters=_ADAPTERS.value)
   saved = _load_state(config, n)
   prompt, settings = prepared["ids"], prepared["settings"]
   logging.info("Model n_layer=%d n_embd=%d vocab=%d; prompt of %d tokens%s; %s devices.",

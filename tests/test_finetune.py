@@ -212,6 +212,29 @@ def test_a_learned_state_file_generates_the_greedy_tokens_of_the_model_in_memory
 
 
 @pytest.mark.slow
+def test_generate_cli_serves_the_adapters_unmerged_and_refuses_them_on_another_base(
+    lora_state_run, base_pth, other_pth, tmp_path):
+  model, _ = weights.load(base_pth, adapters=lora_state_run / "adapters")
+  prompt = [72, 101, 108]
+  want = sampling.generate(model, [prompt], 8, jax.random.key(0),
+                           sampling=sampling.SamplingConfig(top_k=1), impl="scan")
+
+  def generate(checkpoint, out):
+    return run_module([sys.executable, "-m", "experiments.generate", f"--checkpoint={checkpoint}",
+                       f"--adapters={lora_state_run / 'adapters'}", "--tokenizer=bytes",
+                       "--prompt_tokens=" + ",".join(map(str, prompt)), "--max_tokens=8",
+                       "--temperature=0", "--nostop_at_eos", f"--output={out}"],
+                      subprocess_env(devices=1))
+
+  result = generate(base_pth, tmp_path / "ids.json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads((tmp_path / "ids.json").read_text()) == [want.tokens[0].tolist()]
+  line = one_line_error(generate(other_pth, tmp_path / "other.json"))
+  assert line.startswith("error: --adapters=") and "holds adapters of another base" in line
+  assert not (tmp_path / "other.json").exists()
+
+
+@pytest.mark.slow
 def test_merge_writes_a_pth_whose_logits_are_the_unmerged_models(lora_state_run, base_pth,
                                                                  tmp_path):
   unmerged, _ = weights.load(base_pth, adapters=lora_state_run / "adapters")
