@@ -303,13 +303,27 @@ def test_a_masked_step_with_accumulation_is_the_whole_batch_step(tmp_path):
 
   state = step_lib.init_state(config, mesh, tx)  # the steps donated the others' buffers
   eval_step = step_lib.make_eval_step(state, mesh, "scan")
-  masked = float(eval_step(state.params, sharding.shard_batch(mesh, batch)))
-  unmasked = float(eval_step(state.params, sharding.shard_batch(
+  masked_sum, masked_count = map(float, eval_step(state.params, sharding.shard_batch(mesh, batch)))
+  unmasked_sum, unmasked_count = map(float, eval_step(state.params, sharding.shard_batch(
       mesh, {k: v for k, v in batch.items() if k != "mask"})))
   logits, _ = nnx.merge(state.graphdef, state.params)(jnp.asarray(batch["inputs"]), impl="scan")
   by_hand = losses.cross_entropy(logits, jnp.asarray(batch["targets"]),
                                  jnp.asarray(batch["mask"]))
-  assert masked == pytest.approx(float(by_hand), rel=1e-6) and masked != unmasked
+  assert masked_count == batch["mask"].sum() and unmasked_count == batch["mask"].size
+  assert masked_sum / masked_count == pytest.approx(float(by_hand), rel=1e-6)
+  assert unmasked_sum / unmasked_count == pytest.approx(
+      float(losses.cross_entropy(logits, jnp.asarray(batch["targets"]))), rel=1e-6)
+
+  # Validation weighs each batch by the targets it counts: two batches counting 1 and all of
+  # their targets give the mean over every counted target, not the mean of the two means.
+  one = dict(batch, mask=np.zeros_like(batch["mask"]))
+  one["mask"][0, 0] = 1
+  full = dict(batch, mask=np.ones_like(batch["mask"]))
+  got = train_loop.evaluate(eval_step, state.params, [one, full], mesh, max_batches=0)
+  nll = np.asarray(losses.token_losses(logits, jnp.asarray(batch["targets"])))
+  want = (nll[0, 0] + nll.sum()) / (1 + nll.size)
+  assert got == pytest.approx(float(want), rel=1e-5)
+  assert abs(got - (nll[0, 0] + nll.mean()) / 2) > 1e-3  # what a mean of means would give
 
 
 # ---------------------------------------------------------------------------------------------

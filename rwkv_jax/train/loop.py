@@ -77,15 +77,17 @@ def _non_finite_message(what: str, value: float, at_step: int,
 
 
 def evaluate(eval_step, params, val_ds, mesh, max_batches: int) -> float:
-  """Mean loss over the first `max_batches` validation batches (all of them if 0)."""
-  total, n = 0.0, 0
+  """Mean loss per counted target over the first `max_batches` validation batches (all of them
+  if 0): a batch of padded documents weighs what it counts, not one batch's worth."""
+  total, counted = 0.0, 0.0
   for i, batch in enumerate(val_ds):
     if max_batches and i >= max_batches:
       break
     with jax.set_mesh(mesh):  # as the train step: Mosaic kernels run per shard
-      total += float(eval_step(params, sharding.make_global_batch(mesh, batch)))
-    n += 1
-  return total / max(n, 1)
+      loss_sum, count = eval_step(params, sharding.make_global_batch(mesh, batch))
+    total += float(loss_sum)
+    counted += float(count)
+  return total / max(counted, 1.0)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,

@@ -239,13 +239,20 @@ def make_train_step(state: TrainState, tx, mesh, *, accumulate_steps: int, l2wra
 
 
 def make_eval_step(state: TrainState, mesh, impl: str) -> Callable:
-  """Returns step(params, batch) -> the batch's mean cross-entropy (over its "mask" if any)."""
+  """Returns step(params, batch) -> (the batch's summed cross-entropy, the targets it counts).
+
+  The counted targets are all of them, or those of the batch's "mask": summing both over the
+  batches (`loop.evaluate`) gives the mean per target, whatever each batch counts.
+  """
   graphdef = state.graphdef
 
   def step(params, batch, frozen):
     model = nnx.merge(graphdef, with_frozen(params, frozen))
     model.eval()  # no dropout (LoRA's, rwkv_jax/train/adapters.py) in evaluation
     logits, _ = model(batch["inputs"], impl=impl)
-    return losses.cross_entropy(logits, batch["targets"], batch.get("mask"))
+    nll_bt = losses.token_losses(logits, batch["targets"])
+    mask = batch.get("mask")
+    weights_bt = jnp.ones_like(nll_bt) if mask is None else mask.astype(jnp.float32)
+    return jnp.sum(nll_bt * weights_bt), jnp.sum(weights_bt)
 
   return _jit_with_frozen(step, state, (state.param_shardings, sharding.batch_sharding(mesh)))
