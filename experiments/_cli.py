@@ -28,6 +28,7 @@ import pathlib
 import re
 import signal
 import sys
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import app, flags
@@ -120,9 +121,46 @@ def output_path(flag: str, value: str | os.PathLike[str] | None, *,
   return path
 
 
+class _Stderr:
+  """sys.stderr as it was, remembering whether a line is open; `say` writes a program's last
+  line on a line of its own and drops what other threads write after it.
+
+  After a failed save, threads of the storage library may still print tracebacks of their
+  abandoned writes; without this, the error line could start in the middle of one of them
+  ("...Event loop is closed')error: could not write ...") or be followed by screens of them.
+  """
+
+  def __init__(self, stream):
+    self._stream, self._line_open, self._said = stream, False, False
+    self._main = threading.main_thread()
+
+  def write(self, text: str) -> int:
+    if self._said and threading.current_thread() is not self._main:
+      return len(text)
+    if text:
+      self._line_open = not text.endswith("\n")
+    return self._stream.write(text)
+
+  def say(self, line: str) -> None:
+    self._said = True
+    self._stream.write(("\n" if self._line_open else "") + line + "\n")
+    self._line_open = False
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._stream, name)
+
+
+def _say(line: str) -> None:
+  """Writes `line` to stderr as the program's last line (see _Stderr)."""
+  if isinstance(sys.stderr, _Stderr):
+    sys.stderr.say(line)
+  else:
+    sys.stderr.write(line + "\n")
+
+
 def _fail(status: int, message: str) -> None:
   lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-  sys.stderr.write(f"error: {' '.join(lines)}\n")
+  _say(f"error: {' '.join(lines)}")
   if compile_cache.busy():  # at once, without waiting for a compilation that is now of no use
     sys.stdout.flush()
     sys.stderr.flush()
@@ -297,6 +335,8 @@ def run(main: Callable[[list[str]], None], *,
 
   def checked_main(argv: list[str]) -> None:
     compile_cache.enable()  # imports no jax: a mistake in the flags is still reported at once
+    if not isinstance(sys.stderr, _Stderr):
+      sys.stderr = _Stderr(sys.stderr)
     try:
       with _stopped_by_signals():
         main(argv)
@@ -305,8 +345,8 @@ def run(main: Callable[[list[str]], None], *,
       gc.freeze()
     except _Stopped as e:
       sys.stdout.flush()
-      sys.stderr.write(f"error: stopped by {signal.Signals(e.signum).name}; outputs not yet "
-                       f"complete were not written.\n")
+      _say(f"error: stopped by {signal.Signals(e.signum).name}; outputs not yet complete were "
+           f"not written.")
       sys.stderr.flush()
       os._exit(128 + e.signum)  # at once: no background work is worth waiting for
     except (WriteError, files.NoSpaceError, *failures) as e:

@@ -8,9 +8,11 @@ ValueError that is not the user's mistake (a bug) keeps its traceback.
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 from absl import app
@@ -301,3 +303,22 @@ def test_a_bug_inside_training_shows_its_traceback(corpus, tmp_path):
   assert result.returncode == 1, result.stderr[-3000:]
   assert "Traceback" in result.stderr and "ValueError: a bug inside training" in result.stderr
   assert not [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_the_error_line_is_a_line_of_its_own_and_other_threads_go_quiet_after_it():
+  out = io.StringIO()
+  stderr = _cli._Stderr(out)  # pylint: disable=protected-access
+
+  def other_thread(text):
+    t = threading.Thread(target=stderr.write, args=(text,))
+    t.start()
+    t.join()
+
+  other_thread("Traceback ...\n    raise RuntimeError('Event loop is closed')")  # no newline yet
+  stderr.say("error: could not write X")
+  other_thread("\nTraceback (most recent call last): ...\n")  # dropped
+  stderr.write("the main thread still writes\n")
+  assert out.getvalue().splitlines() == [
+      "Traceback ...", "    raise RuntimeError('Event loop is closed')",
+      "error: could not write X", "the main thread still writes"]
+

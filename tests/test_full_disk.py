@@ -72,12 +72,11 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
   """The one `error: ...` line of a run that failed (status 1).
 
   Not one_line_error: after a failed save, tensorstore may still print tracebacks of its
-  abandoned writes ("Event loop is closed") from their own threads, which the program cannot hold
-  back; one of them may have written a traceback line's indent just before the error line.
+  abandoned writes ("Event loop is closed") from their own threads before the error line, which
+  the program cannot hold back; the error line is still a line of its own (experiments/_cli.py).
   """
   assert result.returncode == 1, result.stderr[-3000:]
-  errors = [line.lstrip() for line in result.stderr.splitlines()
-            if line.lstrip().startswith("error: ")]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1, result.stderr[-3000:]
   return errors[0]
 
