@@ -268,6 +268,9 @@ def load_model_and_tokenizer(checkpoint: str, dtype: str | None, tokenizer_name:
   if not path.exists():
     raise UsageError(f"--checkpoint={path} does not exist; pass an official RWKV-4 .pth file, a "
                      f"HuggingFace directory or an rwkv_jax export.")
+  if adapters is not None and not pathlib.Path(adapters).is_dir():
+    raise UsageError(f"--adapters={adapters} is not a directory; pass the adapters/ directory of "
+                     f"a fine-tuning run (experiments.finetune --workdir=DIR writes DIR/adapters).")
   with user_input(ValueError, OSError, flag="--tokenizer"):
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_name)
 
@@ -281,12 +284,9 @@ def load_model_and_tokenizer(checkpoint: str, dtype: str | None, tokenizer_name:
       prepare(config, tokenizer)
 
   # A CheckpointError, or a --dtype the checkpoint cannot hold (`prepare` raises UsageErrors).
-  if adapters is not None and not pathlib.Path(adapters).is_dir():
-    raise UsageError(f"--adapters={adapters} is not a directory; pass the adapters/ directory "
-                     f"of a fine-tuning run (experiments.finetune --workdir=DIR writes DIR/adapters).")
   with user_input(ValueError, FileNotFoundError, flag=f"--checkpoint={path} --dtype={dtype}"):
     model, config = weights.load(path, dtype=dtype, on_config=on_config)
-  if adapters is not None:
+  if adapters is not None:  # weights.load(adapters=)'s two steps, so that errors name their flag
     from rwkv_jax.train import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
     with user_input(ValueError, FileNotFoundError, flag=f"--adapters={adapters}"):
       model = adapters_lib.load(model, adapters, adapters_lib.base_digest(path))
