@@ -9,9 +9,11 @@
 # cuts a fifth of the suite. XLA's own passes are the same; only LLVM's machine code is less
 # optimized. No figure under experiments/results is measured with these flags.
 _FLAGS = ("--xla_force_host_platform_device_count={} "
-          "--xla_cpu_enable_concurrency_optimized_scheduler=false "
-          "--xla_backend_optimization_level=0")
+          "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+_FAST_COMPILE = " --xla_backend_optimization_level=0"
 
 
-def xla_flags(devices: int) -> str:
-  return _FLAGS.format(devices)
+def xla_flags(devices: int, fast_compile: bool = True) -> str:
+  """fast_compile=False: compile as users do (a test of compile times, e.g. the cache's
+  threshold, must not see programs compiled faster than users' are)."""
+  return _FLAGS.format(devices) + (_FAST_COMPILE if fast_compile else "")
