@@ -264,6 +264,24 @@ def test_tiny_top_p_and_top_k_1_are_greedy():
     np.testing.assert_array_equal(sampling.sample_logits(logits, key, temperature=0.0), greedy)
 
 
+def test_rows_sample_by_their_own_settings_and_greedy_rows_take_the_argmax():
+  """One program, settings per row: a greedy row takes its argmax whatever its top_p and top_k,
+  and a sampled row draws what it draws in a batch where every row has its settings."""
+  logits = random_logits()
+  b = logits.shape[0]
+  keys = jax.random.split(jax.random.key(3), b)
+  temperature = np.where(np.arange(b) % 2 == 0, 0.0, 0.9).astype(np.float32)
+  top_p = np.linspace(0.2, 1.0, b).astype(np.float32)
+  top_k = (np.arange(b) % 3 * 4).astype(np.int32)
+  mixed = np.asarray(sampling._sample_rows(logits, keys, temperature, top_p, top_k))
+  greedy_rows = temperature == 0
+  np.testing.assert_array_equal(mixed[greedy_rows], np.argmax(logits, -1)[greedy_rows])
+  for i in np.flatnonzero(~greedy_rows):
+    alone = sampling._sample_rows(logits, keys, np.full(b, temperature[i]), np.full(b, top_p[i]),
+                                  np.full(b, top_k[i]))
+    assert mixed[i] == alone[i]
+
+
 def test_sampling_with_a_fixed_key_is_deterministic():
   logits = random_logits()
   a = sampling.sample_logits(logits, jax.random.key(4), temperature=0.8, top_p=0.9)

@@ -131,15 +131,25 @@ def sample_logits(logits_bv: Array, key: Array, *, temperature: float = 1.0, top
 def _sample_rows(logits_bv: Array, key: Array, temperature_b: Array, top_p_b: Array,
                  top_k_b: Array) -> Array:
   """`sample_logits` with settings per row (traced): one program serves every setting. `key` is
-  one key, or one per row ([b])."""
+  one key, or one per row ([b]).
+
+  Greedy rows (temperature 0) take the argmax and filter nothing, and a batch with no sampled
+  row draws nothing: the nucleus' sort over the vocabulary is most of a sampled step's own work
+  (a 169M model's greedy decoding, with the top_p its runner defaults to, took 26 ms a token on
+  2 cores where 18 ms was the model's)."""
   greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-  kept_bv = _filter_rows(logits_bv, top_p_b, top_k_b)
-  scale_b = jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
-  if key.ndim == 1:  # a key per row (the serving engine's slots): each row samples as if alone
-    sampled_b = jax.vmap(jax.random.categorical)(key, kept_bv / scale_b).astype(jnp.int32)
-  else:
-    sampled_b = jax.random.categorical(key, kept_bv / scale_b, axis=-1).astype(jnp.int32)
-  return jnp.where(temperature_b > 0, sampled_b, greedy_b)
+  sampled_rows_b = temperature_b > 0
+
+  def sample(logits_bv):
+    kept_bv = _filter_rows(logits_bv, jnp.where(sampled_rows_b, top_p_b, 1.0),
+                           jnp.where(sampled_rows_b, top_k_b, 0))
+    scaled_bv = kept_bv / jnp.where(sampled_rows_b, temperature_b, 1.0)[:, None]
+    if key.ndim == 1:  # a key per row (the serving engine's slots): each row samples as if alone
+      return jax.vmap(jax.random.categorical)(key, scaled_bv).astype(jnp.int32)
+    return jax.random.categorical(key, scaled_bv, axis=-1).astype(jnp.int32)
+
+  sampled_b = jax.lax.cond(jnp.any(sampled_rows_b), sample, lambda _: greedy_b, logits_bv)
+  return jnp.where(sampled_rows_b, sampled_b, greedy_b)
 
 
 def apply_penalties(logits_bv: Array, counts_bv: Array, *, alpha_presence: float = 0.0,
