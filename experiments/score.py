@@ -97,11 +97,10 @@ def _chunk(documents: list[np.ndarray]) -> int:
 
 def _compile_chunk(config, batch: int, chunk: int, targets: bool) -> None:
   """Compiles the program scoring `batch` documents in chunks of `chunk` tokens, ahead of time."""
-  from flax import nnx
   from rwkv_jax import model as model_lib
   from rwkv_jax.infer import chunks
 
-  chunks.compile_chunk(*nnx.split(model_lib.abstract_model(config)), config, batch, chunk,
+  chunks.compile_chunk(*model_lib.abstract_split(config), config, batch, chunk,
                        impl=FLAGS.impl, targets=targets)
 
 

@@ -368,15 +368,15 @@ def compile_generate(config: RWKVConfig, batch: int, prompt_length: int, max_new
   (on threads, while the weights are read; `compile_cache.ahead_of_time`) before `generate` is
   called with the same arguments, which then finds them compiled.
 
-  Only shapes are used: `model` (default `model_lib.abstract_model(config)`, made by the first
-  of them to run) may be abstract.
+  Only shapes are used: `model` (default `model_lib.abstract_split(config)`, shared with the
+  weight loader) may be abstract.
   """
   lock, split = threading.Lock(), []
 
   def model_split():
     with lock:
       if not split:
-        split.extend(nnx.split(model if model is not None else model_lib.abstract_model(config)))
+        split.extend(nnx.split(model) if model is not None else model_lib.abstract_split(config))
       return split
 
   work = []

@@ -90,7 +90,7 @@ def _validate(source: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str,
         f"{'; '.join(parts)}. Only RWKV-4 checkpoints are supported (not RWKV-5/6, and not "
         f"files already converted by the rwkv package's strategy).")
 
-  graphdef, abstract_state = nnx.split(model_lib.abstract_model(config))
+  graphdef, abstract_state = model_lib.abstract_split(config)  # shared: read only
   model_vars = dict(nnx.to_flat_state(abstract_state))
   for e in entries:
     model_shape = tuple(_kernel_var(model_vars, e.path).get_value().shape)
