@@ -147,6 +147,30 @@ def test_streaming_and_compiled_loop_give_the_same_tokens(model):
   np.testing.assert_array_equal(streamed, ref.tokens[:, :streamed.shape[1]])
 
 
+def test_the_greedy_program_decodes_as_the_sampler_does_at_temperature_0(model):
+  """generate at temperature 0 runs decode_block(sample=False), which has no sampler; it gives
+  the tokens, logits and state of the sampling program's greedy rows, penalties, vocab_limit and
+  stop tokens included (top_p and top_k leave greedy rows alone)."""
+  prompt = prompts(B, 4, seed=8)
+  cfg = sampling.SamplingConfig(temperature=0.0, top_p=0.3, top_k=5, alpha_presence=0.4,
+                                alpha_frequency=0.2, stop_tokens=(7,), vocab_limit=200)
+  logits_bv, state = sampling.prefill(model, prompt)
+  v = CFG.vocab_size
+  carry = sampling.DecodeCarry(logits_bv, state, jnp.zeros((B, v)), jnp.zeros((B,), bool))
+  rows = sampling.RowSampling.of([cfg] * B, v)
+  graphdef, params = nnx.split(model)
+  run = lambda sample: sampling.decode_block(graphdef, params, carry, jax.random.key(1), rows,
+                                             jnp.int32(0), jnp.int32(N), True, sample)
+  greedy_carry, greedy_tokens, greedy_logits = run(False)
+  carry_s, tokens_s, logits_s = run(True)
+  np.testing.assert_array_equal(greedy_tokens, tokens_s)
+  np.testing.assert_array_equal(greedy_logits, logits_s)
+  jax.tree.map(np.testing.assert_array_equal, greedy_carry, carry_s)
+  assert np.all(np.asarray(greedy_tokens) < 200)
+  got = sampling.generate(model, prompt, N, jax.random.key(1), sampling=cfg)
+  np.testing.assert_array_equal(got.tokens, np.asarray(greedy_tokens)[:, :N])
+
+
 @pytest.mark.slow
 def test_ragged_prompts_generate_as_if_alone(model):
   short, long = prompts(1, 3, seed=6)[0], prompts(1, 8, seed=7)[0]

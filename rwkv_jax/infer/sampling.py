@@ -15,7 +15,8 @@ chunks, so memory does not grow with the prompt; prompts of different lengths sh
 call, see rwkv_jax.infer.chunks), then decodes one token per step with the recurrent form. The
 decoding is one compiled program per batch size and model: a `lax.while_loop` of up to
 DECODE_BLOCK steps whose sampling settings (`RowSampling`, one row per sequence), first step and
-step count are traced, so no setting or length compiles anything new. Without a callback each call
+step count are traced, so no setting or length compiles anything new (greedy decoding, where no
+row samples, has a program of its own without the sampler). Without a callback each call
 runs DECODE_BLOCK steps; with one, each call runs one step, so that each token reaches the host
 as soon as it is sampled. Both run the same steps with the same keys, so they give the same
 tokens.
@@ -282,11 +283,13 @@ def _keep_rows(active_b: Array, new: Any, old: Any, batch_axis: int) -> Any:
 
 
 def decode_step(graphdef: nnx.GraphDef, params: Any, carry: DecodeCarry, step: Array, key: Array,
-                rows: RowSampling) -> tuple[DecodeCarry, Array, Array]:
+                rows: RowSampling, sample: bool = True) -> tuple[DecodeCarry, Array, Array]:
   """Samples one token per row and feeds it to the model.
 
   The token is drawn with fold_in(key, step): `key` and `step` are one for all rows (generate),
-  or one per row, [b] (the serving engine, whose slots each run their own request).
+  or one per row, [b] (the serving engine, whose slots each run their own request). With
+  `sample=False` every row takes its argmax (after penalties and vocab_limit), as greedy rows
+  (temperature 0) do anyway: the program then holds no sort and no random draw.
 
   Returns:
     (next carry, token_b with PAD_ID for rows stopped before this step, the raw logits used).
@@ -300,10 +303,12 @@ def decode_step(graphdef: nnx.GraphDef, params: Any, carry: DecodeCarry, step: A
                                 alpha_frequency=rows.alpha_frequency[:, None]),
       lambda x: x.astype(jnp.float32), logits_bv)
   scores_bv = jnp.where(jnp.arange(v) < rows.vocab_limit[:, None], scores_bv, -jnp.inf)
-  step_key = (jax.vmap(jax.random.fold_in)(key, jnp.broadcast_to(step, key.shape)) if key.ndim
-              else jax.random.fold_in(key, step))
-  token_b = _sample_rows(scores_bv, step_key, rows.temperature,
-                         rows.top_p, rows.top_k)
+  if sample:
+    step_key = (jax.vmap(jax.random.fold_in)(key, jnp.broadcast_to(step, key.shape)) if key.ndim
+                else jax.random.fold_in(key, step))
+    token_b = _sample_rows(scores_bv, step_key, rows.temperature, rows.top_p, rows.top_k)
+  else:
+    token_b = jnp.argmax(scores_bv, axis=-1).astype(jnp.int32)
   active_b = ~carry.done_b
   counts_bv = jax.lax.cond(
       jnp.any(penalised_b),
@@ -326,13 +331,14 @@ def decode_step(graphdef: nnx.GraphDef, params: Any, carry: DecodeCarry, step: A
 DECODE_BLOCK = 16
 
 
-@functools.partial(jax.jit, static_argnames=("return_logits",))
+@functools.partial(jax.jit, static_argnames=("return_logits", "sample"))
 def decode_block(graphdef, params, carry: DecodeCarry, key: Array, rows: RowSampling,
-                 start: Array, count: Array, return_logits: bool):
+                 start: Array, count: Array, return_logits: bool, sample: bool = True):
   """Steps start .. start + count - 1 (count <= DECODE_BLOCK) in one while_loop, ending early
-  once every row has stopped. Every argument but return_logits is traced, so one program per
-  (batch, model) serves every sampling setting, length and step. `key` and `start` may be one
-  per row ([b]; see `decode_step`).
+  once every row has stopped. Every argument but return_logits and sample is traced, so one
+  program per (batch, model) serves every sampling setting, length and step; `sample=False`
+  (every row greedy) compiles without the sampler, a quarter of the program's compile time at
+  169M. `key` and `start` may be one per row ([b]; see `decode_step`).
 
   Returns:
     (carry, tokens [b, DECODE_BLOCK] with PAD_ID past `count` and after a row stopped, the
@@ -348,7 +354,7 @@ def decode_block(graphdef, params, carry: DecodeCarry, key: Array, rows: RowSamp
 
   def body(loop):
     i, c, toks, logs = loop
-    c, token_b, used_bv = decode_step(graphdef, params, c, start + i, key, rows)
+    c, token_b, used_bv = decode_step(graphdef, params, c, start + i, key, rows, sample)
     toks = toks.at[:, i].set(token_b)
     if return_logits:
       logs = logs.at[:, i].set(used_bv)
@@ -398,7 +404,8 @@ def _compile_decode(graphdef, params, config, batch: int, sampling: SamplingConf
   key = jax.eval_shape(lambda: jax.random.key(0))
   rows = jax.eval_shape(lambda: RowSampling.of([sampling] * b, v))
   step = shaped((), jnp.int32)
-  decode_block.lower(graphdef, params, carry, key, rows, step, step, return_logits).compile()
+  decode_block.lower(graphdef, params, carry, key, rows, step, step, return_logits,
+                     sampling.temperature > 0).compile()
 
 
 def prefill(model: model_lib.RWKV, tokens_bt: Array | np.ndarray,
@@ -534,7 +541,8 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
     count = min(block, max_new_tokens - start)
     carry, tokens_bn, logits_bnv = decode_block(graphdef, params, carry, key, rows,
                                                 jax.device_put(np.int32(start)),
-                                                jax.device_put(np.int32(count)), return_logits)
+                                                jax.device_put(np.int32(count)), return_logits,
+                                                cfg.temperature > 0)
     tokens.append(np.asarray(tokens_bn)[:, :count])
     if return_logits:
       logits.append(np.asarray(logits_bnv)[:, :count])
