@@ -32,6 +32,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 from absl import flags, logging
 
 from experiments import _cli
@@ -199,12 +200,18 @@ def main(argv: list[str]) -> None:
       stream.add(int(token_b[0]))
 
   start = time.perf_counter()
+  state, next_logits = (saved.state, saved.next_logits) if saved else (None, None)
+  if prompt:
+    # The prompt runs as soon as its program is ready, while the decoding program (compiled
+    # second, see sampling.compile_generate) may still be compiling.
+    prepared["compiling"].wait(1)
+    next_logits, state = sampling.prefill(
+        model, np.asarray([prompt] * n, np.int32), state,
+        chunk=_cli.chunk_for(_PREFILL_CHUNK.value, len(prompt)))
   prepared["compiling"].wait()
   result = sampling.generate(
-      model, [prompt] * n, _MAX_TOKENS.value, sampling.seed_key(_SEED.value), sampling=settings,
-      prefill_chunk=_cli.chunk_for(_PREFILL_CHUNK.value, len(prompt)),
-      callback=on_token if stream else None,
-      state=saved.state if saved else None, next_logits=saved.next_logits if saved else None)
+      model, [[]] * n, _MAX_TOKENS.value, sampling.seed_key(_SEED.value), sampling=settings,
+      callback=on_token if stream else None, state=state, next_logits=next_logits)
   seconds = time.perf_counter() - start
   if stream:
     stream.flush(newline=_MAX_TOKENS.value > 0)

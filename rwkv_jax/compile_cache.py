@@ -85,16 +85,18 @@ def enable(directory: files.PathLike | None = None, *,
 
 
 class Background:
-  """Functions run one after another on a daemon thread; `wait` returns once all have run."""
+  """Functions run one after another on a daemon thread; `wait(n)` returns once the first n have
+  run, `wait()` once all have."""
 
   def __init__(self, work: Iterable[Callable[[], None]]):
-    self._thread = threading.Thread(target=self._run, args=(list(work),), daemon=True)
+    work = list(work)
+    self._done = [threading.Event() for _ in work]
+    self._thread = threading.Thread(target=self._run, args=(work,), daemon=True)
     _STARTED.append(self._thread)
     self._thread.start()
 
-  @staticmethod
-  def _run(work: list[Callable[[], None]]) -> None:
-    for f in work:
+  def _run(self, work: list[Callable[[], None]]) -> None:
+    for f, done in zip(work, self._done):
       try:
         f()
       except Exception as e:  # pylint: disable=broad-except
@@ -102,9 +104,17 @@ class Background:
         # whatever is wrong.
         logging.warning("Compiling ahead of time failed (%s: %s); compiling when called "
                         "instead.", type(e).__name__, e)
+      finally:
+        done.set()
 
-  def wait(self) -> None:
-    self._thread.join()
+  def wait(self, count: int | None = None) -> None:
+    """Waits for the first `count` functions (default all): the program that runs first can
+    start while the next still compiles."""
+    if count is None or count >= len(self._done):
+      self._thread.join()
+      return
+    for done in self._done[:count]:
+      done.wait()
 
 
 _STARTED: list[threading.Thread] = []

@@ -237,7 +237,30 @@ def test_run_process_measures_each_process_alone():
   assert killed.returncode < 0 and killed.wall_s < 30
 
 
-def test_compiled_ahead_of_time_generate_compiles_nothing_more():
+def test_background_compilations_can_be_waited_for_one_by_one():
+  import threading  # pylint: disable=g-import-not-at-top
+  from rwkv_jax import compile_cache  # pylint: disable=g-import-not-at-top
+
+  ran, release = [], threading.Event()
+
+  def second():
+    assert release.wait(60)
+    ran.append(2)
+
+  def failing():
+    raise RuntimeError("a compilation that fails costs only time")
+
+  background = compile_cache.ahead_of_time([lambda: ran.append(1), second, failing])
+  background.wait(1)
+  assert ran == [1]  # the second is still blocked
+  release.set()
+  background.wait()
+  assert ran == [1, 2]
+  background.wait(5)  # more than there are: all of them
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_compiled_ahead_of_time_generate_compiles_nothing_more(temperature):
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax._src import monitoring  # pylint: disable=g-import-not-at-top
@@ -246,7 +269,7 @@ def test_compiled_ahead_of_time_generate_compiles_nothing_more():
   from rwkv_jax.infer import sampling  # pylint: disable=g-import-not-at-top
 
   config = RWKVConfig(n_layer=2, n_embd=24, vocab_size=50)
-  settings = sampling.SamplingConfig(temperature=0.7, top_p=0.9, stop_tokens=(3,))
+  settings = sampling.SamplingConfig(temperature=temperature, top_p=0.9, stop_tokens=(3,))
   prompts = [[1, 2, 3, 4, 5]] * 2
   model = model_lib.RWKV(config, rngs=nnx.Rngs(0))
   compile_cache.ahead_of_time(sampling.compile_generate(

@@ -372,7 +372,8 @@ def compile_generate(config: RWKVConfig, batch: int, prompt_length: int, max_new
   """The compilations `generate` needs for `batch` prompts of `prompt_length` tokens and up to
   `max_new_tokens` new ones, ahead of time: each a function that compiles one program, to be run
   (on threads, while the weights are read; `compile_cache.ahead_of_time`) before `generate` is
-  called with the same arguments, which then finds them compiled.
+  called with the same arguments, which then finds them compiled. They come in the order they
+  run: the prefill chunk (when there is a prompt), then decoding.
 
   Only shapes are used: `model` (default `model_lib.abstract_split(config)`, shared with the
   weight loader) may be abstract.
