@@ -227,7 +227,8 @@ class RWKV(nnx.Module):
     self.head = _dense(cfg.n_embd, cfg.vocab_size, cfg, scale=0.5, rngs=rngs)
 
   def __call__(self, tokens_bt: Array, state: RWKVState | None = None, *, impl: str = "auto",
-               last_only: bool = False, lengths: Array | None = None) -> tuple[Array, RWKVState]:
+               last_only: bool = False, lengths: Array | None = None,
+               loop_layers: bool = False) -> tuple[Array, RWKVState]:
     """Logits [b, t, v] (float32) for every position, and the state after the last token.
 
     With last_only=True the head runs on the last position only (logits [b, 1, v]): prefill
@@ -237,6 +238,12 @@ class RWKV(nnx.Module):
     common t: row b's state is the state after its first lengths[b] tokens (padding never reaches
     it), its logits at positions < lengths[b] are as usual (later ones are meaningless), and
     last_only gives the logits at position lengths[b] - 1.
+
+    loop_layers=True runs the blocks as one loop in the compiled program instead of one copy of
+    the block per layer (see `_looped_blocks`): the same results, a program that compiles about
+    3x faster, and a copy of each block's weights per call. For inference: differentiating the
+    loop carries every layer's gradients through every step. Blocks that differ in structure
+    (float16's per-layer rescale) run unrolled whatever it says.
     """
     check_tokens(tokens_bt, self.config.vocab_size)
     check_lengths(lengths, tokens_bt.shape)
@@ -244,6 +251,17 @@ class RWKV(nnx.Module):
     if state is None:
       state = empty_state(self.config, b)
     x = self.ln0(self.emb(tokens_bt))
+    looped = self._looped_blocks(x, state, impl, lengths) if loop_layers else None
+    if looped is not None:
+      x, new_state = looped
+    else:
+      x, new_state = self._unrolled_blocks(x, state, impl, lengths)
+    if last_only:
+      x = x[:, -1:] if lengths is None else _last(x, lengths)[:, None].astype(x.dtype)
+    logits = self.head(self.ln_out(x)).astype(jnp.float32)
+    return logits, new_state
+
+  def _unrolled_blocks(self, x, state: RWKVState, impl: str, lengths) -> tuple[Array, RWKVState]:
     new_states = []
     for i, block in enumerate(self.blocks):
       layer_state = RWKVState(*(s[i] for s in state))
@@ -255,10 +273,30 @@ class RWKV(nnx.Module):
       if self.config.rescale_every and (i + 1) % self.config.rescale_every == 0:
         x = x / 2  # float16: keeps the residual in range; see _rescale
       new_states.append(layer_state)
-    if last_only:
-      x = x[:, -1:] if lengths is None else _last(x, lengths)[:, None].astype(x.dtype)
-    logits = self.head(self.ln_out(x)).astype(jnp.float32)
-    return logits, RWKVState(*(jnp.stack(s) for s in zip(*new_states)))
+    return x, RWKVState(*(jnp.stack(s) for s in zip(*new_states)))
+
+  def _looped_blocks(self, x, state: RWKVState, impl: str, lengths
+                     ) -> tuple[Array, RWKVState] | None:
+    """The blocks as `lax.scan` over layers, or None when they differ in structure.
+
+    The parameters stay one array per layer (checkpoints, sharding rules and adapters see the
+    usual tree): step i of the loop takes layer i's with `lax.switch`, which copies them (a
+    dynamic slice of weights stacked in advance would copy them too on CPU, where a matrix
+    product needs its operand whole, and would keep a second copy of the model). XLA then
+    compiles one block instead of n_layer: 0.7 s instead of 2.0 s for the 128-token prefill
+    chunk of a 169M model on 2 CPU cores, which then runs in 104 ms instead of 83-98 ms.
+    """
+    graphdefs, params = zip(*(nnx.split(block) for block in self.blocks))
+    if any(g != graphdefs[0] for g in graphdefs) or self.config.rescale_every:
+      return None
+    branches = [lambda p=p: p for p in params]
+
+    def layer(x, i_and_state):
+      i, layer_state = i_and_state
+      block = nnx.merge(graphdefs[0], jax.lax.switch(i, branches))
+      return block(x, RWKVState(*layer_state), impl, lengths)
+
+    return jax.lax.scan(layer, x, (jnp.arange(len(params)), state))
 
   def step(self, token_b: Array, state: RWKVState | None = None) -> tuple[Array, RWKVState]:
     """One token per sequence: logits [b, v] and the next state (the RNN form)."""

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rwkv_jax import quant
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model import RWKV, empty_state
+from rwkv_jax.model import RWKV, abstract_model, empty_state
 import training_util
 
 CFG = RWKVConfig(n_layer=3, n_embd=32, vocab_size=61)
@@ -158,6 +159,43 @@ def test_padding_never_reaches_the_state(model):
 def test_bad_lengths_are_reported(model, lengths, match):
   with pytest.raises(ValueError, match=match):
     model(tokens(2, 4), lengths=lengths)
+
+
+@pytest.mark.parametrize("case", ["float32", "int8", "ragged, from a state", "bfloat16"])
+def test_blocks_as_one_loop_give_the_unrolled_results(case):
+  """loop_layers=True (the chunk programs on CPU) runs the same blocks in a lax.scan: the same
+  logits and state, with the state and the padding as the unrolled form handles them."""
+  float_model = random_model(CFG.replace(dtype="bfloat16") if case == "bfloat16" else CFG, seed=7)
+  model = (quant.quantize_model(float_model, abstract_model(CFG.with_precision("int8")))
+           if case == "int8" else float_model)
+  toks, state, lengths = tokens(3, 13, seed=8), None, None
+  if case.startswith("ragged"):
+    state, lengths = model(tokens(3, 5, seed=9))[1], jnp.asarray([13, 4, 9])
+  run = jax.jit(lambda m, loop: m(toks, state, lengths=lengths, loop_layers=loop),
+                static_argnums=1)
+  unrolled, looped = run(model, False), run(model, True)
+  if case == "bfloat16":
+    # XLA rounds the two programs' bfloat16 intermediates in different places: each form is as
+    # close to the float32 model as the other (0.16 in the logits here), and closer to it.
+    reference = run(random_model(CFG, seed=7), False)
+    for got, want, ref in zip(jax.tree.leaves(looped), jax.tree.leaves(unrolled),
+                              jax.tree.leaves(reference)):
+      assert np.abs(got - want).max() <= np.abs(want - ref).max()
+      assert np.abs(got - ref).max() <= 1.25 * np.abs(want - ref).max()
+    return
+  for got, want in zip(jax.tree.leaves(looped), jax.tree.leaves(unrolled)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_blocks_that_differ_in_structure_stay_unrolled():
+  toks = tokens(2, 6, seed=10)
+  products = lambda m: jax.jit(lambda m: m(toks, loop_layers=True)).lower(m).as_text().count(
+      "dot_general")
+  # Seven matrix products per block and the head: one block in the loop, one per layer unrolled.
+  assert products(random_model(seed=7)) == 7 + 1
+  model = random_model(CFG.replace(rescale_every=2), seed=7)  # float16's per-layer rescale
+  assert products(model) == 7 * CFG.n_layer + 1
+  np.testing.assert_allclose(model(toks, loop_layers=True)[0], model(toks)[0], rtol=1e-6)
 
 
 @pytest.mark.slow
