@@ -204,6 +204,12 @@ class SamplingConfig:
     if not 0 < self.penalty_decay <= 1:
       raise ValueError(f"penalty_decay={self.penalty_decay} must be in (0, 1].")
 
+  @property
+  def samples(self) -> bool:
+    """Whether tokens are drawn (temperature > 0); otherwise decoding is greedy and its program
+    holds no sampler (`decode_block(sample=False)`)."""
+    return self.temperature > 0
+
 
 class GenerationResult(NamedTuple):
   """What `generate` returns.
@@ -406,7 +412,7 @@ def _compile_decode(graphdef, params, config, batch: int, sampling: SamplingConf
   rows = jax.eval_shape(lambda: RowSampling.of([sampling] * b, v))
   step = shaped((), jnp.int32)
   decode_block.lower(graphdef, params, carry, key, rows, step, step, return_logits,
-                     sampling.temperature > 0).compile()
+                     sampling.samples).compile()
 
 
 def prefill(model: model_lib.RWKV, tokens_bt: Array | np.ndarray,
@@ -543,7 +549,7 @@ def generate(model: model_lib.RWKV, prompt_tokens: Sequence[int] | Sequence[Sequ
     carry, tokens_bn, logits_bnv = decode_block(graphdef, params, carry, key, rows,
                                                 jax.device_put(np.int32(start)),
                                                 jax.device_put(np.int32(count)), return_logits,
-                                                cfg.temperature > 0)
+                                                cfg.samples)
     tokens.append(np.asarray(tokens_bn)[:, :count])
     if return_logits:
       logits.append(np.asarray(logits_bnv)[:, :count])
